@@ -1,0 +1,208 @@
+"""Byte-level BPE: hand-derived merges, known GPT-2 ids, round trips, and parity with
+Hugging Face `tokenizers` (an independent Rust implementation) on docstrings and unicode.
+
+The real GPT-2 vocab is read from $MINISAE_GPT2_TOKENIZER_DIR (encoder.json + vocab.bpe
+or vocab.json + merges.txt); tests that need it skip when it is not set."""
+
+import functools
+import importlib.util
+import inspect
+import os
+import unicodedata
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from minisae.models.bpe import BPETokenizer, bytes_to_unicode, gpt2_pattern
+
+TOKENIZER_DIR = os.environ.get("MINISAE_GPT2_TOKENIZER_DIR")
+needs_vocab = pytest.mark.skipif(
+    not TOKENIZER_DIR or not os.path.isdir(TOKENIZER_DIR),
+    reason="set MINISAE_GPT2_TOKENIZER_DIR to a dir with GPT-2's encoder.json + vocab.bpe")
+
+TRICKY = [
+    "Hello world", "  leading spaces", "trailing   ", "tabs\t\tand\nnewlines\r\n\r\n", "x  \n  y",
+    "'s 'S 't 're 'VE 'll 'd 'm don't I'M", "1,000,000.50 and 3.14159e-10", "٣٤٥ arabic digits",
+    "²³ superscripts, Ⅻ roman numeral, ½ fraction", "héllo wörld ça", "e\u0301 combining accent",
+    "日本語のテキスト、中文。", "😀👍🏽 emoji 🇫🇷", "\u00a0nbsp\u00a0 \u3000ideographic\u3000",
+    "\x1c\x1d\x1e\x1f separators", "zero\u200bwidth \u180e mongolian \x85 next-line",
+    "<|endoftext|> as text", "mixed🙂123abc!!!   \n", "a" * 300, " " * 50 + "x", "",
+    "def f(x):\n    return x ** 2  # square\n", "Ωμέγα Кириллица עברית العربية हिन्दी",
+]
+
+
+def tiny_tokenizer(merges=(("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"))):
+    """Byte alphabet (256 tokens) + a few merges: runs without any files."""
+    encoder = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    for a, b in merges:
+        encoder.setdefault(a + b, len(encoder))
+    return BPETokenizer(encoder, merges)
+
+
+@functools.lru_cache(maxsize=None)
+def real_tokenizer(split_digits=False):
+    return BPETokenizer.from_files(TOKENIZER_DIR, split_digits=split_digits)
+
+
+def docstring_sample(max_chars=300_000):
+    """Docstrings of a few stdlib modules: ordinary English-and-code text."""
+    import argparse, collections, decimal, difflib, email.message, json, pathlib, re, statistics, textwrap
+    docs = []
+    for mod in (argparse, collections, decimal, difflib, email.message, json, pathlib, re, statistics, textwrap):
+        for obj in [mod, *vars(mod).values()]:
+            if inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isfunction(obj):
+                docs.append(obj.__doc__ if isinstance(obj.__doc__, str) else "")
+    return "\n\n".join(d for d in docs if d)[:max_chars]
+
+
+# Characters that Python's unicodedata knows (category != Cn) and that UTF-8 can encode:
+# newer Unicode versions may class characters unknown to Python's tables differently.
+assigned_text = st.text(st.characters(blacklist_categories=("Cs", "Cn")), max_size=60)
+
+
+def test_merge_order_is_by_rank():
+    # hand-derived: the lower-ranked pair merges first and blocks the other
+    assert tiny_tokenizer([("a", "b"), ("b", "c")]).bpe("abc") == ["ab", "c"]
+    assert tiny_tokenizer([("b", "c"), ("a", "b")]).bpe("abc") == ["a", "bc"]
+    # all occurrences of the best pair merge in one left-to-right pass: aaaa -> aa aa
+    assert tiny_tokenizer([("a", "a")]).bpe("aaaaa") == ["aa", "aa", "a"]
+
+
+def test_tiny_tokenizer_by_hand():
+    tok = tiny_tokenizer()
+    ids = tok.encode(" the thin")
+    # " the" -> Ġ t h e -> (Ġ,t) rank 0 -> Ġt h e -> (h,e) -> Ġt he -> (Ġt,he) -> Ġthe;
+    # " thin" -> Ġt h in (no rule joins Ġt+h)
+    assert [k for i in ids for k, v in tok.encoder.items() if v == i] == ["Ġthe", "Ġt", "h", "in"]
+    assert tok.decode(ids) == " the thin"
+
+
+def test_pretokenize_splits_like_gpt2():
+    words = gpt2_pattern().findall("Hello world's  x\n\n  1234 héllo!!")
+    assert words == ["Hello", " world", "'s", " ", " x", "\n\n ", " 1234", " héllo", "!!"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=80))
+def test_pretokenize_is_lossless(text):
+    assert "".join(gpt2_pattern().findall(text)) == text
+
+
+@pytest.mark.skipif(importlib.util.find_spec("regex") is None,
+                    reason="the `regex` package (reference for \\p{L}, \\p{N}) is not installed")
+@settings(max_examples=300, deadline=None)
+@given(assigned_text)
+def test_pattern_matches_regex_package(text):
+    import regex
+    ref = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+    assert gpt2_pattern().findall(text) == ref.findall(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=80))
+def test_roundtrip_tiny(text):
+    tok = tiny_tokenizer()
+    assert tok.decode(tok.encode(text)) == text
+
+
+@needs_vocab
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=80))
+def test_roundtrip_real_vocab(text):
+    tok = real_tokenizer()
+    assert tok.decode(tok.encode(text)) == text
+
+
+@needs_vocab
+def test_known_gpt2_ids():
+    tok = real_tokenizer()
+    assert tok.encode("Hello world") == [15496, 995]
+    assert tok.encode(" the") == [262]
+    assert tok.encode("The") == [464]
+    assert tok.encode("\n") == [198]
+    assert tok.encode("!") == [0]
+    assert tok.bos_id == 50256 and tok.vocab_size == 50257
+    assert tok.encode("<|endoftext|>", allowed_special=True) == [50256]
+    assert tok.encode("a<|endoftext|>b", allowed_special=True) == [64, 50256, 65]
+    assert 50256 not in tok.encode("<|endoftext|>")  # plain text by default
+    assert tok.decode([50256]) == "<|endoftext|>"
+
+
+@needs_vocab
+def test_both_file_layouts_load_the_same(tmp_path):
+    with open(os.path.join(TOKENIZER_DIR, "encoder.json"), encoding="utf-8") as f:
+        (tmp_path / "vocab.json").write_text(f.read(), encoding="utf-8")
+    with open(os.path.join(TOKENIZER_DIR, "vocab.bpe"), encoding="utf-8") as f:
+        (tmp_path / "merges.txt").write_text(f.read(), encoding="utf-8")
+    a, b = real_tokenizer(), BPETokenizer.from_files(tmp_path)
+    assert a.encoder == b.encoder and a.bpe_ranks == b.bpe_ranks
+
+
+@functools.lru_cache(maxsize=None)
+def hf_tokenizer(tok: BPETokenizer):
+    """The same vocab and merges in Hugging Face `tokenizers`: ByteLevel pre-tokenizer
+    (GPT-2 regex), optionally preceded by Digits(individual_digits=True) as in SmolLM2."""
+    tokenizers = pytest.importorskip("tokenizers", reason="HF `tokenizers` is the parity reference")
+    from tokenizers import decoders, models, pre_tokenizers
+    merges = sorted(tok.bpe_ranks, key=tok.bpe_ranks.get)
+    hf = tokenizers.Tokenizer(models.BPE(tok.encoder, merges))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if tok.split_digits:
+        hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        hf.pre_tokenizer = byte_level
+    hf.decoder = decoders.ByteLevel()
+    return hf
+
+
+@pytest.mark.parametrize("split_digits", [False, True])
+def test_parity_with_hf_tokenizers_tiny(split_digits):
+    tok = tiny_tokenizer()
+    tok.split_digits = split_digits
+    hf = hf_tokenizer(tok)
+    for text in TRICKY + [docstring_sample(50_000)]:
+        assert tok.encode(text) == hf.encode(text).ids, text[:80]
+
+
+@needs_vocab
+@pytest.mark.parametrize("split_digits", [False, True])
+def test_parity_with_hf_tokenizers_real_vocab(split_digits):
+    tok = real_tokenizer(split_digits=split_digits)
+    hf = hf_tokenizer(tok)
+    for text in TRICKY:
+        assert tok.encode(text) == hf.encode(text).ids, text
+    text = docstring_sample()
+    ours, ref = tok.encode(text), hf.encode(text).ids
+    assert len(ours) > 10_000 and ours == ref
+
+
+@needs_vocab
+@pytest.mark.skipif(importlib.util.find_spec("tokenizers") is None,
+                    reason="HF `tokenizers` is the parity reference")
+@settings(max_examples=200, deadline=None)
+@given(assigned_text)
+def test_parity_with_hf_tokenizers_random_unicode(text):
+    tok = real_tokenizer()
+    assert tok.encode(text) == hf_tokenizer(tok).encode(text).ids
+
+
+def test_bad_input_is_reported():
+    tok = tiny_tokenizer()
+    with pytest.raises(ValueError, match="not in the vocab"):
+        tok.decode([10**6])
+    with pytest.raises(ValueError, match="expects a str"):
+        tok.encode(b"bytes")
+    with pytest.raises(ValueError, match="single-byte tokens"):
+        BPETokenizer({"a": 0}, [])
+    with pytest.raises(ValueError, match="pair of token strings"):
+        BPETokenizer(tok.encoder, [("a", "b", "c")])
+    with pytest.raises(ValueError, match="no tokenizer files"):
+        BPETokenizer.from_files(os.path.dirname(__file__) + "/no_such_dir")
+
+
+def test_unicode_classes_cover_categories():
+    # spot checks of the \p{L} / \p{N} emulation against unicodedata itself
+    for ch in "aZéßΩЖ日あ" + "\U00010400":
+        assert unicodedata.category(ch)[0] == "L" and gpt2_pattern().fullmatch(ch)
+    words = gpt2_pattern().findall("x²Ⅻ٣")
+    assert words == ["x", "²Ⅻ٣"]
