@@ -1,0 +1,162 @@
+"""Training an SAE: one loop, in order, the same for every variant.
+
+    for each batch x (B, D):
+        lr, lambda    <- schedules (linear warmup; lr decays to 0 over the last part)
+        loss          =  ||x - x_hat||^2 + lambda * sparsity + variant terms
+        backward
+        decoder       <- drop the gradient parallel to each unit-norm row
+        Adam step
+        decoder       <- renormalise rows to unit norm
+        dead latents  <- count samples since each latent fired; every `resample_every`
+                         steps re-initialise the dead ones (Towards Monosemanticity)
+        log           <- loss, L0, samples/s, ETA
+
+Schedules follow Anthropic's April 2024 update ("Training SAEs"): the sparsity
+coefficient ramps up linearly over the first 5% of steps (so latents are not killed
+before they have found a direction) and the learning rate decays linearly to zero over
+the last 20%. A short lr warmup keeps Adam's first steps from throwing the
+freshly-initialised encoder around.
+"""
+
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TrainConfig:
+    n_samples: int = 2_000_000  # total training samples (tokens, for an LM)
+    batch_size: int = 1024  # samples per step
+    lr: float = 1e-3  # Adam learning rate after warmup
+    lr_warmup_frac: float = 0.01  # linear lr warmup over this fraction of steps
+    lr_decay_frac: float = 0.2  # linear decay to 0 over this last fraction of steps
+    coef_warmup_frac: float = 0.05  # sparsity coefficient ramps from 0 over this fraction
+    resample_every: int = 0  # steps between dead-latent resamplings; 0 = never
+    resample_until_frac: float = 0.7  # no resampling after this fraction of training
+    dead_after: int = 100_000  # samples without firing after which a latent counts as dead
+    resample_pool: int = 16  # batches whose losses choose the resampled directions
+    log_every: int = 100  # steps between progress lines
+    seed: int = 0  # seeds resampling; the data stream has its own generator
+
+    def __post_init__(self):
+        if self.n_samples <= 0 or self.batch_size <= 0 or not self.lr > 0:
+            raise ValueError(f"n_samples, batch_size and lr must be positive: {self}")
+        if self.n_samples < self.batch_size:
+            raise ValueError(f"n_samples={self.n_samples} is less than one batch of {self.batch_size}")
+
+
+def lr_at(step: int, n_steps: int, cfg: TrainConfig) -> float:
+    warm = max(1, int(cfg.lr_warmup_frac * n_steps))
+    decay_start = int((1 - cfg.lr_decay_frac) * n_steps)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    if step >= decay_start:
+        return cfg.lr * (n_steps - step) / max(1, n_steps - decay_start)
+    return cfg.lr
+
+
+def train(sae, batches, cfg: TrainConfig, log=True) -> dict:
+    """Train `sae` in place on an iterator of batches (B, D); returns the history."""
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n_steps = cfg.n_samples // cfg.batch_size
+    coef_warm = max(1, int(cfg.coef_warmup_frac * n_steps))
+    history, t0, seen = [], time.time(), 0
+    sae.train()
+    for step in range(n_steps):
+        x = next(batches)  # (B, D)
+        if x.shape[0] != cfg.batch_size:
+            raise ValueError(f"data gave a batch of {x.shape[0]}, config says {cfg.batch_size}")
+        # learning rate and sparsity coefficient for this step
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, n_steps, cfg)
+        coef_scale = min(1.0, (step + 1) / coef_warm)
+        # forward and loss
+        loss, parts = sae.loss(x, coef_scale)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {step} (lr {group['lr']:.2e}); "
+                                     "try a lower learning rate or sparsity coefficient")
+        # backward, decoder constraint, step
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_parallel_grad_()
+        opt.step()
+        sae.unit_norm_decoder_()
+        # dead latents: which latents fired in this batch
+        with torch.no_grad():
+            fired = (parts["f"] > 0).any(0)  # (F,)
+            sae.samples_since_fired += x.shape[0]
+            sae.samples_since_fired[fired] = 0
+        seen += x.shape[0]
+        if cfg.resample_every and (step + 1) % cfg.resample_every == 0 and step < cfg.resample_until_frac * n_steps:
+            n = resample_dead_(sae, opt, batches, cfg, gen)
+            if log and n:
+                print(f"  step {step + 1}: resampled {n} dead latents", file=sys.stderr)
+        # log
+        if (step + 1) % cfg.log_every == 0 or step == n_steps - 1:
+            dt = time.time() - t0
+            row = {"step": step + 1, "samples": seen, "seconds": dt,
+                   **{k: v.item() for k, v in parts.items() if v.ndim == 0},
+                   "l0": (parts["f"] > 0).sum(-1).float().mean().item()}
+            history.append(row)
+            if log:
+                rate = seen / dt
+                eta = (cfg.n_samples - seen) / rate
+                terms = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "samples", "seconds"))
+                print(f"\r  step {step + 1}/{n_steps} {terms} | {rate:,.0f} samples/s, ETA {eta:.0f}s",
+                      file=sys.stderr, end="\n" if step == n_steps - 1 else "", flush=True)
+    sae.eval()
+    return {"history": history, "train_samples": seen, "train_seconds": time.time() - t0,
+            "config": dataclasses.asdict(cfg)}
+
+
+@torch.no_grad()
+def resample_dead_(sae, opt, batches, cfg: TrainConfig, gen) -> int:
+    """Towards Monosemanticity, "Neuron Resampling": give each dead latent the direction
+    of an input the SAE reconstructs badly, chosen with probability proportional to its
+    squared loss. Decoder row = that input (centred, unit norm); encoder row = the same
+    direction scaled to 0.2 x the mean encoder-row norm of live latents; bias 0; the
+    variant's own per-latent parameters back to their initial values; Adam's moments for
+    those entries reset so stale statistics do not throw the new latent off."""
+    dead = (sae.samples_since_fired >= cfg.dead_after).nonzero().squeeze(-1)  # (n_dead,)
+    if dead.numel() == 0:
+        return 0
+    was_training = sae.training
+    sae.eval()  # BatchTopK must not update its threshold on the pool
+    x = torch.cat([next(batches) for _ in range(cfg.resample_pool)])  # (N, D)
+    sq_loss = (sae(x) - x).pow(2).sum(-1)  # (N,)
+    sae.train(was_training)
+    pick = torch.multinomial(sq_loss.pow(2) + 1e-12, dead.numel(), replacement=True, generator=gen)
+    v = x[pick] - sae.b_dec  # (n_dead, D)
+    v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    alive = torch.ones(sae.n_latents, dtype=torch.bool)
+    alive[dead] = False
+    enc_norm = sae.W_enc[alive].norm(dim=-1).mean() if alive.any() else torch.tensor(1.0)
+    sae.W_dec[dead] = v
+    sae.W_enc[dead] = v * 0.2 * enc_norm
+    sae.b_enc[dead] = 0.0
+    if hasattr(sae.activation, "reset_latents_"):
+        sae.activation.reset_latents_(dead)
+    for p in latent_parameters(sae):
+        for moment in opt.state.get(p, {}).values():
+            if torch.is_tensor(moment) and moment.ndim > 0:
+                moment[dead] = 0.0
+    sae.samples_since_fired[dead] = 0
+    return dead.numel()
+
+
+def latent_parameters(sae):
+    """The parameters indexed by latent along their first axis: the encoder and decoder
+    rows, b_enc, and every parameter of the activation part (all of them per-latent)."""
+    return [sae.W_enc, sae.b_enc, sae.W_dec, *sae.activation.parameters()]
+
+
+def sample_stream(data, batch_size: int, seed: int):
+    """An endless iterator of batches from a toy dataset with a `sample(n, generator)`."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        yield data.sample(batch_size, gen)[0]

@@ -1,0 +1,236 @@
+"""The SAE family as swappable parts of the one `SAE` in minisae/sae.py.
+
+Each part is the SAE's `activation`: `forward(pre, sae) -> f` turns the pre-activations
+pre = W_enc (x - b_dec) + b_enc (B, F) into the code f (B, F), and
+`loss_terms(x, pre, f, x_hat, sae, coef_scale) -> dict` returns its extra loss terms
+(the reconstruction term is the SAE's, the same for all). Each fixes a problem of the
+plain ReLU + L1 SAE, whose L1 penalty both selects which latents fire and shrinks how
+strongly they fire:
+
+    Gated      separate "which" (a gate) from "how much" (a magnitude)
+    JumpReLU   a learned threshold per latent and a penalty on L0 itself
+    TopK       no penalty at all: keep the k largest pre-activations per sample
+    BatchTopK  keep the k*B largest across the batch, a fixed threshold at inference
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Gated(nn.Module):
+    """Gated SAE (Rajamanoharan et al. 2024, "Improving Dictionary Learning with Gated SAEs").
+
+        pi_gate = W_gate (x - b_dec) + b_gate             which latents fire   (B, F)
+        pi_mag  = W_mag  (x - b_dec) + b_mag              how strongly         (B, F)
+        f       = 1[pi_gate > 0] * ReLU(pi_mag),   W_mag = exp(r_mag) * W_gate (row-wise)
+        loss    = ||x - x_hat||^2 + lambda ||ReLU(pi_gate)||_1 + ||x - x_hat_frozen(ReLU(pi_gate))||^2
+
+    The SAE's W_enc, b_enc are W_gate, b_gate. The L1 penalty acts only on the gate path,
+    so it no longer shrinks the magnitudes. The Heaviside passes no gradient, so the gate
+    learns from the last two terms; the auxiliary reconstruction decodes ReLU(pi_gate)
+    with a stop-gradient copy of the decoder (paper eq. 8, W_dec and b_dec frozen): it
+    trains the gate to be a good reconstruction on its own without pulling the decoder
+    towards it. dictionary_learning freezes the decoder as the paper does; SAELens lets
+    gradient into it, and we follow the paper.
+    """
+
+    def __init__(self, n_latents: int, sparsity_coef: float = 1e-3):
+        super().__init__()
+        if not sparsity_coef >= 0:
+            raise ValueError(f"sparsity_coef must be >= 0, got {sparsity_coef}")
+        self.n_latents, self.sparsity_coef = n_latents, sparsity_coef
+        self.r_mag = nn.Parameter(torch.zeros(n_latents))  # (F,) log of the row-wise scale
+        self.b_mag = nn.Parameter(torch.zeros(n_latents))  # (F,)
+
+    def magnitude(self, pre, sae):
+        # W_mag (x - b_dec) = exp(r_mag) * W_gate (x - b_dec) = exp(r_mag) * (pi_gate - b_gate)
+        return torch.exp(self.r_mag) * (pre - sae.b_enc) + self.b_mag  # (B, F)
+
+    def forward(self, pre, sae):
+        return (pre > 0).to(pre.dtype) * F.relu(self.magnitude(pre, sae))  # (B, F)
+
+    def loss_terms(self, x, pre, f, x_hat, sae, coef_scale=1.0):
+        gate = F.relu(pre)  # (B, F)
+        x_hat_frozen = gate @ sae.W_dec.detach() + sae.b_dec.detach()  # (B, D)
+        return {"l1": coef_scale * self.sparsity_coef * gate.sum(-1).mean(),
+                "aux": (x - x_hat_frozen).pow(2).sum(-1).mean()}
+
+    @torch.no_grad()
+    def rescale_latents_(self, n):
+        self.b_mag *= n  # W_gate, b_gate (the SAE's W_enc, b_enc) are rescaled by the SAE
+
+    @torch.no_grad()
+    def reset_latents_(self, idx):
+        self.r_mag[idx], self.b_mag[idx] = 0.0, 0.0  # a resampled latent starts as at init
+
+
+def auxk_loss(x, pre, x_hat, sae, k_aux: int, aux_coef: float, dead_after: int):
+    """AuxK (Gao et al. 2024, sec. A.2): model the error e = x - x_hat, detached, with the
+    top-k_aux pre-activations of the dead latents, decoded without b_dec:
+
+        e_hat = W_dec^T TopK_aux(pre[dead]),   L_aux = aux_coef * ||e - e_hat||^2
+
+    Dead latents get a gradient towards what the live ones miss, and since e is detached
+    the term cannot move x_hat. Zero when no latent is dead."""
+    dead = sae.samples_since_fired >= dead_after  # (F,)
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return pre.new_zeros(())
+    e = (x - x_hat).detach()  # (B, D)
+    vals, idx = pre.masked_fill(~dead, float("-inf")).topk(min(k_aux, n_dead), dim=-1)  # (B, k_aux)
+    f_aux = torch.zeros_like(pre).scatter(-1, idx, F.relu(vals))  # (B, F)
+    e_hat = f_aux @ sae.W_dec  # (B, D), no b_dec
+    return aux_coef * (e - e_hat).pow(2).sum(-1).mean()
+
+
+def _check_k(k, n_latents, k_aux, aux_coef, dead_after):
+    if not 0 < k <= n_latents:
+        raise ValueError(f"k must be in 1..n_latents={n_latents}, got {k}")
+    if k_aux is not None and k_aux <= 0:
+        raise ValueError(f"k_aux must be positive, got {k_aux}")
+    if not aux_coef >= 0 or dead_after <= 0:
+        raise ValueError(f"need aux_coef >= 0 and dead_after > 0, got {aux_coef}, {dead_after}")
+
+
+class TopK(nn.Module):
+    """TopK SAE (Gao et al. 2024, "Scaling and evaluating sparse autoencoders").
+
+        f = ReLU(TopK_k(pre))      keep the k largest pre-activations of each row
+
+    L0 is at most k by construction, so there is no sparsity penalty and nothing shrinks
+    the kept values. Latents that stop being chosen get no gradient and die; the AuxK
+    term revives them. "Dead" = not fired in the last `dead_after` samples (the paper uses
+    10M tokens on GPT-2; on small data use far fewer). k_aux defaults to D/2 (paper: 512
+    for GPT-2 small's D = 768, "a power of two close to d_model / 2").
+    """
+
+    def __init__(self, n_latents: int, k: int = 32, k_aux=None, aux_coef: float = 1 / 32, dead_after: int = 1_000_000):
+        super().__init__()
+        _check_k(k, n_latents, k_aux, aux_coef, dead_after)
+        self.n_latents, self.k, self.k_aux, self.aux_coef, self.dead_after = n_latents, k, k_aux, aux_coef, dead_after
+
+    def forward(self, pre, sae):
+        vals, idx = pre.topk(self.k, dim=-1)  # (B, K)
+        return torch.zeros_like(pre).scatter(-1, idx, F.relu(vals))  # (B, F)
+
+    def loss_terms(self, x, pre, f, x_hat, sae, coef_scale=1.0):
+        k_aux = self.k_aux or max(1, sae.d // 2)
+        return {"auxk": auxk_loss(x, pre, x_hat, sae, k_aux, self.aux_coef, self.dead_after)}
+
+
+class BatchTopK(nn.Module):
+    """BatchTopK SAE (Bussmann et al. 2024, "BatchTopK Sparse Autoencoders").
+
+        training:   f = ReLU(pre) kept only at the k*B largest entries of the whole batch
+        inference:  f = ReLU(pre) * 1[ReLU(pre) > threshold]
+
+    L0 averages k over the batch but varies per sample: easy inputs use fewer latents, hard
+    ones more. At inference one sample's code must not depend on the rest of the batch, so
+    we use a fixed threshold: a running mean (momentum `threshold_momentum`) of the
+    smallest value kept in each training batch (the paper estimates it the same way, as an
+    average over training batches). AuxK as for TopK.
+    """
+
+    def __init__(self, n_latents: int, k: int = 32, k_aux=None, aux_coef: float = 1 / 32,
+                 dead_after: int = 1_000_000, threshold_momentum: float = 0.01):
+        super().__init__()
+        _check_k(k, n_latents, k_aux, aux_coef, dead_after)
+        self.n_latents, self.k, self.k_aux, self.aux_coef, self.dead_after = n_latents, k, k_aux, aux_coef, dead_after
+        self.threshold_momentum = threshold_momentum
+        self.register_buffer("threshold", torch.tensor(-1.0))  # -1: not yet estimated
+
+    def forward(self, pre, sae):
+        z = F.relu(pre)  # (B, F)
+        if not self.training:
+            if self.threshold < 0:
+                raise ValueError("BatchTopK threshold not estimated yet: train the SAE first")
+            return z * (z > self.threshold)  # (B, F)
+        vals, idx = z.flatten().topk(self.k * z.shape[0])  # (K*B,)
+        f = torch.zeros_like(z).flatten().scatter(0, idx, vals).view_as(z)  # (B, F)
+        with torch.no_grad():
+            kept = vals[vals > 0]
+            if kept.numel():
+                m = kept.min()
+                t = self.threshold
+                self.threshold.copy_(m if t < 0 else (1 - self.threshold_momentum) * t + self.threshold_momentum * m)
+        return f
+
+    def loss_terms(self, x, pre, f, x_hat, sae, coef_scale=1.0):
+        k_aux = self.k_aux or max(1, sae.d // 2)
+        return {"auxk": auxk_loss(x, pre, x_hat, sae, k_aux, self.aux_coef, self.dead_after)}
+
+
+class _JumpReLUFn(torch.autograd.Function):
+    """z * H(z - theta) with the straight-through pseudo-gradient for theta
+    (JumpReLU paper, eq. 11): d/dtheta = -(theta / eps) * K((z - theta) / eps),
+    K the rectangle kernel 1[|u| < 1/2]. The gradient for z is the true one."""
+
+    @staticmethod
+    def forward(ctx, z, theta, eps):
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return z * (z > theta)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, theta = ctx.saved_tensors
+        in_window = ((z - theta).abs() < ctx.eps / 2).to(g.dtype)
+        g_theta = (-(theta / ctx.eps) * in_window * g).sum(0)
+        return g * (z > theta), g_theta, None
+
+
+class _StepFn(torch.autograd.Function):
+    """H(z - theta) with d/dtheta = -(1 / eps) * K((z - theta) / eps), and no gradient for z."""
+
+    @staticmethod
+    def forward(ctx, z, theta, eps):
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, theta = ctx.saved_tensors
+        in_window = ((z - theta).abs() < ctx.eps / 2).to(g.dtype)
+        return torch.zeros_like(z), (-(1.0 / ctx.eps) * in_window * g).sum(0), None
+
+
+class JumpReLU(nn.Module):
+    """JumpReLU SAE (Rajamanoharan et al. 2024b, "Jumping Ahead").
+
+        z = ReLU(pre),   f = z * H(z - theta),   loss += lambda * sum_i H(z_i - theta_i)
+
+    A latent fires only above its own learned threshold theta_i (parameterised directly),
+    and when it fires its value is z itself, unshrunk. The penalty counts active latents
+    (L0). H has zero derivative almost everywhere, so theta learns through straight-through
+    pseudo-gradients with a rectangle kernel of bandwidth eps: only pre-activations within
+    eps/2 of the threshold tell theta which way to move. eps is in the units of the
+    pre-activations: the paper uses 0.001 with inputs scaled to E||x||^2 = D, where active
+    latents are of order 1; keep eps about 1% of a typical active value. The leading ReLU
+    keeps codes non-negative even if a theta goes below zero (for theta >= 0 it changes
+    nothing), which also makes a Gated SAE exactly a JumpReLU with
+    theta = b_mag - exp(r_mag) * b_gate (paper sec. 3.2 / our tests).
+    """
+
+    def __init__(self, n_latents: int, sparsity_coef: float = 1e-3, bandwidth: float = 0.01, theta_init: float = 0.001):
+        super().__init__()
+        if not sparsity_coef >= 0 or not bandwidth > 0:
+            raise ValueError(f"need sparsity_coef >= 0 and bandwidth > 0, got {sparsity_coef}, {bandwidth}")
+        self.n_latents, self.sparsity_coef, self.bandwidth, self.theta_init = n_latents, sparsity_coef, bandwidth, theta_init
+        self.theta = nn.Parameter(torch.full((n_latents,), float(theta_init)))  # (F,)
+
+    def forward(self, pre, sae):
+        return _JumpReLUFn.apply(F.relu(pre), self.theta, self.bandwidth)  # (B, F)
+
+    def loss_terms(self, x, pre, f, x_hat, sae, coef_scale=1.0):
+        l0 = _StepFn.apply(F.relu(pre), self.theta, self.bandwidth).sum(-1).mean()
+        return {"l0": coef_scale * self.sparsity_coef * l0}
+
+    @torch.no_grad()
+    def rescale_latents_(self, n):
+        self.theta *= n
+
+    @torch.no_grad()
+    def reset_latents_(self, idx):
+        self.theta[idx] = self.theta_init
