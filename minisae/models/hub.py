@@ -1,0 +1,93 @@
+"""Download a file once, check it, keep it in a local cache.
+
+    cached_path(url) -> local path:  <cache>/<host>/<url path>, downloaded on first use
+
+The cache is `~/.cache/minisae` (override with the MINISAE_CACHE environment variable or
+the `cache_dir` argument). A download streams into a temporary file next to its final
+place, is checked against a pinned sha256 when we know one, and only then renamed into
+place (an atomic rename on one filesystem): an interrupted or corrupt download never
+leaves a file that a later run would mistake for a good one. A file already in the cache
+is not hashed again, since only verified (or unpinned) downloads are ever renamed there.
+"""
+
+import hashlib
+import os
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+
+HF = "https://huggingface.co/openai-community"
+# sha256 of files we download, to catch corruption and tampering. The Hugging Face LFS oid
+# of a file is its sha256; for model.safetensors of openai-community/gpt2 several public
+# records agree on this value (548,105,171 bytes). vocab.json / merges.txt: the hashes of
+# OpenAI's encoder.json / vocab.bpe, whose git blob ids equal those of the HF files.
+# We found no reliable record for the larger GPT-2 sizes, so they are not pinned.
+PINNED_SHA256 = {
+    f"{HF}/gpt2/resolve/main/model.safetensors": "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707",
+    f"{HF}/gpt2/resolve/main/vocab.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    f"{HF}/gpt2/resolve/main/merges.txt": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("MINISAE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "minisae")
+
+
+def _progress(name, done, total, start):
+    elapsed = max(time.time() - start, 1e-9)
+    rate = done / elapsed
+    if total:
+        eta = (total - done) / rate if rate > 0 else float("inf")
+        line = f"{name}: {done / 1e6:.1f}/{total / 1e6:.1f} MB  {rate / 1e6:.1f} MB/s  ETA {eta:.0f} s"
+    else:
+        line = f"{name}: {done / 1e6:.1f} MB  {rate / 1e6:.1f} MB/s"
+    print("\r" + line, end="", file=sys.stderr, flush=True)
+
+
+def download(url: str, dest, sha256=None, progress: bool = True, timeout: float = 60) -> str:
+    """Stream `url` to `dest` through a temporary file; check sha256 (if given) before the
+    atomic rename. On any failure the temporary file is deleted and the error re-raised."""
+    dest = os.path.abspath(dest)
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".download-", suffix=".part")
+    name = os.path.basename(dest)
+    try:
+        digest, done, start, shown = hashlib.sha256(), 0, time.time(), 0.0
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
+            total = int(response.headers.get("Content-Length") or 0)
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                if progress and time.time() - shown > 0.5:  # redraw twice a second at most
+                    _progress(name, done, total, start)
+                    shown = time.time()
+        if progress:
+            _progress(name, done, total, start)
+            print(file=sys.stderr)
+        if total and done != total:
+            raise OSError(f"download of {url} stopped after {done} of {total} bytes")
+        if sha256 is not None and digest.hexdigest() != sha256.lower():
+            raise ValueError(f"sha256 mismatch for {url}: expected {sha256}, got {digest.hexdigest()}; "
+                             "the download was deleted (corrupt transfer, or the file changed upstream)")
+        os.replace(tmp, dest)
+    except BaseException:  # KeyboardInterrupt too: never leave a half-written file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return dest
+
+
+def cached_path(url: str, cache_dir=None, sha256=None, progress: bool = True) -> str:
+    """Local path of `url` in the cache, downloading it first if absent. `sha256` defaults
+    to the pinned hash for known URLs."""
+    parts = urllib.parse.urlsplit(url)
+    segments = [s for s in parts.path.split("/") if s]
+    if not segments or any(s in (".", "..") for s in segments) or parts.netloc in (".", ".."):
+        raise ValueError(f"cannot cache {url!r}: its path must name a file, without '.' or '..'")
+    dest = os.path.join(cache_dir or default_cache_dir(), parts.netloc or "local", *segments)
+    if not os.path.isfile(dest):
+        download(url, dest, sha256=sha256 or PINNED_SHA256.get(url), progress=progress)
+    return dest
