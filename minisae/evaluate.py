@@ -1,0 +1,134 @@
+"""Evaluate an SAE where it matters: spliced into the language model, on held-out text.
+
+A low reconstruction error says little on its own: the model may rely on exactly the
+directions the SAE drops. So we replace the activation at `hook` and measure what the
+model's next-token loss does (Bricken et al. 2023; Gated SAE paper, sec. 5.1). For held-out
+contexts idx (B, T), BOS at position 0, four forward passes per batch:
+
+    clean   the model untouched
+    sae     positions 1..T-1 of the hook's activation x replaced by
+            x_hat = sae(x * scale) / scale     (the SAE was trained on x * scale, see
+                                                minisae.activations; this undoes it)
+    zero    positions 1..T-1 replaced by 0                      (zero-ablation)
+    mean    positions 1..T-1 replaced by the mean training activation, raw units
+
+Position 0 (BOS) keeps its clean activation in every variant: the SAE never saw it in
+training (minisae.activations drops it) and its outlier norm would dominate.
+
+    CE_v   = mean of -log p_v(idx[b, t+1] | idx[b, :t+1]) over contexts b and the T-2
+             predictions made at positions t = 1..T-2 (targets idx[:, 2:])
+    KL     = same mean of  sum_V p_clean log(p_clean / p_sae)
+    loss recovered (vs ablation a) = (CE_a - CE_sae) / (CE_a - CE_clean)
+
+The prediction made at position 0 (target idx[:, 1]) sees only position 0, which no
+variant changes, so it is the same in all four and is left out; loss recovered would not
+change if it were kept (a shared term cancels), CE and KL would be diluted by 1/(T-1).
+
+Loss recovered is 1 when splicing the SAE costs nothing and 0 when it is as bad as
+deleting the activation. Zero-ablation is the usual baseline; on the residual stream it
+is so destructive (SmolLM2: uniform logits, CE = ln V) that any SAE scores near 1, so we
+also report the stricter mean-ablation. The SAE-side numbers (L0, FVU, dead and dense
+latents, log10 firing frequency per latent) come from minisae.metrics on the same tokens,
+in the SAE's (scaled) units; FVU does not depend on the scale.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from minisae.activations import model_device
+from minisae.data import Progress
+from minisae.metrics import Accumulator
+
+VARIANTS = ("sae", "zero", "mean")
+
+
+def splice_hook(replace):
+    """A hook that replaces positions 1..T-1 of the activation with replace(act[:, 1:])
+    (shape (B, T-1, D)) and keeps the clean BOS activation at position 0."""
+
+    def hook(act):  # act (B, T, D)
+        out = act.clone()
+        out[:, 1:] = replace(act[:, 1:]).to(act.dtype)
+        return out
+
+    return hook
+
+
+def _log_probs(model, idx, hooks, bf16: bool):
+    """log p for the predictions at positions 1..T-2, float32: (B, T-2, V)."""
+    with torch.autocast(idx.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(idx, hooks=hooks)  # (B, T, V)
+    return F.log_softmax(logits[:, 1:-1].float(), dim=-1)
+
+
+@torch.no_grad()
+def evaluate(model, sae, contexts, hook: str, mean_act, scale: float = 1.0, batch_size: int = 8,
+             bf16: bool = False, dense_threshold: float = 0.1, verbose: bool = True) -> dict:
+    """LM-side and SAE-side metrics of `sae` spliced in at `hook` over `contexts` (N, T).
+
+    mean_act: (D,) mean raw activation at the hook over the training data (the sidecar's
+    'mean'); scale: the factor the SAE's training activations were multiplied by.
+    Returns ce_clean, ce_sae, ce_zero, ce_mean, kl, loss_recovered_zero,
+    loss_recovered_mean, l0, fvu, mse, shrinkage_gamma, dead_frac, dense_frac,
+    log10_density (per latent, None if it never fired), n_predictions, n_tokens.
+    """
+    if contexts.ndim != 2 or contexts.shape[1] < 3 or len(contexts) == 0:
+        raise ValueError(f"contexts must be (N, T) with N >= 1 and T >= 3, got {tuple(contexts.shape)}")
+    if hasattr(model, "hook_names") and hook not in model.hook_names():
+        raise ValueError(f"unknown hook point {hook!r}; valid names look like {model.hook_names()[0]!r}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive number, got {scale}")
+    device = model_device(model)
+    mean_act = torch.as_tensor(mean_act, dtype=torch.float32, device=device)  # (D,)
+    acc = None
+
+    def sae_replace(x):  # x (B, T-1, D), raw units
+        nonlocal acc
+        xs = x.reshape(-1, x.shape[-1]).float() * scale  # (B*(T-1), D), the SAE's units
+        if xs.shape[1] != mean_act.shape[0]:
+            raise ValueError(f"activation width {xs.shape[1]} at {hook} != mean_act width {mean_act.shape[0]}")
+        with torch.autocast(device.type, enabled=False):  # the SAE runs in float32
+            f = sae.encode(xs)  # (B*(T-1), F)
+            x_hat = sae.decode(f)  # (B*(T-1), D)
+        if acc is None:
+            acc = Accumulator(f.shape[-1])
+        acc.add(xs, x_hat, f)
+        return (x_hat / scale).view(x.shape)
+
+    replace = {"sae": sae_replace,
+               "zero": torch.zeros_like,
+               "mean": lambda x: mean_act.expand(x.shape)}
+    totals = dict.fromkeys(["clean", *VARIANTS, "kl"], 0.0)
+    n_pred = 0
+    was_training = model.training, sae.training
+    model.eval()
+    sae.eval()
+    bar = Progress("evaluating", len(contexts), "contexts") if verbose else None
+    for start in range(0, len(contexts), batch_size):
+        idx = contexts[start:start + batch_size].to(device)  # (B, T)
+        targets = idx[:, 2:]  # (B, T-2)
+        logp_clean = _log_probs(model, idx, None, bf16)  # (B, T-2, V)
+        totals["clean"] += F.nll_loss(logp_clean.flatten(0, 1), targets.flatten(), reduction="sum").item()
+        for v in VARIANTS:
+            logp = _log_probs(model, idx, {hook: splice_hook(replace[v])}, bf16)  # (B, T-2, V)
+            totals[v] += F.nll_loss(logp.flatten(0, 1), targets.flatten(), reduction="sum").item()
+            if v == "sae":  # KL(clean || sae) = sum_V p_clean (log p_clean - log p_sae)
+                totals["kl"] += F.kl_div(logp, logp_clean, log_target=True, reduction="sum").item()
+        n_pred += targets.numel()
+        if bar:
+            bar.update(start + len(idx))
+    if bar:
+        bar.close(len(contexts))
+    model.train(was_training[0])
+    sae.train(was_training[1])
+
+    out = {f"ce_{k}": totals[k] / n_pred for k in ("clean", *VARIANTS)}
+    out["kl"] = totals["kl"] / n_pred
+    for a in ("zero", "mean"):
+        gap = out[f"ce_{a}"] - out["ce_clean"]
+        out[f"loss_recovered_{a}"] = (out[f"ce_{a}"] - out["ce_sae"]) / gap if gap != 0 else float("nan")
+    out.update(acc.result(dense_threshold))
+    out["n_predictions"], out["n_tokens"] = n_pred, acc.n
+    return out

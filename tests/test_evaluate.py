@@ -1,0 +1,228 @@
+"""LM-side evaluation: exact values at the ends of the scale (identity SAE: loss
+recovered 1 and KL 0; an SAE that outputs the ablation: loss recovered 0), BOS kept in
+every splice, and every number against a naive one-context, one-position-at-a-time
+reference in float64. Last, the whole pipeline on gpt2-random with the real tokenizer."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from minisae import evaluate as E
+from test_activations import HOOK, TinyLM, _one_thread  # noqa: F401 (autouse fixture); pytest puts tests/ on sys.path
+
+
+class Identity(nn.Module):
+    """x_hat = x, with f = x as the 'code' (F = D)."""
+
+    def encode(self, x):
+        return x.clone()
+
+    def decode(self, f):
+        return f.clone()
+
+    def forward(self, x):
+        return self.decode(self.encode(x))
+
+
+class Constant(nn.Module):
+    """x_hat = value for every input; no latent ever fires."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def encode(self, x):
+        return torch.zeros(len(x), 3)
+
+    def decode(self, f):
+        return self.value.expand(len(f), -1).clone()
+
+
+class ReluSAE(nn.Module):
+    """f = ReLU(W_enc (x - b_dec) + b_enc);  x_hat = W_dec^T f + b_dec, random weights."""
+
+    def __init__(self, d=16, n_latents=40, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.W_enc = nn.Parameter(torch.randn(n_latents, d, generator=g) / d**0.5)
+        self.W_dec = nn.Parameter(torch.randn(n_latents, d, generator=g) / d**0.5)
+        self.b_enc = nn.Parameter(torch.randn(n_latents, generator=g) - 1.0)
+        self.b_dec = nn.Parameter(torch.randn(d, generator=g) * 0.1)
+
+    def encode(self, x):
+        return torch.relu((x - self.b_dec) @ self.W_enc.T + self.b_enc)  # (B, F)
+
+    def decode(self, f):
+        return f @ self.W_dec + self.b_dec  # (B, D)
+
+    def forward(self, x):
+        return self.decode(self.encode(x))
+
+
+@pytest.fixture
+def lm():
+    model = TinyLM().eval()
+    contexts = torch.randint(2, 64, (10, 12), generator=torch.Generator().manual_seed(2))
+    contexts[:, 0] = 1
+    with torch.no_grad():
+        mean = model(contexts, stop_at=HOOK)[:, 1:].reshape(-1, 16).mean(0) + 0.3  # (D,)
+    return model, contexts, mean
+
+
+def run(model, sae, contexts, mean, scale):
+    return E.evaluate(model, sae, contexts, HOOK, mean, scale=scale, batch_size=4, verbose=False)
+
+
+def test_identity_recovers_everything_exactly(lm):
+    model, contexts, mean = lm
+    r = run(model, Identity(), contexts, mean, scale=4.0)  # x * 4 / 4 == x exactly
+    assert r["ce_sae"] == r["ce_clean"] and r["kl"] == 0.0
+    assert r["loss_recovered_zero"] == 1.0 and r["loss_recovered_mean"] == 1.0
+    assert r["fvu"] == 0.0 and r["ce_zero"] != r["ce_clean"] and r["ce_mean"] != r["ce_clean"]
+    assert r["n_tokens"] == 10 * 11 and r["n_predictions"] == 10 * 10
+
+
+def test_ablation_sae_recovers_nothing_exactly(lm):
+    model, contexts, mean = lm
+    zero = run(model, Constant(torch.zeros(16)), contexts, mean, scale=4.0)
+    assert zero["ce_sae"] == zero["ce_zero"] and zero["loss_recovered_zero"] == 0.0
+    assert zero["l0"] == 0.0 and zero["dead_frac"] == 1.0 and zero["kl"] > 0
+    # the SAE works in scaled units: outputting mean * scale splices in the mean
+    avg = run(model, Constant(mean * 4.0), contexts, mean, scale=4.0)
+    assert avg["ce_sae"] == avg["ce_mean"] and avg["loss_recovered_mean"] == 0.0
+
+
+class RecordingLM(TinyLM):
+    """TinyLM that keeps (activation in, activation out) of every hook call."""
+
+    seen = None
+
+    def forward(self, idx, hooks=None, stop_at=None):
+        if hooks:
+            self.seen = self.seen or []
+            hooks = {name: self._record(fn) for name, fn in hooks.items()}
+        return super().forward(idx, hooks, stop_at)
+
+    def _record(self, fn):
+        def hook(act):
+            out = fn(act)
+            self.seen.append((act.clone(), out.clone()))
+            return out
+        return hook
+
+
+def test_bos_is_never_replaced(lm):
+    _, contexts, mean = lm
+    model, sae, scale = RecordingLM().eval(), ReluSAE(), 3.0
+    run(model, sae, contexts, mean, scale)
+    assert len(model.seen) == 3 * 3  # three batches (4 + 4 + 2 contexts), three splices each
+    for i, (act, out) in enumerate(model.seen):
+        assert torch.equal(out[:, 0], act[:, 0])  # BOS keeps its clean activation
+        rest = act[:, 1:]
+        want = [sae(rest.reshape(-1, 16) * scale).reshape(rest.shape) / scale,
+                torch.zeros_like(rest), mean.expand(rest.shape)][i % 3]
+        torch.testing.assert_close(out[:, 1:], want, rtol=1e-6, atol=1e-6)
+
+
+def naive(model, sae, contexts, mean, scale):
+    """One context at a time, one position at a time, float64 log-softmax."""
+    ce = {"clean": [], "sae": [], "zero": [], "mean": []}
+    kl, xs, fs, x_hats = [], [], [], []
+    for idx in contexts:
+        idx = idx[None]  # (1, T)
+        with torch.no_grad():
+            act = model(idx, stop_at=HOOK)[0]  # (T, D)
+            rows = {"sae": [act[0]], "zero": [act[0]], "mean": [act[0]]}
+            for t in range(1, idx.shape[1]):
+                x = act[t] * scale
+                f = sae.encode(x[None])[0]
+                x_hat = sae.decode(f[None])[0]
+                xs.append(x.double()), fs.append(f.double()), x_hats.append(x_hat.double())
+                rows["sae"].append(x_hat / scale)
+                rows["zero"].append(torch.zeros_like(x))
+                rows["mean"].append(mean)
+            logp = {"clean": model(idx)[0].double().log_softmax(-1)}  # (T, V)
+            for v in ("sae", "zero", "mean"):
+                new = torch.stack(rows[v])[None]
+                logp[v] = model(idx, hooks={HOOK: lambda a, new=new: new})[0].double().log_softmax(-1)
+        for t in range(1, idx.shape[1] - 1):  # predictions at positions 1..T-2
+            target = idx[0, t + 1]
+            for v in ce:
+                ce[v].append(-logp[v][t, target].item())
+            p = logp["clean"][t].exp()
+            kl.append((p * (logp["clean"][t] - logp["sae"][t])).sum().item())
+    X, Xh, Fm = torch.stack(xs).numpy(), torch.stack(x_hats).numpy(), torch.stack(fs).numpy()
+    out = {f"ce_{v}": float(np.mean(c)) for v, c in ce.items()}
+    out["kl"] = float(np.mean(kl))
+    out["fvu"] = ((X - Xh) ** 2).sum() / ((X - X.mean(0)) ** 2).sum()
+    out["l0"] = (Fm != 0).sum(1).mean()
+    freq = (Fm != 0).mean(0)
+    out["dead_frac"], out["dense_frac"] = (freq == 0).mean(), (freq > 0.1).mean()
+    out["log10_density"] = [math.log10(p) if p > 0 else None for p in freq]
+    for a in ("zero", "mean"):
+        out[f"loss_recovered_{a}"] = (out[f"ce_{a}"] - out["ce_sae"]) / (out[f"ce_{a}"] - out["ce_clean"])
+    return out
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.37])
+def test_against_naive_reference(lm, scale):
+    model, contexts, mean = lm
+    sae = ReluSAE()
+    got, want = run(model, sae, contexts, mean, scale), naive(model, sae, contexts, mean, scale)
+    assert 0 < got["l0"] < 40 and 0 < got["fvu"]  # a non-trivial SAE
+    for key in ("ce_clean", "ce_sae", "ce_zero", "ce_mean", "kl", "fvu", "loss_recovered_zero",
+                "loss_recovered_mean"):
+        assert math.isclose(got[key], want[key], rel_tol=1e-5, abs_tol=1e-7), key
+    assert got["l0"] == want["l0"]
+    for key in ("dead_frac", "dense_frac"):  # metrics computes these fractions in float32
+        assert math.isclose(got[key], want[key], rel_tol=1e-7), key
+    assert [d is None for d in got["log10_density"]] == [d is None for d in want["log10_density"]]
+    live = [(g, w) for g, w in zip(got["log10_density"], want["log10_density"]) if w is not None]
+    assert all(math.isclose(g, w, rel_tol=1e-12, abs_tol=1e-12) for g, w in live)
+
+
+def test_bad_inputs_raise(lm):
+    model, contexts, mean = lm
+    with pytest.raises(ValueError, match="T >= 3"):
+        run(model, Identity(), contexts[:, :2], mean, 1.0)
+    with pytest.raises(ValueError, match="unknown hook"):
+        E.evaluate(model, Identity(), contexts, "blocks.7.hook_mlp_out", mean, verbose=False)
+    with pytest.raises(ValueError, match="scale"):
+        run(model, Identity(), contexts, mean, 0.0)
+    with pytest.raises(ValueError, match="width"):
+        run(model, Identity(), contexts, mean[:8], 1.0)
+
+
+TOKENIZER_DIR = os.environ.get("MINISAE_GPT2_TOKENIZER_DIR")
+
+
+@pytest.mark.skipif(not TOKENIZER_DIR or not os.path.isdir(TOKENIZER_DIR),
+                    reason="set MINISAE_GPT2_TOKENIZER_DIR to a dir with GPT-2's encoder.json + vocab.bpe")
+def test_pipeline_on_gpt2_random(tmp_path, monkeypatch):
+    from pydoc_data.topics import topics
+
+    from minisae import activations, data
+    from minisae.models.gpt2 import load_gpt2
+
+    monkeypatch.setenv("MINISAE_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "topics.txt"
+    text.write_text("\n\n".join(topics[k] for k in sorted(topics)))
+    model, tok = load_gpt2("gpt2-random")
+    kw = dict(ctx_len=32, text_paths=[str(text)], heldout_frac=0.2, verbose=False)
+    train = data.load_contexts(tok, "gpt2", "train", max_tokens=32 * 48, **kw)
+    held = data.load_contexts(tok, "gpt2", "heldout", max_tokens=32 * 8, **kw)
+    assert train.shape == (48, 32) and held.shape == (8, 32) and (train[:, 0] == 50256).all()
+    hook = "blocks.2.hook_resid_pre"
+    meta = activations.collect_activations(model, train, hook, tmp_path / "acts.npy", model_name="gpt2-random",
+                                           verbose=False)
+    acts, meta = activations.load_activations(tmp_path / "acts.npy", "gpt2-random", hook)
+    assert acts.shape == (48 * 31, 64)
+    assert math.isclose(np.linalg.norm(acts.astype(np.float64), axis=1).mean(), 8.0, rel_tol=1e-6)
+    r = E.evaluate(model, Identity(), held, hook, meta["mean"], meta["scale"], verbose=False)
+    # x * scale / scale is within an ulp of x; the splice changes CE by ~1e-7 nats
+    assert abs(r["ce_sae"] - r["ce_clean"]) < 1e-5 and r["kl"] < 1e-6
+    assert all(math.isfinite(r[k]) for k in ("ce_clean", "ce_zero", "ce_mean", "loss_recovered_mean"))
