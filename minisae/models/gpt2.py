@@ -146,7 +146,7 @@ class GPT2(nn.Module):
 
     def _check_input(self, idx, hooks, stop_at):
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"idx must be a (B, T) tensor of int64 token ids, got "
+            raise ValueError(f"idx must be a (B, T) tensor of int64 (or int32) token ids, got "
                              f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__}"
                              f"{' ' + str(idx.dtype) if isinstance(idx, torch.Tensor) else ''}")
         if not 0 < idx.shape[1] <= self.n_ctx:
