@@ -158,7 +158,7 @@ def test_bad_input_is_reported():
         (dict(idx=torch.tensor([[0, CFG.vocab_size]])), r"token ids must be in \[0, 50257\)"),
         (dict(idx=torch.tensor([[-1, 3]])), "token ids must be in"),
         (dict(idx=torch.zeros(1, CFG.n_ctx + 1, dtype=torch.long)), "1..1024 positions"),
-        (dict(idx=torch.zeros(1, 4)), "int64 token ids"),
+        (dict(idx=torch.zeros(1, 4)), r"int64 \(or int32\) token ids"),
         (dict(idx=torch.zeros(4, dtype=torch.long)), r"\(B, T\) tensor"),
         (dict(idx=tokens(), hooks={"blocks.0.hook_resid": print}), "unknown hook point"),
         (dict(idx=tokens(), stop_at="blocks.4.hook_resid_pre"), "unknown hook point"),
