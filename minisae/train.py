@@ -39,6 +39,7 @@ class TrainConfig:
     resample_until_frac: float = 0.7  # no resampling after this fraction of training
     dead_after: int = 100_000  # samples without firing after which a latent counts as dead
     resample_pool: int = 16  # batches whose losses choose the resampled directions
+    bf16: bool = False  # forward and loss under bfloat16 autocast (weights, Adam stay float32)
     log_every: int = 100  # steps between progress lines
     seed: int = 0  # seeds resampling; the data stream has its own generator
 
@@ -76,7 +77,8 @@ def train(sae, batches, cfg: TrainConfig, log=True) -> dict:
             group["lr"] = lr_at(step, n_steps, cfg)
         coef_scale = min(1.0, (step + 1) / coef_warm)
         # forward and loss
-        loss, parts = sae.loss(x, coef_scale)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss, parts = sae.loss(x, coef_scale)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {step} (lr {group['lr']:.2e}); "
                                      "try a lower learning rate or sparsity coefficient")

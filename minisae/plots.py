@@ -1,0 +1,136 @@
+"""Figures, drawn from the result files (never by hand). One function per figure family;
+each reads plain dicts and lists so a figure can be redrawn from the JSON alone."""
+
+from pathlib import Path
+
+COLORS = {"relu": "tab:blue", "gated": "tab:orange", "topk": "tab:green", "jumprelu": "tab:red",
+          "batchtopk": "tab:purple"}
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def toy_figures(results: dict, extras: dict, probs: list, out_dir: Path):
+    plt = _plt()
+    variants = list(results["variants"])
+
+    # (a) the frontier: L0 vs FVU per variant, lower-left is better
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for v in variants:
+        rows = sorted((r for r in results["sweep"] if r["variant"] == v), key=lambda r: r["l0"])
+        ax.plot([r["l0"] for r in rows], [r["fvu"] for r in rows], "o-", color=COLORS[v], label=v)
+    ax.set(xlabel="L0 (active latents per sample)", ylabel="FVU (fraction of variance unexplained)",
+           yscale="log", title="Sparsity vs reconstruction (lower-left is better)")
+    ax.axvline(5.0, color="gray", ls=":", lw=1)
+    ax.text(5.0, ax.get_ylim()[1], " true L0 = 5", va="top", color="gray", fontsize=8)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "toy_frontier.png", dpi=120)
+    plt.close(fig)
+
+    # (b) recovery of the ground truth per variant
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    xs = range(len(variants))
+    mm = [results["variants"][v]["mmcs"] for v in variants]
+    rf = [results["variants"][v]["recovered_frac"] for v in variants]
+    ax.bar([x - 0.2 for x in xs], mm, 0.4, label="MMCS")
+    ax.bar([x + 0.2 for x in xs], rf, 0.4, label="recovered (cos > 0.9)")
+    for x, a, b in zip(xs, mm, rf):
+        ax.text(x - 0.2, a, f"{a:.3f}", ha="center", va="bottom", fontsize=7)
+        ax.text(x + 0.2, b, f"{b:.3f}", ha="center", va="bottom", fontsize=7)
+    ax.set(xticks=list(xs), xticklabels=variants, ylim=(min(mm + rf) - 0.05, 1.02), title="Ground-truth recovery")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out_dir / "toy_recovery.png", dpi=120)
+    plt.close(fig)
+
+    # recovery against feature frequency: the rare features are learned last
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for v in variants:
+        order = sorted(range(len(probs)), key=lambda i: probs[i])
+        ax.plot([probs[i] for i in order], [extras[v]["best_cos"][i] for i in order], ".", ms=3,
+                color=COLORS[v], label=v, alpha=0.6)
+    ax.axhline(0.9, color="gray", ls=":", lw=1)
+    ax.set(xscale="log", xlabel="feature probability p_i", ylabel="best cosine with a decoder row",
+           title="Recovery against feature frequency")
+    ax.legend(markerscale=4)
+    fig.tight_layout()
+    fig.savefig(out_dir / "toy_recovery_by_frequency.png", dpi=120)
+    plt.close(fig)
+
+    # (c) shrinkage: gamma per variant, and true vs recovered magnitudes
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    gam = [results["variants"][v]["shrinkage_gamma"] for v in variants]
+    a1.bar(list(xs), gam, color=[COLORS[v] for v in variants])
+    a1.axhline(1.0, color="k", lw=1)
+    for x, g in zip(xs, gam):
+        a1.text(x, g, f"{g:.3f}", ha="center", va="bottom", fontsize=8)
+    a1.set(xticks=list(xs), xticklabels=variants, ylim=(min(gam) - 0.05, max(gam) + 0.03),
+           title="relative reconstruction bias gamma (1 = unbiased)")
+    for v in ("relu", "topk"):
+        if v in extras:
+            c, f = extras[v]["magnitudes"]
+            a2.plot(c, f, ".", ms=2, alpha=0.3, color=COLORS[v], label=v)
+    a2.plot([0, 1], [0, 1], "k--", lw=1)
+    a2.set(xlabel="true coefficient c_i", ylabel="code of the matching latent",
+           title="L1 shrinks active features", xlim=(0, 1), ylim=(0, 1.1))
+    a2.legend(markerscale=5)
+    fig.tight_layout()
+    fig.savefig(out_dir / "toy_shrinkage.png", dpi=120)
+    plt.close(fig)
+
+
+def _by_variant(rows):
+    out = {}
+    for r in rows:
+        out.setdefault(r["variant"], []).append(r)
+    return {v: sorted(rs, key=lambda r: r["l0"]) for v, rs in out.items()}
+
+
+def lm_figures(results: dict, out_dir: Path):
+    """L0 vs loss recovered (the Gated SAE paper's figure; upper-left is better), FVU vs
+    L0, and the density histograms, from lm_results.json's content."""
+    plt = _plt()
+    groups = _by_variant(results["rows"])
+    title = f"{results['model']} {results['hook']}"
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, base in zip(axes, ("mean", "zero")):
+        for v, rs in groups.items():
+            ax.plot([r["l0"] for r in rs], [r[f"loss_recovered_{base}"] for r in rs], "o-",
+                    color=COLORS.get(v), label=v)
+        ax.set(xscale="log", xlabel="L0 (active latents per token)",
+               ylabel=f"loss recovered ({base}-ablation)", title=f"{title}: vs {base}-ablation")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "lm_l0_loss_recovered.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for v, rs in groups.items():
+        ax.plot([r["l0"] for r in rs], [r["fvu"] for r in rs], "o-", color=COLORS.get(v), label=v)
+    ax.set(xscale="log", yscale="log", xlabel="L0 (active latents per token)", ylabel="FVU",
+           title=f"{title}: reconstruction (lower-left is better)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "lm_fvu_l0.png", dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3), sharey=True, squeeze=False)
+    for ax, (v, rs) in zip(axes[0], groups.items()):
+        for r in rs:
+            h = r["density_hist"]
+            if h["counts"]:
+                ax.stairs(h["counts"], h["edges"], label=f"L0 {r['l0']:.0f}, dead {r['dead_frac']:.0%}")
+        ax.set(title=v, xlabel="log10 firing frequency")
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("latents")
+    fig.tight_layout()
+    fig.savefig(out_dir / "lm_density.png", dpi=120)
+    plt.close(fig)
