@@ -1,0 +1,43 @@
+"""Shared fixture for the SAE tests: an SAE of any variant with every parameter random.
+
+A freshly made SAE has b_enc = b_dec = 0, W_enc = W_dec and the variants' per-latent
+parameters at constants, so a test run on it could pass because a term happens to vanish.
+`random_sae` draws all of them (and BatchTopK's inference threshold) at random, in float64
+by default so that comparisons against naive references can use tight tolerances.
+"""
+
+import pytest
+import torch
+
+
+def _random_sae(variant, d, n_latents, seed=0, dtype=torch.float64, **settings):
+    from minisae.sae import make_sae
+
+    if variant in ("topk", "batchtopk"):
+        settings.setdefault("k", max(1, n_latents // 2))
+    sae = make_sae(variant, d, n_latents, seed=seed, **settings).to(dtype)
+    g = torch.Generator().manual_seed(seed + 12345)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.5)
+        if variant == "jumprelu":  # mostly positive thresholds, a few below zero
+            sae.activation.theta.copy_(torch.rand(n_latents, generator=g, dtype=dtype) * 0.6 - 0.1)
+        if variant == "batchtopk":
+            sae.activation.threshold.fill_(float(torch.rand((), generator=g, dtype=dtype)) * 0.5)
+    return sae
+
+
+@pytest.fixture(scope="session")
+def random_sae():
+    """random_sae(variant, d, n_latents, seed=0, dtype=torch.float64, **settings) -> SAE."""
+    return _random_sae
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The SAE tests use tiny tensors: on a busy CPU, torch's intra-op threads spin-wait
+    for each other and make them ~10x slower, so these modules run on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
