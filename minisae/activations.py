@@ -149,7 +149,7 @@ def load_activations(path, model_name=None, hook=None):
     return acts, meta
 
 
-def iter_batches(acts, batch_size: int, seed: int = 0, device="cpu", block_batches: int = 64,
+def iter_batches(acts, batch_size: int, seed: int = 0, device="cpu", block_batches: int = 8,
                  drop_last: bool = False):
     """One epoch of float32 batches (batch_size, D) from stored activations.
 

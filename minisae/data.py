@@ -24,7 +24,7 @@ position of a context is special for the model (attention sinks, huge norms: Xia
 collector and the evaluation drop or keep it, never learn from it.
 
 Extracting the docstrings parses ~60 MB of source with `ast` (no imports, no side
-effects; ~15-40 s), so the result is cached as JSON; tokenising with the pure-Python BPE
+effects; ~30 CPU-seconds, spread over a process pool), so the result is cached as JSON; tokenising with the pure-Python BPE
 is cached as `corpus-<name>-<hash>.npy`. Both live in ~/.cache/minisae, or $MINISAE_CACHE.
 """
 
@@ -42,8 +42,10 @@ import numpy as np
 import torch
 
 LIBRARIES = ("numpy", "torch", "matplotlib")  # besides the standard library
-DOCSTRING_SETTERS = {"add_docstr", "_add_docstr", "add_docstr_all"}  # torch's C functions
-CORPUS_FORMAT = 1  # bump when the extraction changes, to invalidate cached corpora
+# functions that attach a docstring (their last argument) to a C function or method:
+# torch's add_docstr(obj, doc), numpy's add_newdoc(place, obj, doc or (method, doc))
+DOCSTRING_SETTERS = {"add_docstr", "_add_docstr", "add_docstr_all", "add_newdoc"}
+CORPUS_FORMAT = 2  # bump when the extraction changes, to invalidate cached corpora
 
 
 class Progress:
@@ -60,7 +62,7 @@ class Progress:
         self.last = now
         rate = done / max(now - self.t0, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else float("inf")
-        print(f"\r{self.label}: {done:,}/{self.total:,} {self.unit}, {rate:,.0f} {self.unit}/s, "
+        print(f"\r{self.label}: {done:,}/{self.total:,} {self.unit}, {rate:,.{0 if rate >= 10 else 2}f} {self.unit}/s, "
               f"ETA {eta:.0f}s ", end="", file=sys.stderr, flush=True)
 
     def close(self, done: int):
@@ -89,9 +91,11 @@ def _atomic_write(path: Path, write) -> None:
 
 def _string_value(node):
     """The text of a string literal, `"...".format(...)` (torch's templates, kept with
-    their {placeholders}) or a `+` of such; None for anything else."""
+    their {placeholders}), a `+` of such, or the doc of a (method, doc) pair; else None."""
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         return node.value
+    if isinstance(node, ast.Tuple) and len(node.elts) == 2:
+        return _string_value(node.elts[1])
     if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
             and node.func.attr == "format"):
         return _string_value(node.func.value)
@@ -103,7 +107,7 @@ def _string_value(node):
 
 def source_docstrings(source: str) -> list:
     """Docstrings of a module, its classes and functions, in source order, cleaned with
-    inspect.cleandoc; plus the strings torch attaches to C functions with add_docstr.
+    inspect.cleandoc; plus the docstrings that torch and numpy attach to C functions.
     Returns [] for source that does not parse (a newer Python's syntax)."""
     try:
         tree = ast.parse(source)
@@ -117,17 +121,17 @@ def source_docstrings(source: str) -> list:
                 found.append((getattr(node, "lineno", 0), doc))
         elif isinstance(node, ast.Call) and len(node.args) >= 2:
             name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
-            doc = _string_value(node.args[1]) if name in DOCSTRING_SETTERS else None
+            doc = _string_value(node.args[-1]) if name in DOCSTRING_SETTERS else None
             if doc and doc.strip():
                 found.append((node.lineno, inspect.cleandoc(doc)))
     return [text for _, text in sorted(found, key=lambda p: p[0])]
 
 
-def package_documents(root, package: str = "") -> list:
-    """One (module name, docstrings joined by blank lines) per .py file under `root`,
-    skipping test suites, test helpers and anything that is not an importable name."""
+def module_files(root, package: str = "") -> list:
+    """[(module name, path)] for the .py files under `root`, skipping test suites, test
+    helpers and anything that is not an importable name."""
     root = Path(root)
-    docs = []
+    files = []
     for dirpath, dirnames, filenames in os.walk(root):
         rel = Path(dirpath).relative_to(root).parts
         dirnames[:] = sorted(d for d in dirnames if d.isidentifier() and not _is_test(d))
@@ -136,13 +140,22 @@ def package_documents(root, package: str = "") -> list:
             if not fn.endswith(".py") or not stem.isidentifier() or _is_test(stem):
                 continue
             parts = ([package] if package else []) + list(rel) + ([] if stem == "__init__" else [stem])
-            if not parts:
-                continue
-            with open(Path(dirpath) / fn, encoding="utf-8", errors="replace") as f:
-                text = "\n\n".join(source_docstrings(f.read()))
-            if text:
-                docs.append((".".join(parts), text))
-    return docs
+            if parts:
+                files.append((".".join(parts), os.path.join(dirpath, fn)))
+    return files
+
+
+def file_docstrings(path) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return "\n\n".join(source_docstrings(f.read()))
+
+
+def package_documents(root, package: str = "", map_fn=map) -> list:
+    """[(module name, its docstrings joined by blank lines)] for a package directory;
+    map_fn maps file_docstrings over the paths (a process pool's map runs them in parallel)."""
+    files = module_files(root, package)
+    texts = map_fn(file_docstrings, [path for _, path in files])
+    return [(name, text) for (name, _), text in zip(files, texts) if text]
 
 
 def _is_test(name: str) -> bool:
@@ -158,6 +171,7 @@ def default_corpus(cache: bool = True, verbose: bool = True) -> list:
     import importlib.metadata
     import importlib.util
     import sysconfig
+    from concurrent.futures import ProcessPoolExecutor
 
     versions = {"python": sys.version.split()[0], "format": CORPUS_FORMAT}
     versions.update({lib: importlib.metadata.version(lib) for lib in LIBRARIES})
@@ -172,14 +186,15 @@ def default_corpus(cache: bool = True, verbose: bool = True) -> list:
     docs = [(f"pydoc_data.topics.{name}", text) for name, text in sorted(topics.items())]
     roots = [("", sysconfig.get_paths()["stdlib"])]
     roots += [(lib, importlib.util.find_spec(lib).submodule_search_locations[0]) for lib in LIBRARIES]
-    for package, root in roots:
-        t0 = time.time()
-        found = package_documents(root, package)
-        docs += found
-        if verbose:
-            print(f"docstrings of {package or 'the standard library'}: {len(found)} modules, "
-                  f"{sum(len(t) for _, t in found):,} characters, {time.time() - t0:.1f}s",
-                  file=sys.stderr, flush=True)
+    with ProcessPoolExecutor() as pool:  # parsing is CPU-bound: one process per core
+        for package, root in roots:
+            t0 = time.time()
+            found = package_documents(root, package, lambda f, xs: pool.map(f, xs, chunksize=8))
+            docs += found
+            if verbose:
+                print(f"docstrings of {package or 'the standard library'}: {len(found)} modules, "
+                      f"{sum(len(t) for _, t in found):,} characters, {time.time() - t0:.1f}s",
+                      file=sys.stderr, flush=True)
     if cache:
         _atomic_write(path, lambda f: f.write(json.dumps(docs).encode("utf-8")))
     return docs
@@ -255,7 +270,8 @@ def token_stream(docs, tokenizer, name: str = "", max_tokens=None, cache: bool =
         return stream if max_tokens is None else stream[:max_tokens]
 
     total_chars = sum(len(t) for _, t in docs)
-    bar = Progress(f"tokenising {len(docs)} documents", total_chars, "chars") if verbose else None
+    show = verbose and max_tokens is None  # a prefix is quick, and its total is unknown
+    bar = Progress(f"tokenising {len(docs)} documents", total_chars, "chars") if show else None
     pieces, n_tok, n_chars = [], 0, 0
     for i, (_, text) in enumerate(docs):
         if i > 0:
@@ -299,7 +315,8 @@ def load_contexts(tokenizer, name: str = "", split: str = "train", ctx_len: int 
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     docs = text_file_documents(text_paths) if text_paths else default_corpus(cache, verbose)
-    docs = split_documents(docs, heldout_frac)[split == "heldout"]
+    train, heldout = split_documents(docs, heldout_frac)
+    docs = train if split == "train" else heldout
     if not docs:
         raise ValueError(f"the {split} split is empty (heldout_frac={heldout_frac}, "
                          "sources split by hash); give more text or change heldout_frac")

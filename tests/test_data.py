@@ -6,6 +6,7 @@ one (id = byte + 3), so the tests need no vocabulary files."""
 
 import importlib
 import inspect
+import os
 import sys
 import textwrap
 
@@ -30,6 +31,9 @@ class ByteTokenizer:
         return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")
 
 
+USER_CACHE = os.environ.get("MINISAE_CACHE")  # before the fixture below replaces it
+
+
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MINISAE_CACHE", str(tmp_path / "cache"))
@@ -49,8 +53,15 @@ MODULE = textwrap.dedent('''
         obj.__doc__ = doc
         return obj
 
+    def add_newdoc(place, name, doc):
+        method, doc = doc
+        getattr(globals()[name], method).__doc__ = doc
+
     class Widget:
         """A widget."""
+
+        def wobble(self):
+            pass
 
         def spin(self):
             """Spin the widget.
@@ -69,6 +80,7 @@ MODULE = textwrap.dedent('''
             """Defined inside an if."""
 
     add_docstr(helper, """Help with {thing}.""".format(thing="things"))
+    add_newdoc("fakepkg.core", "Widget", ("wobble", """Wobble the widget."""))
 ''')
 
 
@@ -85,13 +97,14 @@ def test_docstrings_match_inspect(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path / "src"))
     core = importlib.import_module("fakepkg.core")
     expected = [inspect.getdoc(o) for o in (core, core.Widget, core.Widget.spin, core.Widget.later,
-                                            core.conditional, core.helper)]
+                                            core.conditional, core.helper, core.Widget.wobble)]
     docs = dict(data.package_documents(pkg, "fakepkg"))
     assert sorted(docs) == ["fakepkg", "fakepkg.core"]  # tests, helpers, broken, empty skipped
     assert docs["fakepkg"] == "The fake package."
-    # add_docstr's .format template is kept with its placeholder (the call sits last)
-    assert docs["fakepkg.core"] == "\n\n".join(expected[:-1] + ["Help with {thing}."])
-    assert inspect.getdoc(core.helper) == "Help with things."
+    # docs set by add_docstr / add_newdoc come last, in source order; a .format template
+    # is kept with its placeholder
+    assert docs["fakepkg.core"] == "\n\n".join(expected[:5] + ["Help with {thing}.", expected[6]])
+    assert expected[5] == "Help with things." and expected[6] == "Wobble the widget."
     del sys.modules["fakepkg.core"], sys.modules["fakepkg"]
 
 
@@ -177,8 +190,11 @@ def test_tokenizer_without_bos_is_refused():
 
 
 def test_default_corpus_is_big_and_has_no_tests(monkeypatch):
-    # uses the real cache dir: the first run parses ~60 MB of source (~15-40 s), later ~1 s
-    monkeypatch.delenv("MINISAE_CACHE")
+    # the user's cache dir: the first run parses ~60 MB of source (~30 CPU-s), later ~1 s
+    if USER_CACHE:
+        monkeypatch.setenv("MINISAE_CACHE", USER_CACHE)
+    else:
+        monkeypatch.delenv("MINISAE_CACHE")
     docs = data.default_corpus()
     assert sum(len(t) for _, t in docs) > 5_000_000
     sources = {s for s, _ in docs}
