@@ -3,7 +3,8 @@
 A low reconstruction error says little on its own: the model may rely on exactly the
 directions the SAE drops. So we replace the activation at `hook` and measure what the
 model's next-token loss does (Bricken et al. 2023; Gated SAE paper, sec. 5.1). For held-out
-contexts idx (B, T), BOS at position 0, four forward passes per batch:
+contexts idx (B, T), BOS at position 0, four forward passes per batch (two in a sweep:
+`baselines` computes clean, zero and mean once):
 
     clean   the model untouched
     sae     positions 1..T-1 of the hook's activation x replaced by
@@ -41,9 +42,6 @@ from minisae.activations import model_device
 from minisae.data import Progress
 from minisae.metrics import Accumulator
 
-VARIANTS = ("sae", "zero", "mean")
-
-
 def splice_hook(replace):
     """A hook that replaces positions 1..T-1 of the activation with replace(act[:, 1:])
     (shape (B, T-1, D)) and keeps the clean BOS activation at position 0."""
@@ -63,25 +61,72 @@ def _log_probs(model, idx, hooks, bf16: bool):
     return F.log_softmax(logits[:, 1:-1].float(), dim=-1)
 
 
-@torch.no_grad()
-def evaluate(model, sae, contexts, hook: str, mean_act, scale: float = 1.0, batch_size: int = 8,
-             bf16: bool = False, dense_threshold: float = 0.1, verbose: bool = True) -> dict:
-    """LM-side and SAE-side metrics of `sae` spliced in at `hook` over `contexts` (N, T).
-
-    mean_act: (D,) mean raw activation at the hook over the training data (the sidecar's
-    'mean'); scale: the factor the SAE's training activations were multiplied by.
-    Returns ce_clean, ce_sae, ce_zero, ce_mean, kl, loss_recovered_zero,
-    loss_recovered_mean, l0, fvu, mse, shrinkage_gamma, dead_frac, dense_frac,
-    log10_density (per latent, None if it never fired), n_predictions, n_tokens.
-    """
+def _check(model, contexts, hook, mean_act):
     if contexts.ndim != 2 or contexts.shape[1] < 3 or len(contexts) == 0:
         raise ValueError(f"contexts must be (N, T) with N >= 1 and T >= 3, got {tuple(contexts.shape)}")
     if hasattr(model, "hook_names") and hook not in model.hook_names():
         raise ValueError(f"unknown hook point {hook!r}; valid names look like {model.hook_names()[0]!r}")
+    return torch.as_tensor(mean_act, dtype=torch.float32, device=model_device(model))  # (D,)
+
+
+def _cross_entropies(model, contexts, hook, replace: dict, batch_size, bf16, verbose) -> dict:
+    """Mean CE of the clean model and of each splice in `replace` (name -> function of
+    the (B, T-1, D) activation), and KL(clean || the 'sae' splice) if there is one."""
+    totals = dict.fromkeys(["clean", *replace, "kl"], 0.0)
+    n_pred = 0
+    was_training = model.training
+    model.eval()
+    bar = Progress("evaluating", len(contexts), "contexts") if verbose else None
+    for start in range(0, len(contexts), batch_size):
+        idx = contexts[start:start + batch_size].to(model_device(model))  # (B, T)
+        targets = idx[:, 2:].flatten()  # (B*(T-2),)
+        logp_clean = _log_probs(model, idx, None, bf16)  # (B, T-2, V)
+        totals["clean"] += F.nll_loss(logp_clean.flatten(0, 1), targets, reduction="sum").item()
+        for v, fn in replace.items():
+            logp = _log_probs(model, idx, {hook: splice_hook(fn)}, bf16)  # (B, T-2, V)
+            totals[v] += F.nll_loss(logp.flatten(0, 1), targets, reduction="sum").item()
+            if v == "sae":  # KL(clean || sae) = sum_V p_clean (log p_clean - log p_sae)
+                totals["kl"] += F.kl_div(logp, logp_clean, log_target=True, reduction="sum").item()
+        n_pred += len(targets)
+        if bar:
+            bar.update(start + len(idx))
+    if bar:
+        bar.close(len(contexts))
+    model.train(was_training)
+    out = {f"ce_{v}": totals[v] / n_pred for v in ("clean", *replace)}
+    if "sae" in replace:
+        out["kl"] = totals["kl"] / n_pred
+    out["n_predictions"] = n_pred
+    return out
+
+
+@torch.no_grad()
+def baselines(model, contexts, hook: str, mean_act, batch_size: int = 8, bf16: bool = False,
+              verbose: bool = True) -> dict:
+    """ce_clean, ce_zero, ce_mean (and n_predictions): the part of `evaluate` that does not
+    depend on the SAE. A sweep computes it once and passes it to every `evaluate`."""
+    mean_act = _check(model, contexts, hook, mean_act)
+    return _cross_entropies(model, contexts, hook, {"zero": torch.zeros_like,
+                                                    "mean": lambda x: mean_act.expand(x.shape)},
+                            batch_size, bf16, verbose)
+
+
+@torch.no_grad()
+def evaluate(model, sae, contexts, hook: str, mean_act, scale: float = 1.0, batch_size: int = 8,
+             bf16: bool = False, dense_threshold: float = 0.1, baselines=None, verbose: bool = True) -> dict:
+    """LM-side and SAE-side metrics of `sae` spliced in at `hook` over `contexts` (N, T).
+
+    mean_act: (D,) mean raw activation at the hook over the training data (the sidecar's
+    'mean'); scale: the factor the SAE's training activations were multiplied by;
+    baselines: the output of `baselines(...)` on the same contexts, to skip the zero and
+    mean forwards (2 forward passes per batch instead of 4).
+    Returns ce_clean, ce_sae, ce_zero, ce_mean, kl, loss_recovered_zero,
+    loss_recovered_mean, l0, fvu, mse, shrinkage_gamma, dead_frac, dense_frac,
+    log10_density (per latent, None if it never fired), n_predictions, n_tokens.
+    """
+    mean_act = _check(model, contexts, hook, mean_act)
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive number, got {scale}")
-    device = model_device(model)
-    mean_act = torch.as_tensor(mean_act, dtype=torch.float32, device=device)  # (D,)
     acc = None
 
     def sae_replace(x):  # x (B, T-1, D), raw units
@@ -89,7 +134,7 @@ def evaluate(model, sae, contexts, hook: str, mean_act, scale: float = 1.0, batc
         xs = x.reshape(-1, x.shape[-1]).float() * scale  # (B*(T-1), D), the SAE's units
         if xs.shape[1] != mean_act.shape[0]:
             raise ValueError(f"activation width {xs.shape[1]} at {hook} != mean_act width {mean_act.shape[0]}")
-        with torch.autocast(device.type, enabled=False):  # the SAE runs in float32
+        with torch.autocast(xs.device.type, enabled=False):  # the SAE runs in float32
             f = sae.encode(xs)  # (B*(T-1), F)
             x_hat = sae.decode(f)  # (B*(T-1), D)
         if acc is None:
@@ -97,38 +142,22 @@ def evaluate(model, sae, contexts, hook: str, mean_act, scale: float = 1.0, batc
         acc.add(xs, x_hat, f)
         return (x_hat / scale).view(x.shape)
 
-    replace = {"sae": sae_replace,
-               "zero": torch.zeros_like,
-               "mean": lambda x: mean_act.expand(x.shape)}
-    totals = dict.fromkeys(["clean", *VARIANTS, "kl"], 0.0)
-    n_pred = 0
-    was_training = model.training, sae.training
-    model.eval()
+    replace = {"sae": sae_replace}
+    if baselines is None:
+        replace.update(zero=torch.zeros_like, mean=lambda x: mean_act.expand(x.shape))
+    was_training = sae.training
     sae.eval()
-    bar = Progress("evaluating", len(contexts), "contexts") if verbose else None
-    for start in range(0, len(contexts), batch_size):
-        idx = contexts[start:start + batch_size].to(device)  # (B, T)
-        targets = idx[:, 2:]  # (B, T-2)
-        logp_clean = _log_probs(model, idx, None, bf16)  # (B, T-2, V)
-        totals["clean"] += F.nll_loss(logp_clean.flatten(0, 1), targets.flatten(), reduction="sum").item()
-        for v in VARIANTS:
-            logp = _log_probs(model, idx, {hook: splice_hook(replace[v])}, bf16)  # (B, T-2, V)
-            totals[v] += F.nll_loss(logp.flatten(0, 1), targets.flatten(), reduction="sum").item()
-            if v == "sae":  # KL(clean || sae) = sum_V p_clean (log p_clean - log p_sae)
-                totals["kl"] += F.kl_div(logp, logp_clean, log_target=True, reduction="sum").item()
-        n_pred += targets.numel()
-        if bar:
-            bar.update(start + len(idx))
-    if bar:
-        bar.close(len(contexts))
-    model.train(was_training[0])
-    sae.train(was_training[1])
-
-    out = {f"ce_{k}": totals[k] / n_pred for k in ("clean", *VARIANTS)}
-    out["kl"] = totals["kl"] / n_pred
+    out = _cross_entropies(model, contexts, hook, replace, batch_size, bf16, verbose)
+    sae.train(was_training)
+    if baselines is not None:
+        if baselines["n_predictions"] != out["n_predictions"] or not math.isclose(
+                baselines["ce_clean"], out["ce_clean"], rel_tol=1e-6):
+            raise ValueError("baselines were computed on other contexts (or another model): "
+                             f"ce_clean {baselines['ce_clean']} vs {out['ce_clean']} here")
+        out.update(ce_zero=baselines["ce_zero"], ce_mean=baselines["ce_mean"])
     for a in ("zero", "mean"):
         gap = out[f"ce_{a}"] - out["ce_clean"]
         out[f"loss_recovered_{a}"] = (out[f"ce_{a}"] - out["ce_sae"]) / gap if gap != 0 else float("nan")
     out.update(acc.result(dense_threshold))
-    out["n_predictions"], out["n_tokens"] = n_pred, acc.n
+    out["n_tokens"] = acc.n
     return out

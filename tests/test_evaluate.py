@@ -185,6 +185,19 @@ def test_against_naive_reference(lm, scale):
     assert all(math.isclose(g, w, rel_tol=1e-12, abs_tol=1e-12) for g, w in live)
 
 
+def test_precomputed_baselines_give_the_same_numbers(lm):
+    model, contexts, mean = lm
+    sae = ReluSAE()
+    base = E.baselines(model, contexts, HOOK, mean, batch_size=4, verbose=False)
+    assert set(base) == {"ce_clean", "ce_zero", "ce_mean", "n_predictions"}
+    full = run(model, sae, contexts, mean, 0.37)
+    fast = E.evaluate(model, sae, contexts, HOOK, mean, scale=0.37, batch_size=4, baselines=base, verbose=False)
+    assert fast == full
+    other = E.baselines(model, contexts[:6], HOOK, mean, verbose=False)
+    with pytest.raises(ValueError, match="other contexts"):
+        E.evaluate(model, sae, contexts, HOOK, mean, baselines=other, verbose=False)
+
+
 def test_bad_inputs_raise(lm):
     model, contexts, mean = lm
     with pytest.raises(ValueError, match="T >= 3"):
