@@ -3,8 +3,8 @@
 An SAE is trained on a language model's activations, so it needs text. Every Python
 installation carries a few million words of English prose that needs no download: the
 docstrings of the standard library and of numpy, torch and matplotlib, plus the help
-topics in `pydoc_data.topics`. About 10M characters, ~2.5M tokens (counts depend on the
-versions installed). It is technical English, full of code and reST markup, so features
+topics in `pydoc_data.topics`: about 11M characters, 3.6M GPT-2 tokens (counts depend on
+the versions installed). It is technical English, full of code and reST markup, so features
 found here lean towards code and documentation; pass your own text files for anything
 else (`text_file_documents`).
 
@@ -20,12 +20,13 @@ BOS doubles as the document separator, as in GPT-2's training data (<|endoftext|
 between documents) and SAELens's default; every document start is then preceded by a
 BOS, at position 0 or inside a context. Position 0 always holds a BOS because the first
 position of a context is special for the model (attention sinks, huge norms: Xiao et al.
-2023, "Efficient Streaming Language Models with Attention Sinks"), so the activation
-collector and the evaluation drop or keep it, never learn from it.
+2023, "Efficient Streaming Language Models with Attention Sinks"): the activation
+collector drops it and the evaluation leaves it clean, so no SAE learns or replaces it.
 
 Extracting the docstrings parses ~60 MB of source with `ast` (no imports, no side
-effects; ~30 CPU-seconds, spread over a process pool), so the result is cached as JSON; tokenising with the pure-Python BPE
-is cached as `corpus-<name>-<hash>.npy`. Both live in ~/.cache/minisae, or $MINISAE_CACHE.
+effects; ~30 CPU-seconds, spread over a process pool), so the result is cached as JSON;
+the tokenised stream (pure-Python BPE, ~10 s) as `corpus-<name>-<hash>.npy`. Both live
+in ~/.cache/minisae, or $MINISAE_CACHE.
 """
 
 import ast
@@ -62,7 +63,8 @@ class Progress:
         self.last = now
         rate = done / max(now - self.t0, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else float("inf")
-        print(f"\r{self.label}: {done:,}/{self.total:,} {self.unit}, {rate:,.{0 if rate >= 10 else 2}f} {self.unit}/s, "
+        digits = 0 if rate >= 10 else 2
+        print(f"\r{self.label}: {done:,}/{self.total:,} {self.unit}, {rate:,.{digits}f} {self.unit}/s, "
               f"ETA {eta:.0f}s ", end="", file=sys.stderr, flush=True)
 
     def close(self, done: int):
