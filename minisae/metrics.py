@@ -62,7 +62,7 @@ def mmcs_by_frequency_quartile(ground_truth, W_dec, probs):
     """MMCS over each quartile of ground-truth features sorted by firing probability,
     from the most frequent quartile to the rarest."""
     best = max_cosines(ground_truth, W_dec)[torch.argsort(probs, descending=True)]  # (G,)
-    return [q.mean().item() for q in best.chunk(4)]
+    return [q.mean().item() for q in torch.tensor_split(best, 4)]  # sizes differ by at most 1
 
 
 class Accumulator:
@@ -96,8 +96,8 @@ class Accumulator:
         return {
             "l0": self.active / self.n,
             "mse": self.sse / self.n,
-            "fvu": self.sse / var,
-            "shrinkage_gamma": self.hat_sq / self.hat_dot,
+            "fvu": self.sse / var if var > 0 else float("nan"),  # undefined without variance
+            "shrinkage_gamma": self.hat_sq / self.hat_dot if self.hat_dot != 0 else float("nan"),
             "dead_frac": (self.fired == 0).float().mean().item(),
             "dense_frac": (freq > dense_threshold).float().mean().item(),
             "log10_density": [math.log10(p) if p > 0 else None for p in freq.tolist()],

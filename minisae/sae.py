@@ -99,6 +99,8 @@ class SAE(nn.Module):
         return (f, {"pre": pre, "active": f > 0}) if return_info else f
 
     def decode(self, f):
+        if f.ndim != 2 or f.shape[1] != self.n_latents:
+            raise ValueError(f"expected codes of shape (batch, {self.n_latents}), got {tuple(f.shape)}")
         return f @ self.W_dec + self.b_dec  # (B, D)
 
     def forward(self, x):
@@ -171,12 +173,14 @@ class SAE(nn.Module):
             raise ValueError(f"cannot read SAE file {path}: {e}") from e
         if not isinstance(ckpt, dict) or not {"variant", "d", "n_latents", "state_dict"} <= ckpt.keys():
             raise ValueError(f"{path} is not an SAE file written by minisae")
-        sae = make_sae(ckpt["variant"], ckpt["d"], ckpt["n_latents"], **ckpt.get("settings", {}))
+        settings = {k: v for k, v in ckpt.get("settings", {}).items() if k != "n_latents"}  # make_sae passes it
+        sae = make_sae(ckpt["variant"], ckpt["d"], ckpt["n_latents"], **settings)
+        sae.to(ckpt["state_dict"]["W_enc"].dtype)
         try:
             sae.load_state_dict(ckpt["state_dict"])
         except RuntimeError as e:
             raise ValueError(f"{path}: weights do not match the saved configuration: {e}") from e
-        return sae, ckpt.get("meta", {})
+        return sae.eval(), ckpt.get("meta", {})  # ready for inference, as train() leaves it
 
 
 def part_settings(part: nn.Module) -> dict:
@@ -206,6 +210,11 @@ def make_sae(variant: str, d: int, n_latents: int, seed: int = 0, **settings) ->
     if variant not in classes:
         raise ValueError(f"unknown variant {variant!r}; valid variants: {', '.join(classes)}")
     cls = classes[variant]
-    if "n_latents" in inspect.signature(cls.__init__).parameters:
+    params = inspect.signature(cls.__init__).parameters
+    unknown = [k for k in settings if k not in params or k == "n_latents"]
+    if unknown:
+        valid = [p for p in params if p not in ("self", "n_latents")]
+        raise ValueError(f"unknown setting(s) {unknown} for variant {variant!r}; valid: {', '.join(valid)}")
+    if "n_latents" in params:
         settings["n_latents"] = n_latents
     return SAE(d, n_latents, cls(**settings), seed=seed)

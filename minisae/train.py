@@ -48,6 +48,12 @@ class TrainConfig:
             raise ValueError(f"n_samples, batch_size and lr must be positive: {self}")
         if self.n_samples < self.batch_size:
             raise ValueError(f"n_samples={self.n_samples} is less than one batch of {self.batch_size}")
+        for name in ("lr_warmup_frac", "lr_decay_frac", "coef_warmup_frac", "resample_until_frac"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name, lo in (("resample_every", 0), ("dead_after", 1), ("resample_pool", 1), ("log_every", 1)):
+            if getattr(self, name) < lo:
+                raise ValueError(f"{name} must be >= {lo}, got {getattr(self, name)}")
 
 
 def lr_at(step: int, n_steps: int, cfg: TrainConfig) -> float:

@@ -160,6 +160,12 @@ class BatchTopK(nn.Module):
         k_aux = self.k_aux or max(1, sae.d // 2)
         return {"auxk": auxk_loss(x, pre, x_hat, sae, k_aux, self.aux_coef, self.dead_after)}
 
+    @torch.no_grad()
+    def rescale_latents_(self, n):
+        # one global threshold: exact for a common scale of all latents (as for the ranking)
+        if self.threshold >= 0:
+            self.threshold *= n.mean()
+
 
 class _JumpReLUFn(torch.autograd.Function):
     """z * H(z - theta) with the straight-through pseudo-gradient for theta

@@ -44,6 +44,8 @@ class SparseFeatures:
             raise ValueError(f"need positive sizes, mean_active > 0 and decay in (0, 1], got {cfg}")
         if not 0 <= cfg.correlation < 1:
             raise ValueError(f"correlation must be in [0, 1), got {cfg.correlation}")
+        if cfg.correlation > 0 and cfg.n_factors <= 0:
+            raise ValueError(f"n_factors must be positive when correlation > 0, got {cfg.n_factors}")
         self.cfg = cfg
         g = torch.Generator().manual_seed(cfg.seed)
         D = torch.randn(cfg.n_features, cfg.d, generator=g)  # (G, D)
