@@ -271,7 +271,7 @@ def test_missing_wheel_names_the_install_command(monkeypatch):
 
 
 def test_gguf_tokenizer_skips_bytes_without_a_token():
-    from minisae.models.bpe import bytes_to_unicode
+    from minisae.models.bpe import BPETokenizer, bytes_to_unicode
     from minisae.models.llama import gguf_tokenizer
     chars = [c for b, c in bytes_to_unicode().items() if b != 0x04]       # no token for byte 0x04
     tokens = ["<|endoftext|>"] + chars + ["Ġt", "he", "Ġthe"]
@@ -280,6 +280,7 @@ def test_gguf_tokenizer_skips_bytes_without_a_token():
             "tokenizer.ggml.merges": ["Ġ t", "h e", "Ġt he"]}
     tok = gguf_tokenizer(meta, bos_id=0)
     ids = {t: i for i, t in enumerate(tokens)}
+    assert type(tok) is BPETokenizer and tok.missing_bytes == [0x04]
     assert tok.vocab_size == len(tokens) == 259 and tok.bos_id == 0
     assert tok.encode("a\x04 the 12") == [ids["a"], ids["Ġthe"], ids["Ġ"], ids["1"], ids["2"]]
     assert tok.decode(tok.encode("x the")) == "x the"
@@ -367,8 +368,10 @@ def test_smollm2_tokenizer_matches_hf_tokenizers(smollm2):
     topics = pydoc_data.topics.topics
     samples = [topics[k] for k in sorted(topics)[:40]] + [
         "In 2024, 1,234.5 people paid $99.", "  two  spaces\n\n\ttab", "héllo wörld 日本語 😀 ٣٤",
-        "don't I'M we'll", "<|endoftext|> is text here", "a\x04b \U00050000"]  # \x04, 0xF1: no token
+        "don't I'M we'll", "<|endoftext|> is text here", "a\x04b \U00050000",  # \x04, 0xF1: no token
+        "==\x04== !\x06! ..\x1d.. \U00050000\U00071234"]  # neighbours of a dropped byte merge
     for text in samples:
         assert tok.encode(text) == hf.encode(text).ids, text[:60]
     assert tok.decode(tok.encode(samples[0])) == samples[0]
+    assert tok.missing_bytes == [0x04, 0x06, 0x13, 0x14, 0x16, 0x1D, 0xC0, 0xC1, 0xF1, 0xF2, *range(0xF5, 0x100)]
     assert tok.bos_id == 0 and tok.vocab_size == smollm2[0].vocab_size

@@ -9,7 +9,14 @@ Text -> ids in three steps:
     3. merge: repeatedly merge the adjacent pair with the lowest rank in the merges
        list until no ranked pair is left; look each resulting token up in the vocab
 
-    decode(ids) = UTF-8 decoding of the concatenated token bytes, so decode(encode(s)) == s.
+    decode(ids) = UTF-8 decoding of the concatenated token bytes, so decode(encode(s)) == s
+    when the vocab has a token for each of the 256 bytes (GPT-2's does).
+
+A vocab may lack some single-byte tokens: SmolLM2's has none for 21 bytes (0xC0, 0xC1 and
+0xF5..0xFF never occur in UTF-8; 0x04, 0x06, 0x13, 0x14, 0x16, 0x1D, 0xF1, 0xF2 are rare).
+Such bytes are dropped from each word before step 3, exactly as Hugging Face `tokenizers`
+does, so the bytes around them may merge ("!\x04!" encodes as "!!"); decode cannot bring
+them back.
 
 GPT-2's pattern uses `\\p{L}` (letter) and `\\p{N}` (number), which the stdlib `re` lacks.
 We build the two character classes exactly from `unicodedata` categories (L* and N*)
@@ -89,6 +96,8 @@ class BPETokenizer:
     def __init__(self, encoder: dict, merges, special_tokens=None, bos_id=None,
                  split_digits: bool = False, cache_size: int = 1_000_000):
         self.encoder = dict(encoder)
+        if not self.encoder:
+            raise ValueError("the vocab (encoder) is empty")
         self.special_tokens = dict(special_tokens or {})
         self.bos_id = bos_id
         self.split_digits = split_digits
@@ -100,10 +109,11 @@ class BPETokenizer:
             self.bpe_ranks.setdefault(pair, rank)  # a repeated rule keeps its best rank
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
-        missing = [b for b, c in self.byte_encoder.items() if c not in self.encoder]
-        if missing:
-            raise ValueError(f"vocab lacks single-byte tokens for bytes {missing[:10]}...; "
-                             "byte-level BPE needs all 256 so every string can be encoded")
+        # Bytes whose character is not a token (SmolLM2: 21 of 256) are dropped from a word
+        # before merging, as Hugging Face `tokenizers` does (BPE without unk_token), so
+        # their neighbours can merge: "!\x04!" -> "!!". byte -> its character, or "".
+        self.missing_bytes = sorted(b for b, c in self.byte_encoder.items() if c not in self.encoder)
+        self._byte_chars = [self.byte_encoder[b] if b not in self.missing_bytes else "" for b in range(256)]
         for name, i in self.special_tokens.items():
             if self.encoder.get(name, i) != i:
                 raise ValueError(f"special token {name!r} has id {i} but the vocab says {self.encoder[name]}")
@@ -157,7 +167,7 @@ class BPETokenizer:
     def _encode_word(self, word: str) -> list:
         ids = self._cache.get(word)
         if ids is None:
-            chars = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+            chars = "".join([self._byte_chars[b] for b in word.encode("utf-8")])
             try:
                 ids = [self.encoder[tok] for tok in self.bpe(chars)]
             except KeyError as e:

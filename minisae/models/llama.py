@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minisae.models.bpe import BPETokenizer, bytes_to_unicode
+from minisae.models.bpe import BPETokenizer
 from minisae.models.hooks import StopForward, all_hook_names, check_hook_names, hook_name, run_hook
 
 
@@ -248,32 +248,15 @@ def load_llama_gguf(f) -> Llama:
     return model.eval().requires_grad_(False)  # a frozen subject: gradients only flow *through* it
 
 
-class GGUFTokenizer(BPETokenizer):
-    """BPETokenizer for a vocab that lacks tokens for some bytes, as SmolLM2's does for 21 of
-    the 256 (0xC0, 0xC1 and 0xF5..0xFF never occur in UTF-8; 0x04, 0x06, 0x13, 0x14, 0x16,
-    0x1D, 0xF1, 0xF2 are rare). BPETokenizer insists on all 256, so each missing byte gets a
-    placeholder id past the vocab, and encode drops those ids: such a byte is skipped, as in
-    Hugging Face `tokenizers` (which, unlike us, may then merge its two neighbours)."""
-
-    def __init__(self, encoder: dict, merges, **kwargs):
-        if sorted(encoder.values()) != list(range(len(encoder))):
-            raise ValueError("token ids must be 0..n-1, each used once")
-        placeholders = {c: len(encoder) + b for b, c in bytes_to_unicode().items() if c not in encoder}
-        super().__init__({**encoder, **placeholders}, merges, **kwargs)
-        self.vocab_size = len(encoder)
-
-    def encode(self, text: str, allowed_special: bool = False) -> list:
-        return [i for i in super().encode(text, allowed_special) if i < self.vocab_size]
-
-
 # tokenizer.ggml.pre -> split digits before the GPT-2 regex? ("smollm": yes, as HF's
 # Digits(individual_digits=True) + ByteLevel pre-tokenizer in SmolLM2's tokenizer.json)
 PRE_TOKENIZERS = {"smollm": True, "gpt-2": False}
 CONTROL_TOKEN = 3  # tokenizer.ggml.token_type of special tokens such as <|endoftext|>
 
 
-def gguf_tokenizer(metadata: dict, bos_id: int) -> GGUFTokenizer:
-    """The byte-level BPE tokenizer stored in a GGUF file's metadata (tokens, merges, types)."""
+def gguf_tokenizer(metadata: dict, bos_id: int) -> BPETokenizer:
+    """The byte-level BPE tokenizer stored in a GGUF file's metadata (tokens, merges, types).
+    SmolLM2's vocab has no token for 21 bytes; BPETokenizer drops them as HF `tokenizers` does."""
     model, pre = metadata.get("tokenizer.ggml.model"), metadata.get("tokenizer.ggml.pre")
     if model != "gpt2" or pre not in PRE_TOKENIZERS:
         raise ValueError(f"tokenizer {model!r} with pre-tokenizer {pre!r} is not supported; "
@@ -283,8 +266,8 @@ def gguf_tokenizer(metadata: dict, bos_id: int) -> GGUFTokenizer:
     if len(encoder) != len(tokens):
         raise ValueError("tokenizer.ggml.tokens holds duplicate tokens")
     special = {tok: i for i, (tok, t) in enumerate(zip(tokens, types)) if t == CONTROL_TOKEN}
-    return GGUFTokenizer(encoder, metadata["tokenizer.ggml.merges"], special_tokens=special,
-                         bos_id=bos_id, split_digits=PRE_TOKENIZERS[pre])
+    return BPETokenizer(encoder, metadata["tokenizer.ggml.merges"], special_tokens=special,
+                        bos_id=bos_id, split_digits=PRE_TOKENIZERS[pre])
 
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
