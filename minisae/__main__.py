@@ -1,7 +1,17 @@
 """Command line: `python -m minisae toy|lm|layers|features|steer|links ...`."""
 
 import argparse
+import sys
 from pathlib import Path
+
+
+# (command, module, help): modules with add_arguments(parser) and run_cli(args)
+COMMANDS = [
+    ("layers", "layers", "one SAE per layer: L0, FVU and loss recovered against depth"),
+    ("features", "features", "max-activating examples and logit lens of SAE latents (terminal + HTML)"),
+    ("steer", "steer", "generate text while adding a latent's decoder direction at the SAE's hook"),
+    ("links", "links", "cross-layer feature links: decoder cosines and ablation edges"),
+]
 
 
 def main(argv=None):
@@ -31,6 +41,14 @@ def main(argv=None):
     lm.add_argument("--text", nargs="+", help="your own text files instead of the offline corpus")
     lm.add_argument("--out", type=Path, default=Path("runs/lm"))
     lm.add_argument("--seed", type=int, default=0)
+
+    # the other commands: each module defines its own arguments and runner; only the one
+    # being run is imported
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for name, module, help_text in COMMANDS:
+        parser = sub.add_parser(name, help=help_text)
+        if argv and argv[0] == name:
+            __import__(f"minisae.{module}", fromlist=["add_arguments"]).add_arguments(parser)
     args = p.parse_args(argv)
     if args.command == "toy":
         from minisae import toy as toy_job
@@ -42,6 +60,9 @@ def main(argv=None):
                    out=args.out, expansion=args.expansion, batch_size=args.batch_size, lr=args.lr,
                    eval_tokens=args.eval_tokens, ctx_len=args.ctx_len, bf16=args.bf16, text=args.text,
                    seed=args.seed)
+    else:
+        module = {name: module for name, module, _ in COMMANDS}[args.command]
+        __import__(f"minisae.{module}", fromlist=["run_cli"]).run_cli(args)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ Writes into --out (default figures/):
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -40,15 +41,15 @@ VARIANTS = ("relu", "gated", "topk", "jumprelu", "batchtopk")
 # dead_after (samples) matters for the rare features: the rarest fires ~3 times in
 # 10,000 samples, so a latent that learned it is silent for a few thousand samples.
 SETTINGS = {
-    "relu": dict(sparsity_coef=4e-3),
-    "gated": dict(sparsity_coef=1.5e-2),
+    "relu": dict(sparsity_coef=2e-2),
+    "gated": dict(sparsity_coef=2e-1),
     "topk": dict(k=6, dead_after=50_000),
     "jumprelu": dict(sparsity_coef=2e-2, bandwidth=0.05, theta_init=0.05),
     "batchtopk": dict(k=6, dead_after=50_000),
 }
 SWEEP = {
-    "relu": ("sparsity_coef", [1e-3, 4e-3, 1.6e-2]),
-    "gated": ("sparsity_coef", [4e-3, 1.5e-2, 6e-2]),
+    "relu": ("sparsity_coef", [5e-3, 2e-2, 8e-2]),
+    "gated": ("sparsity_coef", [5e-2, 2e-1, 8e-1]),
     "topk": ("k", [3, 6, 12]),
     "jumprelu": ("sparsity_coef", [5e-3, 2e-2, 8e-2]),
     "batchtopk": ("k", [3, 6, 12]),
@@ -57,18 +58,18 @@ SWEEP = {
 
 @dataclass
 class ToyConfig:
-    n_latents: int = 1024  # F: 2x the 512 ground-truth features, so a few dead latents cost nothing
+    n_latents: int = 512  # F = G: one latent per ground-truth feature, no room for duplicates
     batch_size: int = 1024
-    lr: float = 4e-3
-    n_samples: int = 1_500_000  # per main run
-    sweep_samples: int = 300_000  # per frontier run
+    lr: float = 1e-2
+    n_samples: int = 500_000  # per main run
+    sweep_samples: int = 150_000  # per frontier run
     resample_every: int = 250  # steps; for the penalty-based variants (relu, gated, jumprelu)
     eval_samples: int = 32_768
     seed: int = 0
 
     @classmethod
     def quick(cls):
-        return cls(n_samples=150_000, sweep_samples=50_000, eval_samples=8192)
+        return cls(n_samples=60_000, sweep_samples=20_000, eval_samples=8192)
 
 
 def train_variant(variant, settings, data, cfg: ToyConfig, n_samples: int, log=True):
@@ -107,6 +108,25 @@ def magnitudes(sae, data, n: int = 4096, seed: int = 7):
     return c[on].tolist(), f_matched[on].tolist()
 
 
+def matched_l0(sweep) -> list:
+    """For every sweep point of a non-ReLU variant, the ReLU SAE's FVU at the same L0,
+    interpolated linearly in (log L0, log FVU) between the ReLU sweep points around it
+    (None outside the ReLU sweep's L0 range)."""
+    relu = sorted((r["l0"], r["fvu"]) for r in sweep if r["variant"] == "relu")
+    out = []
+    for r in sweep:
+        if r["variant"] == "relu":
+            continue
+        fvu_relu = None
+        for (l0a, fa), (l0b, fb) in zip(relu, relu[1:]):
+            if l0a <= r["l0"] <= l0b:
+                t = (math.log(r["l0"]) - math.log(l0a)) / (math.log(l0b) - math.log(l0a))
+                fvu_relu = math.exp((1 - t) * math.log(fa) + t * math.log(fb))
+        out.append({"variant": r["variant"], "l0": r["l0"], "fvu": r["fvu"], "relu_fvu_at_l0": fvu_relu,
+                    "shrinkage_gamma": r["shrinkage_gamma"]})
+    return out
+
+
 def run(out_dir: Path, seed: int = 0, quick: bool = False, variants=VARIANTS, superposition=True) -> dict:
     torch.manual_seed(seed)
     cfg = ToyConfig.quick() if quick else ToyConfig()
@@ -139,6 +159,7 @@ def run(out_dir: Path, seed: int = 0, quick: bool = False, variants=VARIANTS, su
             row = evaluate(sae, data, cfg)
             results["sweep"].append({"variant": v, knob: val, **row, "train_samples": out["train_samples"]})
             print(f"  sweep {v} {knob}={val}: l0 {row['l0']:.2f} fvu {row['fvu']:.4f}", file=sys.stderr)
+    results["matched_l0_vs_relu"] = matched_l0(results["sweep"]) if "relu" in variants else []
     results["total_seconds"] = time.time() - t_start
     with open(out_dir / "toy_results.json", "w") as fh:
         json.dump(results, fh, indent=1)
