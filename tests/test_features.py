@@ -20,6 +20,7 @@ from minisae.models.gpt2 import CONFIGS, GPT2
 from minisae.sae import make_sae
 
 HOOK = "blocks.1.hook_resid_post"
+SCALE = 30.0  # about sqrt(D) / mean ||x|| at gpt2-random's residual stream (~0.26), as in minisae.activations
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +37,7 @@ def gpt2():
     return GPT2(CONFIGS["gpt2-random"]).eval()
 
 
-def relu_sae(d=64, n=96, seed=0, bias=-0.3):
+def relu_sae(d=64, n=96, seed=0, bias=-1.0):
     sae = make_sae("relu", d, n, seed=seed)
     with torch.no_grad():
         sae.b_enc.fill_(bias)  # most latents fire on a few tokens only
@@ -98,10 +99,10 @@ def test_top_examples_with_ties_match_brute_force_in_any_order():
 def test_scan_top_examples_are_the_top_activations(gpt2):
     sae, ctx = relu_sae(), contexts()
     latents = [0, 7, 31]
-    _, top = Fe.scan(gpt2, sae, HOOK, 3.0, ctx, latents, k=5, batch_size=5, verbose=False)
+    _, top = Fe.scan(gpt2, sae, HOOK, SCALE, ctx, latents, k=5, batch_size=5, verbose=False)
     with torch.no_grad():  # reference: one forward over everything, all latents
         x = gpt2(ctx, stop_at=HOOK)[:, 1:]  # (N, T-1, D)
-        f = sae.encode(x.reshape(-1, 64) * 3.0).view(len(ctx), -1, sae.n_latents)  # (N, T-1, F)
+        f = sae.encode(x.reshape(-1, 64) * SCALE).view(len(ctx), -1, sae.n_latents)  # (N, T-1, F)
     for j in latents:
         want, got = brute_force_top(f[..., j], ctx, torch.arange(len(ctx)), 5), top.result(j)
         assert len(got) == 5
@@ -115,8 +116,8 @@ def test_scan_top_examples_are_the_top_activations(gpt2):
 def test_scan_is_stable_under_corpus_order(gpt2):
     sae, ctx = relu_sae(), contexts(n=20)
     perm = torch.randperm(20, generator=torch.Generator().manual_seed(3))
-    s1, a = Fe.scan(gpt2, sae, HOOK, 3.0, ctx, [2, 9], k=4, verbose=False)
-    s2, b = Fe.scan(gpt2, sae, HOOK, 3.0, ctx[perm], [2, 9], k=4, ids=perm, batch_size=3, verbose=False)
+    s1, a = Fe.scan(gpt2, sae, HOOK, SCALE, ctx, [2, 9], k=4, verbose=False)
+    s2, b = Fe.scan(gpt2, sae, HOOK, SCALE, ctx[perm], [2, 9], k=4, ids=perm, batch_size=3, verbose=False)
     for j in (2, 9):
         assert len(a.result(j)) == 4
         assert [(e["context"], e["pos"], e["tokens"]) for e in a.result(j)] == \
@@ -251,7 +252,7 @@ def test_html_page_is_well_formed(gpt2):
     sae, ctx = relu_sae(), contexts(vocab=50257)
     ctx[:, 1:] %= 8  # token ids 0..7: the HTML specials of ToyTokenizer appear
     latents = [1, 4, 30]
-    stats, top = Fe.scan(gpt2, sae, HOOK, 3.0, ctx, latents, k=3, verbose=False)
+    stats, top = Fe.scan(gpt2, sae, HOOK, SCALE, ctx, latents, k=3, verbose=False)
     rows = Fe.report(gpt2, ToyTokenizer(), sae, stats, top)
     page = Fe.render_html("test <page>", rows, ToyTokenizer())
     p = Balance()
@@ -281,7 +282,7 @@ def small_run_files(tmp_path):
     import pydoc_data.topics
     for layer, seed in ((1, 0), (2, 1)):
         relu_sae(seed=seed).save(tmp_path / f"sae{layer}.pt", model="gpt2-random",
-                                 hook=f"blocks.{layer}.hook_resid_post", scale=3.0, settings={})
+                                 hook=f"blocks.{layer}.hook_resid_post", scale=SCALE, settings={})
     (tmp_path / "text.txt").write_text("\n\n".join(list(pydoc_data.topics.topics.values())[:30]))
     return ["--text", str(tmp_path / "text.txt"), "--split", "train", "--tokens", "4096", "--ctx-len", "64"]
 
