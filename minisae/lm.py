@@ -78,11 +78,40 @@ def collect(model, tokenizer, model_name, hook, n_tokens, path, ctx_len, bf16, t
                                            bf16=bf16, seed=seed)
 
 
+def train_one(model, model_name, acts, meta, heldout, base, variant, knob, value, out, name,
+              tokens, expansion=8, batch_size=4096, lr=4e-4, bf16=False, seed=0) -> dict:
+    """Train one SAE on stored activations `acts` (sidecar `meta`), evaluate it spliced in at
+    meta['hook'] on the held-out contexts (`base`: evaluate.baselines on them), save it as
+    out/saes/{name}.pt; return its row of lm_results.json."""
+    from minisae import evaluate
+    from minisae.metrics import density_histogram
+
+    settings = {**BASE[variant], knob: value}
+    sae = make_sae(variant, meta["d"], expansion * meta["d"], seed=seed, **settings)
+    sae.init_b_dec_(torch.from_numpy(acts[:8192].copy()))
+    cfg = TrainConfig(n_samples=tokens, batch_size=batch_size, lr=lr, seed=seed, bf16=bf16,
+                      resample_every=0 if variant in ("topk", "batchtopk") else 2_000_000 // batch_size,
+                      dead_after=1_000_000, log_every=50)
+    print(f"{variant} {knob}={value}", file=sys.stderr)
+    result = train(sae, activation_batches(acts, batch_size, seed), cfg)
+    ev = evaluate.evaluate(model, sae, heldout, meta["hook"], meta["mean"], scale=meta["scale"], bf16=bf16,
+                           baselines=base)
+    counts, edges = density_histogram(ev.pop("log10_density"))
+    sae.save(out / "saes" / f"{name}.pt", model=model_name, hook=meta["hook"], scale=meta["scale"],
+             settings=settings)
+    row = {"variant": variant, "knob": knob, "value": value, **ev,
+           "train_tokens": result["train_samples"], "train_seconds": result["train_seconds"],
+           "n_passes": result["train_samples"] / meta["n_tokens"], "n_latents": sae.n_latents,
+           "density_hist": {"counts": counts, "edges": edges}, "sae": f"saes/{name}.pt"}
+    print(f"  -> L0 {row['l0']:.1f}  FVU {row['fvu']:.3f}  loss recovered mean {row['loss_recovered_mean']:.3f}"
+          f" zero {row['loss_recovered_zero']:.3f}  ({row['train_seconds']:.0f}s)", file=sys.stderr)
+    return row
+
+
 def run(model_name="gpt2", weights=None, layer=6, site="resid_pre", tokens=4_000_000, collect_tokens=None,
         variants=("relu", "gated", "topk"), sweep=None, out=Path("runs/lm"), expansion=8, batch_size=4096,
         lr=4e-4, eval_tokens=65_536, ctx_len=128, bf16=False, text=None, seed=0) -> list:
     from minisae import activations, data, evaluate, plots
-    from minisae.metrics import density_histogram
     from minisae.models import load_model
     from minisae.models.hooks import hook_name
 
@@ -112,27 +141,9 @@ def run(model_name="gpt2", weights=None, layer=6, site="resid_pre", tokens=4_000
     for variant in variants:
         knob, values = sweeps[variant]
         for value in values:
-            settings = {**BASE[variant], knob: value}
-            sae = make_sae(variant, meta["d"], expansion * meta["d"], seed=seed, **settings)
-            sae.init_b_dec_(torch.from_numpy(acts[:8192].copy()))
-            cfg = TrainConfig(n_samples=tokens, batch_size=batch_size, lr=lr, seed=seed, bf16=bf16,
-                              resample_every=0 if variant in ("topk", "batchtopk") else 2_000_000 // batch_size,
-                              dead_after=1_000_000, log_every=50)
-            print(f"{variant} {knob}={value}", file=sys.stderr)
-            result = train(sae, activation_batches(acts, batch_size, seed), cfg)
-            ev = evaluate.evaluate(model, sae, heldout, hook, meta["mean"], scale=meta["scale"], bf16=bf16,
-                                   baselines=base)
-            counts, edges = density_histogram(ev.pop("log10_density"))
-            name = f"{variant}-{knob}{value}"
-            sae.save(out / "saes" / f"{name}.pt", model=model_name, hook=hook, scale=meta["scale"],
-                     settings=settings)
-            row = {"variant": variant, "knob": knob, "value": value, **ev,
-                   "train_tokens": result["train_samples"], "train_seconds": result["train_seconds"],
-                   "n_passes": result["train_samples"] / meta["n_tokens"], "n_latents": sae.n_latents,
-                   "density_hist": {"counts": counts, "edges": edges}, "sae": f"saes/{name}.pt"}
-            rows.append(row)
-            print(f"  -> L0 {row['l0']:.1f}  FVU {row['fvu']:.3f}  loss recovered mean {row['loss_recovered_mean']:.3f}"
-                  f" zero {row['loss_recovered_zero']:.3f}  ({row['train_seconds']:.0f}s)", file=sys.stderr)
+            rows.append(train_one(model, model_name, acts, meta, heldout, base, variant, knob, value, out,
+                                  name=f"{variant}-{knob}{value}", tokens=tokens, expansion=expansion,
+                                  batch_size=batch_size, lr=lr, bf16=bf16, seed=seed))
             results = {"model": model_name, "hook": hook, "activations": {k: meta[k] for k in
                        ("n_tokens", "d", "scale", "compute_dtype", "ctx_len")},
                        "heldout_tokens": heldout.numel(), "bf16": bf16, "lr": lr, "batch_size": batch_size,
