@@ -277,14 +277,14 @@ needs_vocab = pytest.mark.skipif(
     reason="set MINISAE_GPT2_TOKENIZER_DIR to a folder with GPT-2's encoder.json + vocab.bpe")
 
 
-def small_run_files(tmp_path):
+def small_run_files(tmp_path, tokens_flag="--tokens"):
     """Two saved SAEs on gpt2-random (layers 1 and 2) and a small text file."""
     import pydoc_data.topics
     for layer, seed in ((1, 0), (2, 1)):
         relu_sae(seed=seed).save(tmp_path / f"sae{layer}.pt", model="gpt2-random",
                                  hook=f"blocks.{layer}.hook_resid_post", scale=SCALE, settings={})
     (tmp_path / "text.txt").write_text("\n\n".join(list(pydoc_data.topics.topics.values())[:30]))
-    return ["--text", str(tmp_path / "text.txt"), "--split", "train", "--tokens", "4096", "--ctx-len", "64"]
+    return ["--text", str(tmp_path / "text.txt"), "--split", "train", tokens_flag, "4096", "--ctx-len", "64"]
 
 
 @needs_vocab
