@@ -137,6 +137,7 @@ def test_training_is_deterministic_given_seed():
     (dict(sparsities=(-0.1,)), "sparsity"),
     (dict(sparsities=()), "sparsities"),
     (dict(lr=0.0), "lr"),
+    (dict(importance_decay=-0.5), "importance_decay"),
 ])
 def test_bad_config_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
