@@ -134,3 +134,37 @@ def lm_figures(results: dict, out_dir: Path):
     fig.tight_layout()
     fig.savefig(out_dir / "lm_density.png", dpi=120)
     plt.close(fig)
+
+
+def layer_figures(results: dict, out_dir: Path):
+    """One SAE per layer (layers_results.json): L0, FVU, loss recovered and the four
+    cross-entropies against depth, in one 2x2 figure, layers_depth.png."""
+    plt = _plt()
+    rows = sorted(results["rows"], key=lambda r: r["layer"])
+    layers = [r["layer"] for r in rows]
+    color = COLORS.get(results["variant"])
+    title = f"{results['model']} {results['site']}, {results['variant']} {results['knob']}={results['value']}"
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    (a_l0, a_fvu), (a_lr, a_ce) = axes
+    a_l0.plot(layers, [r["l0"] for r in rows], "o-", color=color)
+    a_l0.set(ylabel="L0 (active latents per token)", title="sparsity")
+    a_fvu.plot(layers, [r["fvu"] for r in rows], "o-", color=color)
+    a_fvu.set(ylabel="FVU", yscale="log", title="reconstruction (lower is better)")
+    for base, style in (("mean", "o-"), ("zero", "s--")):
+        a_lr.plot(layers, [r[f"loss_recovered_{base}"] for r in rows], style, color=color,
+                  label=f"vs {base}-ablation")
+    a_lr.set(xlabel="layer", ylabel="loss recovered", title="splicing the SAE in (1 = no loss)")
+    a_lr.legend()
+    for key, style, c, label in (("ce_clean", "-", "k", "clean"), ("ce_sae", "o-", color, "SAE spliced in"),
+                                 ("ce_mean", "--", "gray", "mean-ablated"), ("ce_zero", ":", "gray", "zero-ablated")):
+        a_ce.plot(layers, [r[key] for r in rows], style, color=c, label=label)
+    a_ce.set(xlabel="layer", ylabel="cross-entropy (nats/token)", title="held-out next-token loss")
+    a_ce.legend(fontsize=8)
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)  # layers are whole numbers
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_dir / "layers_depth.png", dpi=120)
+    plt.close(fig)
