@@ -110,8 +110,9 @@ class BPETokenizer:
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         # Bytes whose character is not a token (SmolLM2: 21 of 256) are dropped from a word
-        # before merging, as Hugging Face `tokenizers` does (BPE without unk_token), so
-        # their neighbours can merge: "!\x04!" -> "!!". byte -> its character, or "".
+        # before merging, as Hugging Face `tokenizers` does (models/bpe/model.rs, merge_word:
+        # with no unk_token a character not in the vocab is skipped), so their neighbours
+        # can merge: "!\x04!" -> "!!". byte -> its character, or "".
         self.missing_bytes = sorted(b for b, c in self.byte_encoder.items() if c not in self.encoder)
         self._byte_chars = [self.byte_encoder[b] if b not in self.missing_bytes else "" for b in range(256)]
         for name, i in self.special_tokens.items():
