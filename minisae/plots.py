@@ -71,10 +71,10 @@ def toy_figures(results: dict, extras: dict, probs: list, out_dir: Path):
         a1.text(x, g, f"{g:.3f}", ha="center", va="bottom", fontsize=8)
     a1.set(xticks=list(xs), xticklabels=variants, ylim=(min(gam) - 0.05, max(gam) + 0.03),
            title="relative reconstruction bias gamma (1 = unbiased)")
-    for v in ("relu", "topk"):
+    for v in ("topk", "relu"):  # relu drawn last, on top
         if v in extras:
             c, f = extras[v]["magnitudes"]
-            a2.plot(c, f, ".", ms=2, alpha=0.3, color=COLORS[v], label=v)
+            a2.plot(c, f, ".", ms=1.5, alpha=0.25, color=COLORS[v], label=v)
     a2.plot([0, 1], [0, 1], "k--", lw=1)
     a2.set(xlabel="true coefficient c_i", ylabel="code of the matching latent",
            title="L1 shrinks active features", xlim=(0, 1), ylim=(0, 1.1))

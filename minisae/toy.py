@@ -48,10 +48,10 @@ SETTINGS = {
     "batchtopk": dict(k=6, dead_after=50_000),
 }
 SWEEP = {
-    "relu": ("sparsity_coef", [5e-3, 2e-2, 8e-2]),
+    "relu": ("sparsity_coef", [2e-2, 8e-2, 3.2e-1]),
     "gated": ("sparsity_coef", [5e-2, 2e-1, 8e-1]),
     "topk": ("k", [3, 6, 12]),
-    "jumprelu": ("sparsity_coef", [5e-3, 2e-2, 8e-2]),
+    "jumprelu": ("sparsity_coef", [1e-3, 1e-2, 1e-1]),
     "batchtopk": ("k", [3, 6, 12]),
 }
 
