@@ -14,6 +14,9 @@ import torch
 from minisae.__main__ import main
 from minisae.layers import collect_layers, parse_layers
 
+# small tensors: one thread avoids torch's spin-waiting threads on a busy CPU (conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LM_KEYS = {"variant", "knob", "value", "l0", "fvu", "ce_clean", "ce_sae", "ce_zero", "ce_mean", "kl",
            "loss_recovered_zero", "loss_recovered_mean", "dead_frac", "train_tokens", "train_seconds", "sae"}
 
@@ -77,7 +80,7 @@ def test_layers_gpt2_random(tmp_path):
     from minisae.sae import SAE
     # 16 contexts * 127 tokens * 64 dims * 4 bytes = 0.52 MB per layer: chunks of 2 layers
     main(["layers", "--model", "gpt2-random", "--site", "resid_post", "--variant", "topk", "--setting", "k=8",
-          "--tokens", "2048", "--eval-tokens", "512", "--expansion", "2", "--batch-size", "512",
+          "--tokens", "2048", "--eval-tokens", "256", "--expansion", "2", "--batch-size", "512",
           "--max-disk-gb", "0.0011", "--keep-acts", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "layers_results.json").read_text())
     assert (res["model"], res["site"], res["variant"], res["knob"], res["value"]) == ("gpt2-random", "resid_post", "topk", "k", 8)
