@@ -318,7 +318,9 @@ def add_arguments(p):
     p.add_argument("--sae", type=Path, required=True, help="an SAE file written by `python -m minisae lm`")
     p.add_argument("--latents", help="comma-separated latent indices, e.g. 3,17,42")
     p.add_argument("--top", type=int, default=8, help="without --latents: this many latents ...")
-    p.add_argument("--by", default="max", choices=("density", "max", "mean"), help="... ranked by this")
+    p.add_argument("--by", default="random", choices=("random", "density", "max", "mean"),
+                   help="... ranked by this, or a seeded random sample of the live ones (a fair picture)")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--k", type=int, default=10, help="examples per latent")
     p.add_argument("--out", type=Path, default=Path("runs/features"))
     add_common_arguments(p)
@@ -336,8 +338,13 @@ def run_cli(args):
     contexts = load_text(args, tok, meta["model"])
     if latents is None:  # a first pass ranks all latents; the second keeps the examples
         stats, _ = scan(model, sae, meta["hook"], meta["scale"], contexts, bf16=args.bf16)
-        key = {"density": "density", "max": "max", "mean": "mean_active"}[args.by]
-        latents = torch.tensor(stats[key]).topk(min(args.top, sae.n_latents)).indices.tolist()
+        if args.by == "random":
+            live = torch.tensor(stats["density"]).nonzero()[:, 0]  # (n_live,)
+            pick = torch.randperm(len(live), generator=torch.Generator().manual_seed(args.seed))[:args.top]
+            latents = sorted(live[pick].tolist())
+        else:
+            key = {"density": "density", "max": "max", "mean": "mean_active"}[args.by]
+            latents = torch.tensor(stats[key]).topk(min(args.top, sae.n_latents)).indices.tolist()
     stats, top = scan(model, sae, meta["hook"], meta["scale"], contexts, latents, k=args.k, bf16=args.bf16)
     rows = report(model, tok, sae, stats, top)
     print(f"{meta['model']} {meta['hook']}, {stats['n_tokens']:,} tokens of the {args.split} split")

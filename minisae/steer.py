@@ -21,6 +21,11 @@ clamping the Golden Gate Bridge feature). At the SAE's hook, every position t >=
 Greedy by default; --sample draws from softmax(logits / temperature) with a seeded
 torch.Generator, and the unsteered and steered runs use the same seed, so a difference
 between the two continuations comes from the steering alone.
+
+A control: any push of this size changes a greedy continuation somewhere, so "the text
+changed" is no evidence. `steer` also continues with a random direction of the same
+norm; the latent's steering means something only where it differs from that control in
+the latent's direction (its max-activating examples say which).
 """
 
 import sys
@@ -92,16 +97,19 @@ def generate(model, ids, n_tokens: int, hooks=None, sample: bool = False, temper
 
 def steer(model, tokenizer, sae, meta, latent: int, strength: float, prompt: str, n_tokens: int = 30,
           typical: float = 1.0, sample: bool = False, temperature: float = 1.0, seed: int = 0) -> dict:
-    """Unsteered and steered continuations of `prompt`: strength is in units of `typical`
-    (the latent's typical activation, SAE units)."""
+    """Unsteered, steered and control (random direction, same norm) continuations of
+    `prompt`; strength is in units of `typical` (the latent's typical activation, SAE units)."""
     ids = encode_prompt(tokenizer, prompt)
     vec = steering_vector(sae, latent, strength * typical, meta["scale"])  # (D,)
     kw = dict(n_tokens=n_tokens, sample=sample, temperature=temperature, seed=seed)
-    plain = generate(model, ids, **kw)
-    steered = generate(model, ids, hooks={meta["hook"]: add_hook(vec)}, **kw)
-    return {"prompt": prompt, "latent": latent, "strength": strength, "added_norm": vec.norm().item(),
-            "unsteered": tokenizer.decode(plain), "steered": tokenizer.decode(steered),
-            "unsteered_ids": plain, "steered_ids": steered}
+    rand = torch.randn(vec.shape, generator=torch.Generator().manual_seed(seed))  # (D,)
+    rand = rand / rand.norm() * vec.norm()  # a random direction, same norm: the control
+    out = {"prompt": prompt, "latent": latent, "strength": strength, "added_norm": vec.norm().item()}
+    for name, hooks in (("unsteered", None), ("steered", {meta["hook"]: add_hook(vec)}),
+                        ("control", {meta["hook"]: add_hook(rand)})):
+        out[f"{name}_ids"] = generate(model, ids, hooks=hooks, **kw)
+        out[name] = tokenizer.decode(out[f"{name}_ids"])
+    return out
 
 
 def add_arguments(p):
@@ -129,5 +137,6 @@ def run_cli(args):
                 args.sample, args.temperature, args.seed)
     print(f"latent {args.latent} at {meta['hook']}: {args.unit} activation {typical:.3f} (SAE units); adding "
           f"{args.scale:g} x that along W_dec[{args.latent}], norm {out['added_norm']:.3f} in raw units", file=sys.stderr)
-    print(f"prompt:    {args.prompt!r}\nunsteered: {out['unsteered']!r}\nsteered:   {out['steered']!r}")
+    print(f"prompt:    {args.prompt!r}\nunsteered: {out['unsteered']!r}\nsteered:   {out['steered']!r}\n"
+          f"random direction, same norm (control): {out['control']!r}")
     return out

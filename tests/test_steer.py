@@ -130,6 +130,21 @@ class ToyTokenizer:
     def encode(self, text):
         return [ord(c) % 50 + 1 for c in text]
 
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def test_steer_gives_unsteered_steered_and_control(gpt2):
+    token, latent = 1234, 5
+    sae = sae_with_token_direction(gpt2, latent, token)
+    meta = {"hook": LAST, "scale": SCALE}
+    out = S.steer(gpt2, ToyTokenizer(), sae, meta, latent, 0.0, "a prompt", n_tokens=4)
+    assert out["unsteered_ids"] == out["steered_ids"] == out["control_ids"]
+    out = S.steer(gpt2, ToyTokenizer(), sae, meta, latent, 10.0, "a prompt", n_tokens=4, typical=100.0)
+    assert out["added_norm"] == pytest.approx(1000.0 / SCALE)
+    assert out["steered_ids"] == [token] * 4 and out["control_ids"] != out["steered_ids"]
+    assert out["steered"] == " ".join([str(token)] * 4)
+
 
 def test_bad_input():
     sae = make_sae("relu", 64, 32)
@@ -170,7 +185,7 @@ def test_steer_command(tmp_path, capsys, monkeypatch):
     args = ["steer", "--sae", str(tmp_path / "sae1.pt"), "--tokens", "5", *text]
     main([*args, "--latent", "3", "--scale", "4", "--prompt", "The function returns"])
     out = capsys.readouterr().out
-    assert "unsteered: " in out and "steered: " in out
+    assert "unsteered: " in out and "steered: " in out and "(control): " in out
     with pytest.raises(ValueError, match="prompt is empty"):
         main([*args, "--latent", "3", "--scale", "4", "--prompt", ""])
     with pytest.raises(ValueError, match="out of range"):
