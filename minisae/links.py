@@ -54,13 +54,15 @@ def ablation_edges(model, sae_a, meta_a, sae_b, meta_b, contexts, sources, batch
                    bf16: bool = False, verbose: bool = True):
     """edge (S, F_b): the mean over tokens (positions 1..T-1) of the change of every latent
     of B when each source latent of A is removed (see the module docstring)."""
+    from minisae.activations import model_device
     from minisae.data import Progress
     check_latents(sources, sae_a.n_latents)
+    device = model_device(model)
     (hook_a, scale_a), (hook_b, scale_b) = (meta_a["hook"], meta_a["scale"]), (meta_b["hook"], meta_b["scale"])
     check_order(model, hook_a, hook_b)
 
     def run(idx, hooks):  # B's codes at positions 1..T-1: (b, T-1, F_b)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             x = model(idx, hooks=hooks, stop_at=hook_b)[:, 1:].float()  # (b, T-1, D)
         return sae_b.encode(x.reshape(-1, x.shape[-1]) * scale_b).view(*x.shape[:2], -1)
 
@@ -68,7 +70,7 @@ def ablation_edges(model, sae_a, meta_a, sae_b, meta_b, contexts, sources, batch
     n_tokens = 0
     bar = Progress("ablating", len(contexts), "contexts") if verbose else None
     for s in range(0, len(contexts), batch_size):
-        idx = contexts[s:s + batch_size]  # (B, T)
+        idx = contexts[s:s + batch_size].to(device)  # (B, T)
         seen = []
         f_b = run(idx, {hook_a: lambda act: seen.append(act[:, 1:].float())})  # (B, T-1, F_b); reads A's hook
         x_a = seen[0]  # (B, T-1, D), raw units
@@ -85,7 +87,7 @@ def ablation_edges(model, sae_a, meta_a, sae_b, meta_b, contexts, sources, batch
                 out[:, 1:] -= remove.to(act.dtype)
                 return out
 
-            edges[n] += (f_b[fires] - run(idx[fires], {hook_a: ablate})).double().sum((0, 1))
+            edges[n] += (f_b[fires] - run(idx[fires], {hook_a: ablate})).double().sum((0, 1)).cpu()
         if bar:
             bar.update(s + len(idx))
     if bar:
@@ -134,7 +136,11 @@ def plot_graph(sources, edges, path, title: str, n_edges: int = 24):
         for v in items:
             ax.plot(x, y(items, v), "ko", ms=4)
             ax.text(x + (-0.04 if x == 0 else 0.04), y(items, v), str(v), ha=ha, va="center", fontsize=7)
-    ax.set(xlim=(-0.3, 1.3), ylim=(0, 1), title=title)
+    ax.text(0.5, -0.02, "width: mean change of B's latent when A's latent is removed\n"
+            "red: removal lowers it (A excites B); blue: removal raises it", ha="center", va="top", fontsize=7)
+    ax.text(0, 1.01, "A", ha="center", va="bottom")
+    ax.text(1, 1.01, "B", ha="center", va="bottom")
+    ax.set(xlim=(-0.3, 1.3), ylim=(-0.08, 1.04), title=title)
     ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

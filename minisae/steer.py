@@ -50,7 +50,7 @@ def add_hook(vector):
 
     def hook(act):  # act (B, T, D)
         out = act.clone()
-        out[:, 1:] += vector.to(act.dtype)
+        out[:, 1:] += vector.to(act.device, act.dtype)
         return out
 
     return hook
@@ -83,15 +83,16 @@ def generate(model, ids, n_tokens: int, hooks=None, sample: bool = False, temper
         raise ValueError(f"temperature must be positive, got {temperature}")
     if len(ids) + n_tokens > model.n_ctx:
         raise ValueError(f"{len(ids)} prompt + {n_tokens} new tokens exceed the context of {model.n_ctx}")
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.tensor([ids])  # (1, T)
+    from minisae.activations import model_device
+    g = torch.Generator().manual_seed(seed)  # on the CPU, so a seed means the same on any device
+    idx = torch.tensor([ids], device=model_device(model))  # (1, T)
     for _ in range(n_tokens):
-        logits = model(idx, hooks=hooks)[0, -1].float()  # (V,)
+        logits = model(idx, hooks=hooks)[0, -1].float().cpu()  # (V,)
         if sample:
             nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=g)  # (1,)
         else:
             nxt = logits.argmax(-1, keepdim=True)  # (1,)
-        idx = torch.cat([idx, nxt[None]], dim=1)  # (1, T+1)
+        idx = torch.cat([idx, nxt[None].to(idx.device)], dim=1)  # (1, T+1)
     return idx[0, len(ids):].tolist()
 
 
