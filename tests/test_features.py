@@ -299,6 +299,9 @@ def test_features_command(tmp_path, capsys, monkeypatch):
     p = Balance()
     p.feed((tmp_path / "out" / "features-sae1.html").read_text(encoding="utf-8"))
     assert len(p.sections) == 3 and p.stack == []
+    capsys.readouterr()
+    main(["features", "--sae", str(tmp_path / "sae1.pt"), "--top", "2", "--out", str(tmp_path / "r"), *text])
+    assert capsys.readouterr().out.count("=== latent") == 2  # --by random (the default): 2 live latents
     with pytest.raises(ValueError, match="trained on model"):
         main(["features", "--sae", str(tmp_path / "sae1.pt"), "--model", "gpt2", "--latents", "1", *text])
     with pytest.raises(ValueError, match="trained at"):
