@@ -56,7 +56,8 @@ def check_site(meta: dict, model_name=None, layer=None, site=None):
     if model_name is not None and model_name != meta["model"]:
         raise ValueError(f"this SAE was trained on model {meta['model']!r}, not {model_name!r}")
     if m and ((layer is not None and layer != int(m[1])) or (site is not None and site != m[2])):
-        raise ValueError(f"this SAE was trained at {meta['hook']}, not at layer {layer} site {site}: "
+        asked = ", ".join(f"{k} {v}" for k, v in (("layer", layer), ("site", site)) if v is not None)
+        raise ValueError(f"this SAE was trained at {meta['hook']}, not at {asked}: "
                          "a dictionary only reads the activations it was trained on")
     return meta["model"], meta["hook"]
 
