@@ -20,7 +20,11 @@ costs one, but needs the disk for all layers at once: n_layer * tokens * D * 4 b
 (default 8 GB, ~11 SmolLM2 layers at 300k tokens): a chunk's forward stops after its last
 layer, so three chunks of ten layers cost 1/3 + 2/3 + 1 = 2 full forwards.
 
-Scope: one variant, one setting and one seed for all layers; the settings are lm's,
+Each layer's SAE starts from its own random dictionary (seed + layer): with one seed for
+all, briefly trained SAEs at neighbouring layers stay close to the same initial decoder
+and look linked when they are not (docs/06_features.md).
+
+Scope: one variant and one setting for all layers; the settings are lm's,
 chosen on SmolLM2's layer 15 and not tuned per layer. Evaluation runs the full model five
 times per layer on the held-out contexts (clean, zero, mean, and clean + SAE), which
 dominates the cost on a CPU: keep --eval-tokens modest.
@@ -188,7 +192,7 @@ def run(model_name="smollm2", weights=None, site="resid_post", variant="topk", s
             base = evaluate.baselines(model, heldout, hooks[L], meta["mean"], bf16=bf16)
             row = lm.train_one(model, model_name, acts, meta, heldout, base, variant, knob, value, out,
                                name=f"{hooks[L]}-{variant}-{knob}{value}", tokens=tokens, expansion=expansion,
-                               batch_size=batch_size, lr=lr, bf16=bf16, seed=seed)
+                               batch_size=batch_size, lr=lr, bf16=bf16, seed=seed + L)
             rows.append({"layer": L, "hook": hooks[L], "scale": meta["scale"], **row})
             results = {"model": model_name, "site": site, "variant": variant, "knob": knob, "value": value,
                        "stored_tokens": meta["n_tokens"], "heldout_tokens": heldout.numel(), "bf16": bf16,
