@@ -33,11 +33,18 @@ def random_sae():
     return _random_sae
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(autouse=True, scope="session")
 def one_thread():
-    """The SAE tests use tiny tensors: on a busy CPU, torch's intra-op threads spin-wait
-    for each other and make them ~10x slower, so these modules run on one thread."""
+    """Every test uses tiny tensors: on a busy CPU, torch's intra-op threads spin-wait for
+    each other and make them 10-100x slower, so the whole suite runs on one thread."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    """A small randomly initialised GPT-2 (no download)."""
+    from minisae.models.gpt2 import CONFIGS, GPT2
+    return GPT2(CONFIGS["gpt2-random"]).eval()

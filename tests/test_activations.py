@@ -58,15 +58,6 @@ class TinyLM(nn.Module):
 HOOK = "blocks.1.hook_resid_mid"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: on a busy machine, OpenMP's thread hand-offs cost 100x the math."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def setup(tmp_path):
     model = TinyLM().eval()

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from minisae import evaluate as E
-from test_activations import HOOK, TinyLM, _one_thread  # noqa: F401 (autouse fixture); pytest puts tests/ on sys.path
+from test_activations import HOOK, TinyLM  # pytest puts tests/ on sys.path
 
 
 class Identity(nn.Module):

@@ -23,20 +23,6 @@ HOOK = "blocks.1.hook_resid_post"
 SCALE = 30.0  # about sqrt(D) / mean ||x|| at gpt2-random's residual stream (~0.26), as in minisae.activations
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: on a busy machine, OpenMP's thread hand-offs cost more than the math."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return GPT2(CONFIGS["gpt2-random"]).eval()
-
-
 def relu_sae(d=64, n=96, seed=0, bias=-1.0):
     sae = make_sae("relu", d, n, seed=seed)
     with torch.no_grad():

@@ -11,22 +11,8 @@ import pytest
 import torch
 
 from minisae import links as Li
-from minisae.models.gpt2 import CONFIGS, GPT2
 from minisae.sae import make_sae
 from test_features import SCALE, contexts, relu_sae  # pytest puts tests/ on sys.path
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return GPT2(CONFIGS["gpt2-random"]).eval()
 
 
 def meta(layer, site="resid_post", scale=SCALE):

@@ -18,24 +18,10 @@ import torch
 
 from minisae import steer as S
 from minisae.features import logit_lens
-from minisae.models.gpt2 import CONFIGS, GPT2
 from minisae.sae import make_sae
 
 LAST = "blocks.3.hook_resid_post"  # gpt2-random has 4 blocks
 SCALE = 30.0  # the SAE's input scale, as in test_features
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return GPT2(CONFIGS["gpt2-random"]).eval()
 
 
 def sae_with_token_direction(model, latent=5, token=1234, n=32):
