@@ -41,31 +41,53 @@ def model_device(model) -> torch.device:
 
 
 @torch.no_grad()
+def hooks_acts(model, idx, hooks: list, bf16: bool = False) -> dict:
+    """{hook: activation at positions 1..T-1 (BOS dropped), float32 on CPU (B, T-1, D)},
+    read by hooks in one forward pass that stops after the deepest of them."""
+    got = {}
+
+    def reader(name):
+        def read(act):  # act (B, T, D); returning None only reads it
+            got[name] = act[:, 1:].float().cpu()  # (B, T-1, D)
+        return read
+
+    device = model_device(model)
+    last = max(hooks, key=model.hook_names().index)  # nothing after it is computed
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        model(idx.to(device), hooks={h: reader(h) for h in hooks}, stop_at=last)
+    for h, acts in got.items():
+        if not torch.isfinite(acts).all():
+            raise ValueError(f"non-finite activations (NaN or Inf) at {h}"
+                             + (" under bf16 autocast; try bf16=False" if bf16 else ""))
+    return got
+
+
 def hook_acts(model, idx, hook: str, bf16: bool = False) -> torch.Tensor:
     """The activation at `hook` for positions 1..T-1 (BOS dropped), float32 on CPU: (B, T-1, D)."""
-    device = model_device(model)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        acts = model(idx.to(device), stop_at=hook)  # (B, T, D)
-    acts = acts[:, 1:].float().cpu()  # (B, T-1, D)
-    if not torch.isfinite(acts).all():
-        raise ValueError(f"non-finite activations (NaN or Inf) at {hook}"
-                         + (" under bf16 autocast; try bf16=False" if bf16 else ""))
-    return acts
+    return hooks_acts(model, idx, [hook], bf16)[hook]
+
+
+def estimate_scales(model, contexts, hooks: list, n_contexts: int = 64, batch_size: int = 8,
+                    bf16: bool = False) -> dict:
+    """{hook: sqrt(D) / mean ||x||} over positions >= 1 of n_contexts contexts spread
+    evenly through `contexts` (the first few would all come from the same documents)."""
+    pick = torch.linspace(0, len(contexts) - 1, min(n_contexts, len(contexts))).long()
+    norms = {h: [] for h in hooks}
+    for i in range(0, len(pick), batch_size):
+        for h, acts in hooks_acts(model, contexts[pick[i:i + batch_size]], hooks, bf16).items():
+            norms[h].append(acts.double().norm(dim=-1).flatten())  # (B*(T-1),)
+    scales = {}
+    for h in hooks:
+        mean_norm = torch.cat(norms[h]).mean().item()
+        if not mean_norm > 0:
+            raise ValueError(f"activations at {h} are all zero; cannot scale them to norm sqrt(D)")
+        scales[h] = math.sqrt(model.d_model) / mean_norm
+    return scales
 
 
 def estimate_scale(model, contexts, hook: str, n_contexts: int = 64, batch_size: int = 8,
                    bf16: bool = False) -> float:
-    """sqrt(D) / mean ||x|| over positions >= 1 of n_contexts contexts spread evenly
-    through `contexts` (the first few would all come from the same documents)."""
-    pick = torch.linspace(0, len(contexts) - 1, min(n_contexts, len(contexts))).long()
-    norms = []
-    for i in range(0, len(pick), batch_size):
-        acts = hook_acts(model, contexts[pick[i:i + batch_size]], hook, bf16)  # (B, T-1, D)
-        norms.append(acts.double().norm(dim=-1).flatten())
-    mean_norm = torch.cat(norms).mean().item()
-    if not mean_norm > 0:
-        raise ValueError(f"activations at {hook} are all zero; cannot scale them to norm sqrt(D)")
-    return math.sqrt(acts.shape[-1]) / mean_norm
+    return estimate_scales(model, contexts, [hook], n_contexts, batch_size, bf16)[hook]
 
 
 def sidecar_path(path) -> Path:
@@ -80,51 +102,70 @@ def collect_activations(model, contexts, hook: str, path, model_name: str = "", 
 
     corpus: a dict describing the text (split, max_tokens, ...) copied into the sidecar.
     """
+    return collect_many(model, contexts, [hook], [path], model_name, corpus, batch_size, normalize, bf16,
+                        seed, verbose)[0]
+
+
+def collect_many(model, contexts, hooks: list, paths: list, model_name: str = "", corpus=None,
+                 batch_size: int = 8, normalize: bool = True, bf16: bool = False,
+                 seed: int = 0, verbose: bool = True) -> list:
+    """`collect_activations` for several hooks in one pass over the model: paths[i] (+ its
+    sidecar) holds hooks[i]; every file uses the same shuffle. Returns the metadata list."""
     if contexts.ndim != 2 or contexts.shape[1] < 2 or len(contexts) == 0:
         raise ValueError(f"contexts must be (N, T) with N >= 1 and T >= 2, got {tuple(contexts.shape)}")
-    if hasattr(model, "hook_names") and hook not in model.hook_names():
-        raise ValueError(f"unknown hook point {hook!r}; valid names look like {model.hook_names()[0]!r}")
-    path = Path(path)
+    bad = [h for h in hooks if h not in model.hook_names()]
+    if bad:
+        raise ValueError(f"unknown hook point(s) {bad}; valid names look like {model.hook_names()[0]!r}")
+    if len(hooks) != len(paths) or not hooks:
+        raise ValueError("give one path per hook")
+    paths = [Path(p) for p in paths]
     n_ctx, T = contexts.shape
     n_tokens = n_ctx * (T - 1)
-    scale = estimate_scale(model, contexts, hook, batch_size=batch_size, bf16=bf16) if normalize else 1.0
+    scales = (estimate_scales(model, contexts, hooks, batch_size=batch_size, bf16=bf16) if normalize
+              else dict.fromkeys(hooks, 1.0))
     perm = np.random.default_rng(seed).permutation(n_tokens)  # row j of the run -> row perm[j]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    bar = Progress(f"activations at {hook}", n_tokens) if verbose else None
-    out, total = None, None
+    tmps = [p.with_name(f".{p.name}.{os.getpid()}.tmp") for p in paths]
+    for p in paths:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    label = hooks[0] if len(hooks) == 1 else f"{len(hooks)} hooks"
+    bar = Progress(f"activations at {label}", n_tokens) if verbose else None
+    outs, totals, metas = {}, {}, []
     try:
         for start in range(0, n_ctx, batch_size):
-            acts = hook_acts(model, contexts[start:start + batch_size], hook, bf16)  # (B, T-1, D)
-            rows = acts.reshape(-1, acts.shape[-1]).double()  # (B*(T-1), D)
-            if out is None:  # the width is known once the model has run
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
-                                                shape=(n_tokens, rows.shape[1]))
-                total = torch.zeros(rows.shape[1], dtype=torch.float64)  # (D,)
-            total += rows.sum(0)
             first = start * (T - 1)
-            out[perm[first:first + len(rows)]] = (rows * scale).float().numpy()
+            got = hooks_acts(model, contexts[start:start + batch_size], hooks, bf16)
+            for h, tmp in zip(hooks, tmps):
+                rows = got[h].reshape(-1, got[h].shape[-1]).double()  # (B*(T-1), D)
+                if h not in outs:  # the width is known once the model has run
+                    outs[h] = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
+                                                        shape=(n_tokens, rows.shape[1]))
+                    totals[h] = torch.zeros(rows.shape[1], dtype=torch.float64)  # (D,)
+                totals[h] += rows.sum(0)
+                outs[h][perm[first:first + len(rows)]] = (rows * scales[h]).float().numpy()
             if bar:
                 bar.update(first + len(rows))
-        out.flush()
-        d = out.shape[1]
-        del out
-        meta = {
-            "model": model_name, "hook": hook, "n_tokens": n_tokens, "d": d,
-            "scale": scale, "normalized": normalize, "dtype": "float32",
-            "compute_dtype": "bfloat16" if bf16 else "float32",
-            "n_contexts": n_ctx, "ctx_len": T, "bos_dropped": True, "seed": seed,
-            "mean": (total / n_tokens).tolist(),  # raw units, for mean-ablation
-            "corpus": corpus or {}, "file": path.name,
-        }
-        os.replace(tmp, path)
-        _atomic_write(sidecar_path(path), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        for h, path, tmp in zip(hooks, paths, tmps):
+            outs[h].flush()
+            d = outs.pop(h).shape[1]
+            meta = {
+                "model": model_name, "hook": h, "n_tokens": n_tokens, "d": d,
+                "scale": scales[h], "normalized": normalize, "dtype": "float32",
+                "compute_dtype": "bfloat16" if bf16 else "float32",
+                "n_contexts": n_ctx, "ctx_len": T, "bos_dropped": True, "seed": seed,
+                "mean": (totals[h] / n_tokens).tolist(),  # raw units, for mean-ablation
+                "corpus": corpus or {}, "file": path.name,
+            }
+            os.replace(tmp, path)
+            _atomic_write(sidecar_path(path), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+            metas.append(meta)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        outs.clear()  # close the memmaps before removing what is left of them
+        for tmp in tmps:
+            if tmp.exists():
+                tmp.unlink()
     if bar:
         bar.close(n_tokens)
-    return meta
+    return metas
 
 
 def load_activations(path, model_name=None, hook=None):

@@ -8,7 +8,7 @@ layer of a model, each trained and evaluated exactly as one row of `python -m mi
     contexts                      <- minisae.data, the train split, as in lm
     for each chunk of layers:
         one forward pass per batch, read hooks at the chunk's layers, stop after the last
-            -> one shuffled activation file per layer (the format of minisae.activations)
+            -> one shuffled activation file per layer (activations.collect_many)
         for each layer of the chunk: baselines, train_one (train, evaluate, save the SAE)
         delete the chunk's activation files
     layers_results.json (rows: lm_results.json's keys + layer, hook, scale), layers_depth.png
@@ -31,12 +31,8 @@ dominates the cost on a CPU: keep --eval-tokens modest.
 """
 
 import json
-import os
 import sys
 from pathlib import Path
-
-import numpy as np
-import torch
 
 
 def parse_layers(spec, n_layer: int) -> list:
@@ -56,94 +52,6 @@ def parse_layers(spec, n_layer: int) -> list:
     if not layers or bad:
         raise ValueError(f"--layers {spec!r} gives {bad or 'no layers'}; this model has layers 0..{n_layer - 1}")
     return sorted(layers)
-
-
-@torch.no_grad()
-def acts_at_hooks(model, idx, hooks: list, bf16: bool = False) -> dict:
-    """{hook: activation at positions 1..T-1, float32 on CPU (B, T-1, D)} from one forward
-    pass that stops after the last hook: activations.hook_acts for many hooks at once."""
-    from minisae.activations import model_device
-    got = {}
-
-    def reader(name):
-        def read(act):  # act (B, T, D); returns None: read only
-            got[name] = act[:, 1:].float().cpu()  # (B, T-1, D), BOS dropped
-        return read
-
-    device = model_device(model)
-    last = max(hooks, key=model.hook_names().index)  # nothing after it is computed
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        model(idx.to(device), hooks={h: reader(h) for h in hooks}, stop_at=last)
-    for h, acts in got.items():
-        if not torch.isfinite(acts).all():
-            raise ValueError(f"non-finite activations (NaN or Inf) at {h}" + (" under bf16 autocast" if bf16 else ""))
-    return got
-
-
-def collect_layers(model, contexts, hooks: list, paths: list, model_name: str = "", corpus=None,
-                   batch_size: int = 8, bf16: bool = False, seed: int = 0, verbose: bool = True) -> list:
-    """activations.collect_activations for several hooks in one pass:
-    writes paths[i] (+ sidecar) for hooks[i], the same files that function would write, and
-    returns their metadata. Scales are estimated as in activations.estimate_scale."""
-    from minisae.activations import sidecar_path
-    from minisae.data import Progress, _atomic_write
-
-    if contexts.ndim != 2 or contexts.shape[1] < 2 or len(contexts) == 0:
-        raise ValueError(f"contexts must be (N, T) with N >= 1 and T >= 2, got {tuple(contexts.shape)}")
-    bad = [h for h in hooks if h not in model.hook_names()]
-    if bad or len(hooks) != len(paths):
-        raise ValueError(f"unknown hook point(s) {bad}" if bad else "give one path per hook")
-    n_ctx, T = contexts.shape
-    n_tokens = n_ctx * (T - 1)
-    # scale: sqrt(D) / mean ||x|| on 64 contexts spread through the data (estimate_scale)
-    pick = torch.linspace(0, n_ctx - 1, min(64, n_ctx)).long()
-    norms = {h: [] for h in hooks}
-    for i in range(0, len(pick), batch_size):
-        for h, acts in acts_at_hooks(model, contexts[pick[i:i + batch_size]], hooks, bf16).items():
-            norms[h].append(acts.double().norm(dim=-1).flatten())
-    scales = {}
-    for h in hooks:
-        mean_norm = torch.cat(norms[h]).mean().item()
-        if not mean_norm > 0:
-            raise ValueError(f"activations at {h} are all zero; cannot scale them to norm sqrt(D)")
-        scales[h] = model.d_model ** 0.5 / mean_norm
-    perm = np.random.default_rng(seed).permutation(n_tokens)  # the same shuffle in every file
-    tmps = [p.with_name(f".{p.name}.{os.getpid()}.tmp") for p in map(Path, paths)]
-    outs, totals = {}, {}
-    bar = Progress(f"activations at {len(hooks)} hooks", n_tokens) if verbose else None
-    try:
-        for start in range(0, n_ctx, batch_size):
-            first = start * (T - 1)
-            got = acts_at_hooks(model, contexts[start:start + batch_size], hooks, bf16)
-            for h, tmp in zip(hooks, tmps):
-                rows = got[h].reshape(-1, got[h].shape[-1]).double()  # (B*(T-1), D)
-                if h not in outs:
-                    tmp.parent.mkdir(parents=True, exist_ok=True)
-                    outs[h] = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_tokens, rows.shape[1]))
-                    totals[h] = torch.zeros(rows.shape[1], dtype=torch.float64)  # (D,)
-                totals[h] += rows.sum(0)
-                outs[h][perm[first:first + len(rows)]] = (rows * scales[h]).float().numpy()
-            if bar:
-                bar.update(first + len(rows))
-        metas = []
-        for h, path, tmp in zip(hooks, map(Path, paths), tmps):
-            outs[h].flush()
-            d = outs.pop(h).shape[1]
-            meta = {"model": model_name, "hook": h, "n_tokens": n_tokens, "d": d, "scale": scales[h],
-                    "normalized": True, "dtype": "float32", "compute_dtype": "bfloat16" if bf16 else "float32",
-                    "n_contexts": n_ctx, "ctx_len": T, "bos_dropped": True, "seed": seed,
-                    "mean": (totals[h] / n_tokens).tolist(), "corpus": corpus or {}, "file": path.name}
-            os.replace(tmp, path)
-            _atomic_write(sidecar_path(path), lambda f: f.write(json.dumps(meta, indent=1).encode()))
-            metas.append(meta)
-    finally:
-        outs.clear()
-        for tmp in tmps:
-            if tmp.exists():
-                tmp.unlink()
-    if bar:
-        bar.close(n_tokens)
-    return metas
 
 
 def run(model_name="smollm2", weights=None, site="resid_post", variant="topk", setting=None, layers=None,
@@ -184,8 +92,8 @@ def run(model_name="smollm2", weights=None, site="resid_post", variant="topk", s
     rows, results = [], None
     for chunk in chunks:
         paths = [out / f"acts-{model_name}-{hooks[L]}.npy" for L in chunk]
-        collect_layers(model, contexts, [hooks[L] for L in chunk], paths, model_name=model_name,
-                       corpus=corpus, bf16=bf16, seed=seed)
+        activations.collect_many(model, contexts, [hooks[L] for L in chunk], paths, model_name=model_name,
+                                 corpus=corpus, bf16=bf16, seed=seed)
         for L, path in zip(chunk, paths):
             acts, meta = activations.load_activations(path, model_name=model_name, hook=hooks[L])
             print(f"layer {L} ({hooks[L]}), scale {meta['scale']:.4g}", file=sys.stderr)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from minisae.__main__ import main
-from minisae.layers import collect_layers, parse_layers
+from minisae.activations import collect_many as collect_layers  # the one-pass collector layers uses
+from minisae.layers import parse_layers
 
 # small tensors: one thread avoids torch's spin-waiting threads on a busy CPU (conftest.py)
 pytestmark = pytest.mark.usefixtures("one_thread")
