@@ -15,25 +15,14 @@ Needs `transformers`.
 
 import argparse
 import os
-import statistics
 import tempfile
-import time
 from contextlib import nullcontext
 
 import torch
 
 from minisae.models.gpt2 import CONFIGS, GPT2, load_weights_
 from minisae.models.safetensors import save_safetensors
-
-
-def tokens_per_second(fn, n_tokens, repeats):
-    fn()  # warm-up: first calls allocate and pick kernels
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return n_tokens / statistics.median(times)
+from timing import tokens_per_second  # benchmarks/timing.py
 
 
 def main():

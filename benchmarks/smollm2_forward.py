@@ -15,24 +15,13 @@ run, not across runs.
 """
 
 import argparse
-import statistics
-import time
 from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
 from minisae.models.llama import load_smollm2
-
-
-def tokens_per_second(fn, n_tokens, repeats):
-    fn()  # warm-up: first calls allocate and pick kernels
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return n_tokens / statistics.median(times)
+from timing import tokens_per_second  # benchmarks/timing.py
 
 
 def main():
