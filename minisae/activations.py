@@ -1,26 +1,34 @@
 """Activations: run the language model once, keep one hook point's activations on disk.
 
     contexts (N_ctx, T) --model(stop_at=hook)--> acts (B, T, D)
-        --drop position 0 (BOS)--> (B*(T-1), D) --* scale--> rows of a float32 .npy,
-        written at seeded random positions, so the file is shuffled across contexts
+        --drop position 0 (BOS) and attention sinks--> (N_keep, D) --* scale-->
+        rows of a float32 .npy, in a seeded random order (shuffled across contexts)
 
 Why these steps:
 - stop_at: nothing after the hooked layer is computed (minisae.models.hooks).
 - Drop the BOS position. The first position's activation is an outlier, often with a
   norm many times the others (attention sinks, Xiao et al. 2023); an SAE would spend
   latents and loss on it. The evaluation never replaces it either (minisae.evaluate).
+- Drop the other attention sinks too: positions whose norm exceeds MAX_NORM_MULTIPLE x the
+  median norm. Measured on SmolLM2's layer-15 residual stream: 0.24% of positions (a
+  document separator <|endoftext|> inside a context, the first "\n" or "." of a context)
+  have 80-140x the median norm, nothing lies between 3x and 30x, and those few positions
+  hold 98% of the variance, so an SAE trained on them learns little else (low FVU, no
+  loss recovered). Same rule as dictionary_learning's `max_activation_norm_multiple`
+  (saprmarks/dictionary_learning PR #52). `sae_positions` is the one definition of the
+  positions an SAE reads; evaluation, features and links use it too.
 - Scale. x_stored = scale * x_raw, with one scalar per file chosen so that
-  E||x_stored|| = sqrt(D) (Anthropic, "Circuits Updates - April 2024", training SAEs;
+  E||x_stored|| = sqrt(D) over the kept positions (Anthropic, "Circuits Updates - April 2024", training SAEs;
   SAELens's `expected_average_only_in`). Then the sparsity coefficient and learning rate
   mean the same at every layer and model, whose raw norms differ by 10-100x. The scale
-  is estimated on 64 contexts spread evenly through the data, stored in the sidecar and
-  undone with x_raw = x_stored / scale.
+  and the sink threshold max_norm are estimated on 64 contexts spread evenly through
+  the data, stored in the sidecar; x_raw = x_stored / scale undoes the scale.
 - Shuffle. Consecutive tokens of a context are strongly correlated; an SAE batch should
   look like a sample of the whole corpus. Row j of the run goes to row perm[j] of the file.
 - One pass, many SAEs: a sweep reads the same file (np.load(..., mmap_mode='r')).
 
-Next to `acts.npy` a sidecar `acts.json` records model, hook, n_tokens, d, scale, the
-compute dtype, the mean raw activation (for mean-ablation in minisae.evaluate) and the
+Next to `acts.npy` a sidecar `acts.json` records model, hook, n_tokens (kept rows), d,
+scale, max_norm (raw units) and how many sink rows were dropped, the compute dtype, the mean raw activation (for mean-ablation in minisae.evaluate) and the
 corpus. Both files are written under temporary names and renamed when complete.
 """
 
@@ -33,6 +41,8 @@ import numpy as np
 import torch
 
 from minisae.data import Progress, _atomic_write
+
+MAX_NORM_MULTIPLE = 10.0  # positions above this x the median norm are attention sinks
 
 
 def model_device(model) -> torch.device:
@@ -67,27 +77,43 @@ def hook_acts(model, idx, hook: str, bf16: bool = False) -> torch.Tensor:
     return hooks_acts(model, idx, [hook], bf16)[hook]
 
 
-def estimate_scales(model, contexts, hooks: list, n_contexts: int = 64, batch_size: int = 8,
-                    bf16: bool = False) -> dict:
-    """{hook: sqrt(D) / mean ||x||} over positions >= 1 of n_contexts contexts spread
-    evenly through `contexts` (the first few would all come from the same documents)."""
+def sae_positions(act, max_norm=None, bos: bool = True):
+    """(B, T) bool: the positions an SAE reads and replaces in act (B, T, D): every
+    position but 0 (BOS) whose norm is at most max_norm (raw units; None: no limit).
+    bos=False: act starts after the BOS position (act[:, 1:] of a context)."""
+    keep = torch.ones(act.shape[:2], dtype=torch.bool, device=act.device)  # (B, T)
+    if bos:
+        keep[:, 0] = False
+    if max_norm is not None:
+        keep &= act.float().norm(dim=-1) <= max_norm
+    return keep
+
+
+def estimate_norms(model, contexts, hooks: list, n_contexts: int = 64, batch_size: int = 8,
+                   bf16: bool = False, max_norm_multiple=MAX_NORM_MULTIPLE) -> dict:
+    """{hook: (scale, max_norm)} over positions >= 1 of n_contexts contexts spread evenly
+    through `contexts` (the first few would all come from the same documents):
+    max_norm = max_norm_multiple x the median norm (None: keep every position) and
+    scale = sqrt(D) / the mean norm of the positions at or under max_norm."""
     pick = torch.linspace(0, len(contexts) - 1, min(n_contexts, len(contexts))).long()
     norms = {h: [] for h in hooks}
     for i in range(0, len(pick), batch_size):
         for h, acts in hooks_acts(model, contexts[pick[i:i + batch_size]], hooks, bf16).items():
             norms[h].append(acts.double().norm(dim=-1).flatten())  # (B*(T-1),)
-    scales = {}
+    out = {}
     for h in hooks:
-        mean_norm = torch.cat(norms[h]).mean().item()
+        n = torch.cat(norms[h])
+        max_norm = None if max_norm_multiple is None else max_norm_multiple * n.median().item()
+        mean_norm = (n if max_norm is None else n[n <= max_norm]).mean().item()
         if not mean_norm > 0:
             raise ValueError(f"activations at {h} are all zero; cannot scale them to norm sqrt(D)")
-        scales[h] = math.sqrt(model.d_model) / mean_norm
-    return scales
+        out[h] = (math.sqrt(model.d_model) / mean_norm, max_norm)
+    return out
 
 
 def estimate_scale(model, contexts, hook: str, n_contexts: int = 64, batch_size: int = 8,
                    bf16: bool = False) -> float:
-    return estimate_scales(model, contexts, [hook], n_contexts, batch_size, bf16)[hook]
+    return estimate_norms(model, contexts, [hook], n_contexts, batch_size, bf16)[hook][0]
 
 
 def sidecar_path(path) -> Path:
@@ -96,21 +122,27 @@ def sidecar_path(path) -> Path:
 
 def collect_activations(model, contexts, hook: str, path, model_name: str = "", corpus=None,
                         batch_size: int = 8, normalize: bool = True, bf16: bool = False,
-                        seed: int = 0, verbose: bool = True) -> dict:
+                        seed: int = 0, verbose: bool = True,
+                        max_norm_multiple=MAX_NORM_MULTIPLE) -> dict:
     """Run `model` over `contexts` (N_ctx, T), store the hook's activations at `path`
-    (.npy, (N_ctx*(T-1), D) float32, shuffled) and return the sidecar's metadata.
+    (.npy, (N_keep, D) float32, shuffled: every position but BOS and the sinks above
+    max_norm_multiple x the median norm) and return the sidecar's metadata.
 
     corpus: a dict describing the text (split, max_tokens, ...) copied into the sidecar.
     """
     return collect_many(model, contexts, [hook], [path], model_name, corpus, batch_size, normalize, bf16,
-                        seed, verbose)[0]
+                        seed, verbose, max_norm_multiple)[0]
 
 
 def collect_many(model, contexts, hooks: list, paths: list, model_name: str = "", corpus=None,
                  batch_size: int = 8, normalize: bool = True, bf16: bool = False,
-                 seed: int = 0, verbose: bool = True) -> list:
+                 seed: int = 0, verbose: bool = True, max_norm_multiple=MAX_NORM_MULTIPLE) -> list:
     """`collect_activations` for several hooks in one pass over the model: paths[i] (+ its
-    sidecar) holds hooks[i]; every file uses the same shuffle. Returns the metadata list."""
+    sidecar) holds hooks[i]; every file uses the same shuffle. Returns the metadata list.
+
+    Pass 1 writes row j of the run (positions 1..T-1 of every context, in order) to row
+    perm[j] of a temporary file and marks the sinks; pass 2 copies the other rows, in that
+    shuffled order, to the final file (skipped when there is no sink to drop)."""
     if contexts.ndim != 2 or contexts.shape[1] < 2 or len(contexts) == 0:
         raise ValueError(f"contexts must be (N, T) with N >= 1 and T >= 2, got {tuple(contexts.shape)}")
     bad = [h for h in hooks if h not in model.hook_names()]
@@ -120,39 +152,61 @@ def collect_many(model, contexts, hooks: list, paths: list, model_name: str = ""
         raise ValueError("give one path per hook")
     paths = [Path(p) for p in paths]
     n_ctx, T = contexts.shape
-    n_tokens = n_ctx * (T - 1)
-    scales = (estimate_scales(model, contexts, hooks, batch_size=batch_size, bf16=bf16) if normalize
-              else dict.fromkeys(hooks, 1.0))
-    perm = np.random.default_rng(seed).permutation(n_tokens)  # row j of the run -> row perm[j]
+    n_rows = n_ctx * (T - 1)
+    norms = estimate_norms(model, contexts, hooks, batch_size=batch_size, bf16=bf16,
+                           max_norm_multiple=max_norm_multiple)  # {hook: (scale, max_norm)}
+    perm = np.random.default_rng(seed).permutation(n_rows)  # row j of the run -> row perm[j]
     tmps = [p.with_name(f".{p.name}.{os.getpid()}.tmp") for p in paths]
+    finals = [p.with_name(f".{p.name}.{os.getpid()}.final.tmp") for p in paths]
     for p in paths:
         p.parent.mkdir(parents=True, exist_ok=True)
     label = hooks[0] if len(hooks) == 1 else f"{len(hooks)} hooks"
-    bar = Progress(f"activations at {label}", n_tokens) if verbose else None
-    outs, totals, metas = {}, {}, []
+    bar = Progress(f"activations at {label}", n_rows) if verbose else None
+    outs, totals, sinks, metas = {}, {}, {}, []
     try:
-        for start in range(0, n_ctx, batch_size):
+        for start in range(0, n_ctx, batch_size):  # pass 1
             first = start * (T - 1)
             got = hooks_acts(model, contexts[start:start + batch_size], hooks, bf16)
             for h, tmp in zip(hooks, tmps):
                 rows = got[h].reshape(-1, got[h].shape[-1]).double()  # (B*(T-1), D)
                 if h not in outs:  # the width is known once the model has run
                     outs[h] = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
-                                                        shape=(n_tokens, rows.shape[1]))
+                                                        shape=(n_rows, rows.shape[1]))
                     totals[h] = torch.zeros(rows.shape[1], dtype=torch.float64)  # (D,)
-                totals[h] += rows.sum(0)
-                outs[h][perm[first:first + len(rows)]] = (rows * scales[h]).float().numpy()
+                    sinks[h] = np.zeros(n_rows, dtype=bool)  # in file order
+                max_norm = norms[h][1]
+                sink = rows.norm(dim=-1) > (math.inf if max_norm is None else max_norm)  # (B*(T-1),)
+                totals[h] += rows[~sink].sum(0)
+                where = perm[first:first + len(rows)]
+                sinks[h][where] = sink.numpy()
+                outs[h][where] = (rows * (norms[h][0] if normalize else 1.0)).float().numpy()
             if bar:
                 bar.update(first + len(rows))
-        for h, path, tmp in zip(hooks, paths, tmps):
+        for h, path, tmp, final in zip(hooks, paths, tmps, finals):
             outs[h].flush()
-            d = outs.pop(h).shape[1]
+            src = outs.pop(h)
+            n_keep, d = int((~sinks[h]).sum()), src.shape[1]
+            if n_keep == 0:
+                raise ValueError(f"every position at {h} is above max_norm; nothing to store")
+            if n_keep < n_rows:  # pass 2: the kept rows, in file order, to a file of their own
+                dst = np.lib.format.open_memmap(final, mode="w+", dtype=np.float32, shape=(n_keep, d))
+                at, step = 0, 65_536
+                for i in range(0, n_rows, step):
+                    block = src[i:i + step][~sinks[h][i:i + step]]
+                    dst[at:at + len(block)] = block
+                    at += len(block)
+                dst.flush()
+                del dst
+                tmp.unlink()
+                tmp = final
+            del src
             meta = {
-                "model": model_name, "hook": h, "n_tokens": n_tokens, "d": d,
-                "scale": scales[h], "normalized": normalize, "dtype": "float32",
+                "model": model_name, "hook": h, "n_tokens": n_keep, "d": d,
+                "scale": norms[h][0] if normalize else 1.0, "normalized": normalize, "dtype": "float32",
                 "compute_dtype": "bfloat16" if bf16 else "float32",
                 "n_contexts": n_ctx, "ctx_len": T, "bos_dropped": True, "seed": seed,
-                "mean": (totals[h] / n_tokens).tolist(),  # raw units, for mean-ablation
+                "max_norm": norms[h][1], "max_norm_multiple": max_norm_multiple, "n_sinks_dropped": n_rows - n_keep,
+                "mean": (totals[h] / n_keep).tolist(),  # raw units, for mean-ablation
                 "corpus": corpus or {}, "file": path.name,
             }
             os.replace(tmp, path)
@@ -160,11 +214,11 @@ def collect_many(model, contexts, hooks: list, paths: list, model_name: str = ""
             metas.append(meta)
     finally:
         outs.clear()  # close the memmaps before removing what is left of them
-        for tmp in tmps:
+        for tmp in tmps + finals:
             if tmp.exists():
                 tmp.unlink()
     if bar:
-        bar.close(n_tokens)
+        bar.close(n_rows)
     return metas
 
 

@@ -7,14 +7,16 @@ contexts idx (B, T), BOS at position 0, four forward passes per batch (two in a 
 `baselines` computes clean, zero and mean once):
 
     clean   the model untouched
-    sae     positions 1..T-1 of the hook's activation x replaced by
+    sae     the SAE's positions of the hook's activation x replaced by
             x_hat = sae(x * scale) / scale     (the SAE was trained on x * scale, see
                                                 minisae.activations; this undoes it)
-    zero    positions 1..T-1 replaced by 0                      (zero-ablation)
-    mean    positions 1..T-1 replaced by the mean training activation, raw units
+    zero    the same positions replaced by 0                    (zero-ablation)
+    mean    the same positions replaced by the mean training activation, raw units
 
-Position 0 (BOS) keeps its clean activation in every variant: the SAE never saw it in
-training (minisae.activations drops it) and its outlier norm would dominate.
+The SAE's positions are minisae.activations.sae_positions: all but position 0 (BOS) and
+the attention sinks above max_norm (the sidecar's; None for none). Those keep their clean
+activation in every variant: the SAE never saw them in training and their outlier norm
+would dominate. The fraction left clean is reported as `sink_frac`.
 
     CE_v   = mean of -log p_v(idx[b, t+1] | idx[b, :t+1]) over contexts b and the T-2
              predictions made at positions t = 1..T-2 (targets idx[:, 2:])
@@ -38,17 +40,18 @@ import math
 import torch
 import torch.nn.functional as F
 
-from minisae.activations import model_device
+from minisae.activations import model_device, sae_positions
 from minisae.data import Progress
 from minisae.metrics import Accumulator
 
-def splice_hook(replace):
-    """A hook that replaces positions 1..T-1 of the activation with replace(act[:, 1:])
-    (shape (B, T-1, D)) and keeps the clean BOS activation at position 0."""
+def splice_hook(replace, max_norm=None):
+    """A hook that replaces the rows act[keep] (N, D), keep = sae_positions(act, max_norm),
+    with replace(act[keep]) and keeps the clean activation everywhere else (BOS, sinks)."""
 
     def hook(act):  # act (B, T, D)
+        keep = sae_positions(act, max_norm)  # (B, T)
         out = act.clone()
-        out[:, 1:] = replace(act[:, 1:]).to(act.dtype)
+        out[keep] = replace(act[keep]).to(act.dtype)
         return out
 
     return hook
@@ -69,9 +72,9 @@ def _check(model, contexts, hook, mean_act):
     return torch.as_tensor(mean_act, dtype=torch.float32, device=model_device(model))  # (D,)
 
 
-def _cross_entropies(model, contexts, hook, replace: dict, batch_size, bf16, verbose) -> dict:
+def _cross_entropies(model, contexts, hook, replace: dict, batch_size, bf16, verbose, max_norm=None) -> dict:
     """Mean CE of the clean model and of each splice in `replace` (name -> function of
-    the (B, T-1, D) activation), and KL(clean || the 'sae' splice) if there is one."""
+    the (N, D) rows the SAE reads), and KL(clean || the 'sae' splice) if there is one."""
     totals = dict.fromkeys(["clean", *replace, "kl"], 0.0)
     n_pred = 0
     was_training = model.training
@@ -83,7 +86,7 @@ def _cross_entropies(model, contexts, hook, replace: dict, batch_size, bf16, ver
         logp_clean = _log_probs(model, idx, None, bf16)  # (B, T-2, V)
         totals["clean"] += F.nll_loss(logp_clean.flatten(0, 1), targets, reduction="sum").item()
         for v, fn in replace.items():
-            logp = _log_probs(model, idx, {hook: splice_hook(fn)}, bf16)  # (B, T-2, V)
+            logp = _log_probs(model, idx, {hook: splice_hook(fn, max_norm)}, bf16)  # (B, T-2, V)
             totals[v] += F.nll_loss(logp.flatten(0, 1), targets, reduction="sum").item()
             if v == "sae":  # KL(clean || sae) = sum_V p_clean (log p_clean - log p_sae)
                 totals["kl"] += F.kl_div(logp, logp_clean, log_target=True, reduction="sum").item()
@@ -102,57 +105,61 @@ def _cross_entropies(model, contexts, hook, replace: dict, batch_size, bf16, ver
 
 @torch.no_grad()
 def baselines(model, contexts, hook: str, mean_act, batch_size: int = 8, bf16: bool = False,
-              verbose: bool = True) -> dict:
+              verbose: bool = True, max_norm=None) -> dict:
     """ce_clean, ce_zero, ce_mean (and n_predictions): the part of `evaluate` that does not
     depend on the SAE. A sweep computes it once and passes it to every `evaluate`."""
     mean_act = _check(model, contexts, hook, mean_act)
-    return _cross_entropies(model, contexts, hook, {"zero": torch.zeros_like,
-                                                    "mean": lambda x: mean_act.expand(x.shape)},
-                            batch_size, bf16, verbose)
+    out = _cross_entropies(model, contexts, hook, {"zero": torch.zeros_like,
+                                                   "mean": lambda x: mean_act.expand(x.shape)},
+                           batch_size, bf16, verbose, max_norm)
+    return {**out, "max_norm": max_norm}
 
 
 @torch.no_grad()
 def evaluate(model, sae, contexts, hook: str, mean_act, scale: float = 1.0, batch_size: int = 8,
-             bf16: bool = False, dense_threshold: float = 0.1, baselines=None, verbose: bool = True) -> dict:
+             bf16: bool = False, dense_threshold: float = 0.1, baselines=None, verbose: bool = True,
+             max_norm=None) -> dict:
     """LM-side and SAE-side metrics of `sae` spliced in at `hook` over `contexts` (N, T).
 
     mean_act: (D,) mean raw activation at the hook over the training data (the sidecar's
     'mean'); scale: the factor the SAE's training activations were multiplied by;
+    max_norm: the sidecar's sink threshold, raw units (positions above it stay clean);
     baselines: the output of `baselines(...)` on the same contexts, to skip the zero and
     mean forwards (2 forward passes per batch instead of 4).
     Returns ce_clean, ce_sae, ce_zero, ce_mean, kl, loss_recovered_zero,
     loss_recovered_mean, l0, fvu, mse, shrinkage_gamma, dead_frac, dense_frac,
-    log10_density (per latent, None if it never fired), n_predictions, n_tokens.
+    log10_density (per latent, None if it never fired), n_predictions, n_tokens (the
+    positions the SAE replaced), sink_frac (positions >= 1 left clean as sinks).
     """
     mean_act = _check(model, contexts, hook, mean_act)
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive number, got {scale}")
     acc = None
 
-    def sae_replace(x):  # x (B, T-1, D), raw units
+    def sae_replace(x):  # x (N, D), raw units
         nonlocal acc
-        xs = x.reshape(-1, x.shape[-1]).float() * scale  # (B*(T-1), D), the SAE's units
+        xs = x.float() * scale  # (N, D), the SAE's units
         if xs.shape[1] != mean_act.shape[0]:
             raise ValueError(f"activation width {xs.shape[1]} at {hook} != mean_act width {mean_act.shape[0]}")
         with torch.autocast(xs.device.type, enabled=False):  # the SAE runs in float32
-            f = sae.encode(xs)  # (B*(T-1), F)
-            x_hat = sae.decode(f)  # (B*(T-1), D)
+            f = sae.encode(xs)  # (N, F)
+            x_hat = sae.decode(f)  # (N, D)
         if acc is None:
             acc = Accumulator(f.shape[-1])
         acc.add(xs, x_hat, f)
-        return (x_hat / scale).view(x.shape)
+        return x_hat / scale
 
     replace = {"sae": sae_replace}
     if baselines is None:
         replace.update(zero=torch.zeros_like, mean=lambda x: mean_act.expand(x.shape))
     was_training = sae.training
     sae.eval()
-    out = _cross_entropies(model, contexts, hook, replace, batch_size, bf16, verbose)
+    out = _cross_entropies(model, contexts, hook, replace, batch_size, bf16, verbose, max_norm)
     sae.train(was_training)
     if baselines is not None:
-        if baselines["n_predictions"] != out["n_predictions"] or not math.isclose(
-                baselines["ce_clean"], out["ce_clean"], rel_tol=1e-6):
-            raise ValueError("baselines were computed on other contexts (or another model): "
+        if baselines["n_predictions"] != out["n_predictions"] or baselines.get("max_norm") != max_norm or \
+                not math.isclose(baselines["ce_clean"], out["ce_clean"], rel_tol=1e-6):
+            raise ValueError("baselines were computed on other contexts (or another model or max_norm): "
                              f"ce_clean {baselines['ce_clean']} vs {out['ce_clean']} here")
         out.update(ce_zero=baselines["ce_zero"], ce_mean=baselines["ce_mean"])
     for a in ("zero", "mean"):
@@ -160,4 +167,5 @@ def evaluate(model, sae, contexts, hook: str, mean_act, scale: float = 1.0, batc
         out[f"loss_recovered_{a}"] = (out[f"ce_{a}"] - out["ce_sae"]) / gap if gap != 0 else float("nan")
     out.update(acc.result(dense_threshold))
     out["n_tokens"] = acc.n
+    out["sink_frac"] = 1 - acc.n / (len(contexts) * (contexts.shape[1] - 1))
     return out

@@ -170,9 +170,11 @@ class LatentStats:
 
 @torch.no_grad()
 def scan(model, sae, hook: str, scale: float, contexts, latents=(), k: int = 10, ids=None,
-         batch_size: int = 8, bf16: bool = False, verbose: bool = True):
-    """One pass over contexts (N, T): (stats for all latents, TopExamples of `latents`)."""
-    from minisae.activations import hook_acts
+         batch_size: int = 8, bf16: bool = False, verbose: bool = True, max_norm=None):
+    """One pass over contexts (N, T): (stats for all latents, TopExamples of `latents`).
+    Attention sinks above max_norm (the SAE file's) are not read: their codes count as 0
+    and they are left out of the stats, as in training (minisae.activations)."""
+    from minisae.activations import hook_acts, sae_positions
     from minisae.data import Progress
     if latents:
         check_latents(latents, sae.n_latents)
@@ -182,8 +184,9 @@ def scan(model, sae, hook: str, scale: float, contexts, latents=(), k: int = 10,
     for s in range(0, len(contexts), batch_size):
         idx = contexts[s:s + batch_size]  # (B, T)
         x = hook_acts(model, idx, hook, bf16)  # (B, T-1, D), raw units
-        f = sae.encode(x.reshape(-1, x.shape[-1]) * scale)  # (B*(T-1), F)
-        stats.add(f)
+        keep = sae_positions(x, max_norm, bos=False).flatten()  # (B*(T-1),)
+        f = sae.encode(x.reshape(-1, x.shape[-1]) * scale) * keep[:, None]  # (B*(T-1), F)
+        stats.add(f[keep])
         if top.latents:
             top.add(idx, f[:, top.latents].view(*x.shape[:2], -1), ids[s:s + batch_size])  # (B, T-1, L)
         if bar:
@@ -338,7 +341,8 @@ def run_cli(args):
     latents = parse_latents(args.latents, sae.n_latents) if args.latents else None
     contexts = load_text(args, tok, meta["model"])
     if latents is None:  # a first pass ranks all latents; the second keeps the examples
-        stats, _ = scan(model, sae, meta["hook"], meta["scale"], contexts, bf16=args.bf16)
+        stats, _ = scan(model, sae, meta["hook"], meta["scale"], contexts, bf16=args.bf16,
+                        max_norm=meta.get("max_norm"))
         if args.by == "random":
             live = torch.tensor(stats["density"]).nonzero()[:, 0]  # (n_live,)
             pick = torch.randperm(len(live), generator=torch.Generator().manual_seed(args.seed))[:args.top]
@@ -346,7 +350,8 @@ def run_cli(args):
         else:
             key = {"density": "density", "max": "max", "mean": "mean_active"}[args.by]
             latents = torch.tensor(stats[key]).topk(min(args.top, sae.n_latents)).indices.tolist()
-    stats, top = scan(model, sae, meta["hook"], meta["scale"], contexts, latents, k=args.k, bf16=args.bf16)
+    stats, top = scan(model, sae, meta["hook"], meta["scale"], contexts, latents, k=args.k, bf16=args.bf16,
+                      max_norm=meta.get("max_norm"))
     rows = report(model, tok, sae, stats, top)
     print(f"{meta['model']} {meta['hook']}, {stats['n_tokens']:,} tokens of the {args.split} split")
     print_report(rows, tok)

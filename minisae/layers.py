@@ -96,12 +96,14 @@ def run(model_name="smollm2", weights=None, site="resid_post", variant="topk", s
                                  corpus=corpus, bf16=bf16, seed=seed)
         for L, path in zip(chunk, paths):
             acts, meta = activations.load_activations(path, model_name=model_name, hook=hooks[L])
-            print(f"layer {L} ({hooks[L]}), scale {meta['scale']:.4g}", file=sys.stderr)
-            base = evaluate.baselines(model, heldout, hooks[L], meta["mean"], bf16=bf16)
+            print(f"layer {L} ({hooks[L]}), scale {meta['scale']:.4g}, {meta['n_sinks_dropped']:,} sink "
+                  f"positions dropped", file=sys.stderr)
+            base = evaluate.baselines(model, heldout, hooks[L], meta["mean"], bf16=bf16, max_norm=meta["max_norm"])
             row = lm.train_one(model, model_name, acts, meta, heldout, base, variant, knob, value, out,
                                name=f"{hooks[L]}-{variant}-{knob}{value}", tokens=tokens, expansion=expansion,
                                batch_size=batch_size, lr=lr, bf16=bf16, seed=seed + L)
-            rows.append({"layer": L, "hook": hooks[L], "scale": meta["scale"], **row})
+            rows.append({"layer": L, "hook": hooks[L], "scale": meta["scale"], "max_norm": meta["max_norm"],
+                         "n_sinks_dropped": meta["n_sinks_dropped"], **row})
             results = {"model": model_name, "site": site, "variant": variant, "knob": knob, "value": value,
                        "stored_tokens": meta["n_tokens"], "heldout_tokens": heldout.numel(), "bf16": bf16,
                        "lr": lr, "batch_size": batch_size, "expansion": expansion, "rows": rows}

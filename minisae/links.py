@@ -54,17 +54,18 @@ def ablation_edges(model, sae_a, meta_a, sae_b, meta_b, contexts, sources, batch
                    bf16: bool = False, verbose: bool = True):
     """edge (S, F_b): the mean over tokens (positions 1..T-1) of the change of every latent
     of B when each source latent of A is removed (see the module docstring)."""
-    from minisae.activations import model_device
+    from minisae.activations import model_device, sae_positions
     from minisae.data import Progress
     check_latents(sources, sae_a.n_latents)
     device = model_device(model)
     (hook_a, scale_a), (hook_b, scale_b) = (meta_a["hook"], meta_a["scale"]), (meta_b["hook"], meta_b["scale"])
     check_order(model, hook_a, hook_b)
 
-    def run(idx, hooks):  # B's codes at positions 1..T-1: (b, T-1, F_b)
+    def run(idx, hooks, keep=None):  # B's codes at positions 1..T-1 (b, T-1, F_b), 0 at B's sinks
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             x = model(idx, hooks=hooks, stop_at=hook_b)[:, 1:].float()  # (b, T-1, D)
-        return sae_b.encode(x.reshape(-1, x.shape[-1]) * scale_b).view(*x.shape[:2], -1)
+        keep = sae_positions(x, meta_b.get("max_norm"), bos=False) if keep is None else keep  # (b, T-1)
+        return sae_b.encode(x.reshape(-1, x.shape[-1]) * scale_b).view(*x.shape[:2], -1) * keep[..., None], keep
 
     edges = torch.zeros(len(sources), sae_b.n_latents, dtype=torch.float64)  # (S, F_b)
     n_tokens = 0
@@ -72,9 +73,10 @@ def ablation_edges(model, sae_a, meta_a, sae_b, meta_b, contexts, sources, batch
     for s in range(0, len(contexts), batch_size):
         idx = contexts[s:s + batch_size].to(device)  # (B, T)
         seen = []
-        f_b = run(idx, {hook_a: lambda act: seen.append(act[:, 1:].float())})  # (B, T-1, F_b); reads A's hook
+        f_b, keep_b = run(idx, {hook_a: lambda act: seen.append(act[:, 1:].float())})  # (B, T-1, F_b); reads A's hook
         x_a = seen[0]  # (B, T-1, D), raw units
-        f_a = sae_a.encode(x_a.reshape(-1, x_a.shape[-1]) * scale_a).view(*x_a.shape[:2], -1)  # (B, T-1, F_a)
+        keep_a = sae_positions(x_a, meta_a.get("max_norm"), bos=False)[..., None]  # (B, T-1, 1): A's sinks stay
+        f_a = sae_a.encode(x_a.reshape(-1, x_a.shape[-1]) * scale_a).view(*x_a.shape[:2], -1) * keep_a  # (B, T-1, F_a)
         n_tokens += f_a.shape[0] * f_a.shape[1]
         for n, i in enumerate(sources):
             fires = (f_a[..., i] > 0).any(1)  # (B,): contexts where latent i is on somewhere
@@ -87,7 +89,8 @@ def ablation_edges(model, sae_a, meta_a, sae_b, meta_b, contexts, sources, batch
                 out[:, 1:] -= remove.to(act.dtype)
                 return out
 
-            edges[n] += (f_b[fires] - run(idx[fires], {hook_a: ablate})).double().sum((0, 1)).cpu()
+            f_b_ablated, _ = run(idx[fires], {hook_a: ablate}, keep_b[fires])
+            edges[n] += (f_b[fires] - f_b_ablated).double().sum((0, 1)).cpu()
         if bar:
             bar.update(s + len(idx))
     if bar:
@@ -179,7 +182,8 @@ def run_cli(args):
         raise ValueError(f"the SAEs read activations of different widths ({sae_a.d} vs {sae_b.d})")
     check_order(model, meta_a["hook"], meta_b["hook"])
     contexts = load_text(args, tok, meta_a["model"])
-    stats_a, _ = scan(model, sae_a, meta_a["hook"], meta_a["scale"], contexts, bf16=args.bf16)
+    stats_a, _ = scan(model, sae_a, meta_a["hook"], meta_a["scale"], contexts, bf16=args.bf16,
+                       max_norm=meta_a.get("max_norm"))
     if args.latents:
         sources = parse_latents(args.latents, sae_a.n_latents)
     else:  # the most often active latents: each source costs one forward per context it fires in
@@ -195,9 +199,11 @@ def run_cli(args):
     both = [r for r in rows if r["best_match"] == r["strongest_edge"] and r["edge"] != 0]
 
     # top tokens of the sources and of their matches, from their max-activating examples
-    _, top_a = scan(model, sae_a, meta_a["hook"], meta_a["scale"], contexts, sources, k=5, bf16=args.bf16)
+    _, top_a = scan(model, sae_a, meta_a["hook"], meta_a["scale"], contexts, sources, k=5, bf16=args.bf16,
+                    max_norm=meta_a.get("max_norm"))
     targets = sorted({r["best_match"] for r in rows} | {r["strongest_edge"] for r in rows})
-    _, top_b = scan(model, sae_b, meta_b["hook"], meta_b["scale"], contexts, targets, k=5, bf16=args.bf16)
+    _, top_b = scan(model, sae_b, meta_b["hook"], meta_b["scale"], contexts, targets, k=5, bf16=args.bf16,
+                    max_norm=meta_b.get("max_norm"))
     for r in rows:
         r["tokens_a"] = top_tokens(tok, top_a.result(r["source"]))
         r["tokens_b"] = top_tokens(tok, top_b.result(r["strongest_edge"]))

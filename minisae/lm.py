@@ -65,10 +65,11 @@ def activation_batches(acts, batch_size: int, seed: int):
 def collect(model, tokenizer, model_name, hook, n_tokens, path, ctx_len, bf16, text=None, seed=0):
     """Collect (or reuse) the activation file for the training split; return its metadata."""
     from minisae import activations, data
+    from minisae.activations import MAX_NORM_MULTIPLE
     corpus = {"split": "train", "max_tokens": n_tokens, "text": text}
     if path.exists() and activations.sidecar_path(path).exists():
         _, meta = activations.load_activations(path, model_name=model_name, hook=hook)
-        if meta["corpus"] == corpus and meta["ctx_len"] == ctx_len:
+        if meta["corpus"] == corpus and meta["ctx_len"] == ctx_len and meta.get("max_norm_multiple") == MAX_NORM_MULTIPLE:
             print(f"reusing {path} ({meta['n_tokens']:,} tokens)", file=sys.stderr)
             return meta
     contexts = data.load_contexts(tokenizer, name=model_name, split="train", ctx_len=ctx_len,
@@ -95,17 +96,34 @@ def train_one(model, model_name, acts, meta, heldout, base, variant, knob, value
     print(f"{variant} {knob}={value}", file=sys.stderr)
     result = train(sae, activation_batches(acts, batch_size, seed), cfg)
     ev = evaluate.evaluate(model, sae, heldout, meta["hook"], meta["mean"], scale=meta["scale"], bf16=bf16,
-                           baselines=base)
+                           baselines=base, max_norm=meta["max_norm"])
     counts, edges = density_histogram(ev.pop("log10_density"))
     sae.save(out / "saes" / f"{name}.pt", model=model_name, hook=meta["hook"], scale=meta["scale"],
-             settings=settings)
+             max_norm=meta["max_norm"], settings=settings)
     row = {"variant": variant, "knob": knob, "value": value, **ev,
-           "train_tokens": result["train_samples"], "train_seconds": result["train_seconds"],
+           "train_tokens_asked": tokens, "train_tokens": result["train_samples"], "train_seconds": result["train_seconds"],
            "n_passes": result["train_samples"] / meta["n_tokens"], "n_latents": sae.n_latents,
            "density_hist": {"counts": counts, "edges": edges}, "sae": f"saes/{name}.pt"}
     print(f"  -> L0 {row['l0']:.1f}  FVU {row['fvu']:.3f}  loss recovered mean {row['loss_recovered_mean']:.3f}"
           f" zero {row['loss_recovered_zero']:.3f}  ({row['train_seconds']:.0f}s)", file=sys.stderr)
     return row
+
+
+def finished_rows(out, model_name, hook, meta, heldout_tokens, bf16, lr, batch_size, tokens) -> dict:
+    """{(variant, knob, value): row} of an earlier, interrupted run into the same `out` with
+    the same model, hook, activations, evaluation and training settings, whose SAE file is
+    there: a sweep can be stopped and started again without training anything twice."""
+    path = out / "lm_results.json"
+    if not path.exists():
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        old = json.load(fh)
+    same = (old.get("model"), old.get("hook"), old.get("heldout_tokens"), old.get("bf16"), old.get("lr"),
+            old.get("batch_size"), old.get("activations", {}).get("n_tokens"), old.get("activations", {}).get("scale"))
+    if same != (model_name, hook, heldout_tokens, bf16, lr, batch_size, meta["n_tokens"], meta["scale"]):
+        return {}
+    return {(r["variant"], r["knob"], r["value"]): r for r in old.get("rows", [])
+            if r.get("train_tokens_asked") == tokens and (out / r["sae"]).exists()}
 
 
 def run(model_name="gpt2", weights=None, layer=6, site="resid_pre", tokens=4_000_000, collect_tokens=None,
@@ -137,15 +155,22 @@ def run(model_name="gpt2", weights=None, layer=6, site="resid_pre", tokens=4_000
           file=sys.stderr)
 
     rows = []
-    base = evaluate.baselines(model, heldout, hook, meta["mean"], bf16=bf16)
+    base = evaluate.baselines(model, heldout, hook, meta["mean"], bf16=bf16, max_norm=meta["max_norm"])
+    done = finished_rows(out, model_name, hook, meta, heldout.numel(), bf16, lr, batch_size, tokens)
     for variant in variants:
         knob, values = sweeps[variant]
         for value in values:
+            key = (variant, knob, value)
+            if key in done:
+                print(f"{variant} {knob}={value}: reusing the finished row in {out / 'lm_results.json'}",
+                      file=sys.stderr)
+                rows.append(done[key])
+                continue
             rows.append(train_one(model, model_name, acts, meta, heldout, base, variant, knob, value, out,
                                   name=f"{variant}-{knob}{value}", tokens=tokens, expansion=expansion,
                                   batch_size=batch_size, lr=lr, bf16=bf16, seed=seed))
             results = {"model": model_name, "hook": hook, "activations": {k: meta[k] for k in
-                       ("n_tokens", "d", "scale", "compute_dtype", "ctx_len")},
+                       ("n_tokens", "d", "scale", "max_norm", "n_sinks_dropped", "compute_dtype", "ctx_len")},
                        "heldout_tokens": heldout.numel(), "bf16": bf16, "lr": lr, "batch_size": batch_size,
                        "rows": rows}
             with open(out / "lm_results.json", "w") as fh:  # rewritten after every SAE: nothing lost

@@ -61,7 +61,8 @@ def typical_activation(model, sae, meta, contexts, latent: int, unit: str = "mea
     if unit not in ("mean", "max"):
         raise ValueError(f"unit must be 'mean' or 'max', got {unit!r}")
     check_latents([latent], sae.n_latents)
-    stats, _ = scan(model, sae, meta["hook"], meta["scale"], contexts, bf16=bf16, verbose=False)
+    stats, _ = scan(model, sae, meta["hook"], meta["scale"], contexts, bf16=bf16, verbose=False,
+                    max_norm=meta.get("max_norm"))
     if stats["density"][latent] == 0:
         raise ValueError(f"latent {latent} never fired on {stats['n_tokens']:,} tokens; its typical size is "
                          "unknown: scan more text (--calib-tokens) or pick a live latent")

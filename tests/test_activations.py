@@ -177,3 +177,39 @@ def _zero_model(model):
         for p in model.parameters():
             p.zero_()
     return model
+
+
+def test_sae_positions_leave_out_bos_and_sinks():
+    act = torch.ones(2, 5, 3)
+    act[0, 2] *= 100  # a sink
+    keep = A.sae_positions(act, max_norm=10.0)
+    assert keep.tolist() == [[False, True, False, True, True], [False, True, True, True, True]]
+    assert A.sae_positions(act).tolist() == [[False] + [True] * 4] * 2  # no limit: only BOS
+    assert A.sae_positions(act[:, 1:], 10.0, bos=False).tolist() == [[True, False, True, True], [True] * 4]
+
+
+def test_attention_sinks_are_dropped_and_the_rest_kept_in_shuffled_order(setup):
+    model, contexts, _, tmp = setup
+    with torch.no_grad():
+        model.wte.weight[7] *= 1000  # token 7: a planted sink, norm far above the others
+        raw = model(contexts, stop_at=HOOK)[:, 1:].reshape(-1, model.d_model).double()  # (N, D)
+    norms = raw.norm(dim=1)
+    max_norm = A.MAX_NORM_MULTIPLE * norms.median().item()  # 40 contexts: the estimate sees all
+    sink = norms > max_norm
+    assert 0 < sink.sum() < 0.2 * len(raw)
+    meta = A.collect_activations(model, contexts, HOOK, tmp / "acts.npy", verbose=False)
+    acts, _ = A.load_activations(tmp / "acts.npy")
+    assert math.isclose(meta["max_norm"], max_norm, rel_tol=1e-12)
+    assert meta["n_sinks_dropped"] == sink.sum() and meta["n_tokens"] == len(raw) - sink.sum()
+    kept = raw[~sink]
+    assert math.isclose(meta["scale"], 4.0 / kept.norm(dim=1).mean().item(), rel_tol=1e-12)  # sinks left out
+    np.testing.assert_allclose(meta["mean"], kept.mean(0).numpy(), rtol=1e-12, atol=1e-12)
+    # the order: run row j goes to row perm[j], then the sink rows are taken out
+    perm = np.random.default_rng(0).permutation(len(raw))
+    full, is_sink = np.empty((len(raw), 16), np.float32), np.empty(len(raw), bool)
+    full[perm], is_sink[perm] = (raw * meta["scale"]).float().numpy(), sink.numpy()
+    np.testing.assert_array_equal(acts, full[~is_sink])
+    assert sorted(os.listdir(tmp)) == ["acts.json", "acts.npy"]  # no temp files left
+    everything = A.collect_activations(model, contexts, HOOK, tmp / "all.npy", max_norm_multiple=None,
+                                       verbose=False)
+    assert everything["n_tokens"] == len(raw) and everything["max_norm"] is None

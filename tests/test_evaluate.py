@@ -73,8 +73,15 @@ def lm():
     return model, contexts, mean
 
 
-def run(model, sae, contexts, mean, scale):
-    return E.evaluate(model, sae, contexts, HOOK, mean, scale=scale, batch_size=4, verbose=False)
+def run(model, sae, contexts, mean, scale, max_norm=None):
+    return E.evaluate(model, sae, contexts, HOOK, mean, scale=scale, batch_size=4, verbose=False,
+                      max_norm=max_norm)
+
+
+def median_norm(model, contexts):
+    """A max_norm that makes about half the positions 'sinks': a hard test of the mask."""
+    with torch.no_grad():
+        return model(contexts, stop_at=HOOK)[:, 1:].norm(dim=-1).median().item()
 
 
 def test_identity_recovers_everything_exactly(lm):
@@ -128,8 +135,9 @@ def test_bos_is_never_replaced(lm):
         torch.testing.assert_close(out[:, 1:], want, rtol=1e-6, atol=1e-6)
 
 
-def naive(model, sae, contexts, mean, scale):
-    """One context at a time, one position at a time, float64 log-softmax."""
+def naive(model, sae, contexts, mean, scale, max_norm=None):
+    """One context at a time, one position at a time, float64 log-softmax; positions
+    whose norm is above max_norm keep their clean activation."""
     ce = {"clean": [], "sae": [], "zero": [], "mean": []}
     kl, xs, fs, x_hats = [], [], [], []
     for idx in contexts:
@@ -138,6 +146,10 @@ def naive(model, sae, contexts, mean, scale):
             act = model(idx, stop_at=HOOK)[0]  # (T, D)
             rows = {"sae": [act[0]], "zero": [act[0]], "mean": [act[0]]}
             for t in range(1, idx.shape[1]):
+                if max_norm is not None and act[t].norm() > max_norm:
+                    for v in rows:
+                        rows[v].append(act[t])
+                    continue
                 x = act[t] * scale
                 f = sae.encode(x[None])[0]
                 x_hat = sae.decode(f[None])[0]
@@ -168,11 +180,12 @@ def naive(model, sae, contexts, mean, scale):
     return out
 
 
-@pytest.mark.parametrize("scale", [1.0, 0.37])
-def test_against_naive_reference(lm, scale):
+@pytest.mark.parametrize("scale,sinks", [(1.0, False), (0.37, False), (0.37, True)])
+def test_against_naive_reference(lm, scale, sinks):
     model, contexts, mean = lm
     sae = ReluSAE()
-    got, want = run(model, sae, contexts, mean, scale), naive(model, sae, contexts, mean, scale)
+    max_norm = median_norm(model, contexts) if sinks else None
+    got, want = run(model, sae, contexts, mean, scale, max_norm), naive(model, sae, contexts, mean, scale, max_norm)
     assert 0 < got["l0"] < 40 and 0 < got["fvu"]  # a non-trivial SAE
     for key in ("ce_clean", "ce_sae", "ce_zero", "ce_mean", "kl", "fvu", "loss_recovered_zero",
                 "loss_recovered_mean"):
@@ -189,13 +202,33 @@ def test_precomputed_baselines_give_the_same_numbers(lm):
     model, contexts, mean = lm
     sae = ReluSAE()
     base = E.baselines(model, contexts, HOOK, mean, batch_size=4, verbose=False)
-    assert set(base) == {"ce_clean", "ce_zero", "ce_mean", "n_predictions"}
+    assert set(base) == {"ce_clean", "ce_zero", "ce_mean", "n_predictions", "max_norm"}
     full = run(model, sae, contexts, mean, 0.37)
     fast = E.evaluate(model, sae, contexts, HOOK, mean, scale=0.37, batch_size=4, baselines=base, verbose=False)
     assert fast == full
     other = E.baselines(model, contexts[:6], HOOK, mean, verbose=False)
     with pytest.raises(ValueError, match="other contexts"):
         E.evaluate(model, sae, contexts, HOOK, mean, baselines=other, verbose=False)
+    with pytest.raises(ValueError, match="max_norm"):  # same contexts, other sink threshold
+        E.evaluate(model, sae, contexts, HOOK, mean, baselines=base, verbose=False, max_norm=1.0)
+
+
+def test_sinks_are_never_replaced(lm):
+    _, contexts, mean = lm
+    model, sae, scale = RecordingLM().eval(), ReluSAE(), 3.0
+    max_norm = median_norm(model, contexts)
+    r = run(model, sae, contexts, mean, scale, max_norm)
+    n_keep = 0
+    for i, (act, out) in enumerate(model.seen):
+        keep = act.norm(dim=-1) <= max_norm  # (B, T)
+        keep[:, 0] = False
+        assert 0 < keep.sum() < keep[:, 1:].numel()
+        assert torch.equal(out[~keep], act[~keep])  # BOS and sinks keep their clean activation
+        rows = act[keep]
+        want = [sae(rows * scale) / scale, torch.zeros_like(rows), mean.expand(rows.shape)][i % 3]
+        torch.testing.assert_close(out[keep], want, rtol=1e-6, atol=1e-6)
+        n_keep += int(keep.sum()) if i % 3 == 0 else 0
+    assert r["n_tokens"] == n_keep and math.isclose(r["sink_frac"], 1 - n_keep / (10 * 11))
 
 
 def test_bad_inputs_raise(lm):
