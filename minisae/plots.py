@@ -100,6 +100,7 @@ def lm_figures(results: dict, out_dir: Path):
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, base in zip(axes, ("mean", "zero")):
+        ax.axvspan(30, 60, color="0.9", zorder=0)  # where the issue compares variants at matched L0
         for v, rs in groups.items():
             ax.plot([r["l0"] for r in rs], [r[f"loss_recovered_{base}"] for r in rs], "o-",
                     color=COLORS.get(v), label=v)

@@ -49,9 +49,10 @@ needs_vocab = pytest.mark.skipif(
 
 @needs_vocab
 def test_lm_gpt2_random(tmp_path):
-    main(["lm", "--model", "gpt2-random", "--layer", "1", "--site", "resid_post", "--tokens", "20480",
-          "--variants", "relu,topk", "--sweep", "topk:k=8,16", "--sweep", "relu:sparsity_coef=1",
-          "--expansion", "2", "--batch-size", "512", "--eval-tokens", "2048", "--out", str(tmp_path)])
+    args = ["lm", "--model", "gpt2-random", "--layer", "1", "--site", "resid_post", "--tokens", "20480",
+            "--variants", "relu,topk", "--sweep", "relu:sparsity_coef=1", "--expansion", "2",
+            "--batch-size", "512", "--eval-tokens", "2048", "--out", str(tmp_path)]
+    main(args + ["--sweep", "topk:k=8,16"])
     res = json.loads((tmp_path / "lm_results.json").read_text())
     assert res["hook"] == "blocks.1.hook_resid_post"
     assert [(r["variant"], r["value"]) for r in res["rows"]] == [("relu", 1.0), ("topk", 8), ("topk", 16)]
@@ -61,6 +62,12 @@ def test_lm_gpt2_random(tmp_path):
     assert [r["l0"] for r in res["rows"][1:]] == [8.0, 16.0]  # TopK: exactly k active per token
     for name in ("lm_l0_loss_recovered", "lm_fvu_l0", "lm_density"):
         assert (tmp_path / f"{name}.png").exists()
+    # started again with one more value: the finished SAEs are reused, not trained again
+    stamps = [(tmp_path / r["sae"]).stat().st_mtime_ns for r in res["rows"]]
+    main(args + ["--sweep", "topk:k=8,16,4"])
+    again = json.loads((tmp_path / "lm_results.json").read_text())
+    assert again["rows"][:3] == res["rows"] and again["rows"][3]["l0"] == 4.0
+    assert [(tmp_path / r["sae"]).stat().st_mtime_ns for r in res["rows"]] == stamps
 
 
 @pytest.mark.parametrize("args, message", [
