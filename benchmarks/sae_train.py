@@ -5,7 +5,7 @@ gradient projection, Adam step, decoder renormalisation, dead-latent counting; n
 resampling), at d = 576 (SmolLM2-135M's width) with 8x and 16x expansion, batch 4096, in
 fp32 and in bfloat16 autocast (TrainConfig(bf16=True): forward and loss in bf16, weights
 and Adam in fp32). Each variant uses the middle setting of `python -m minisae lm`'s sweep
-(e.g. TopK k=32). The data are random Gaussian batches already in memory, so neither
+(e.g. TopK k=48). The data are random Gaussian batches already in memory, so neither
 reading activations from disk nor the data's sparsity is measured (every variant's
 encoder and decoder are dense matrix multiplies here, whatever L0 is). Median step time
 over --steps steps after --warmup steps; on a shared machine single timings vary by up to

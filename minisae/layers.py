@@ -64,7 +64,7 @@ def run(model_name="smollm2", weights=None, site="resid_post", variant="topk", s
 
     if variant not in lm.SWEEPS:
         raise ValueError(f"unknown variant {variant!r}; valid variants: {', '.join(lm.SWEEPS)}")
-    if setting is None:  # the second value of lm's sweep: topk k=32, relu sparsity_coef=2, ...
+    if setting is None:  # the second value of lm's sweep: topk k=48, relu sparsity_coef=1.5, ...
         setting = f"{lm.SWEEPS[variant][0]}={lm.SWEEPS[variant][1][1]}"
     (knob, values), = lm.parse_sweep([f"{variant}:{setting}"]).values()
     if len(values) != 1:
