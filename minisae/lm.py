@@ -172,10 +172,10 @@ def run(model_name="gpt2", weights=None, layer=6, site="resid_pre", tokens=4_000
                 print(f"{variant} {knob}={value}: reusing the finished row in {out / 'lm_results.json'}",
                       file=sys.stderr)
                 rows.append(done[key])
-                continue
-            rows.append(train_one(model, model_name, acts, meta, heldout, base, variant, knob, value, out,
-                                  name=f"{variant}-{knob}{value}", tokens=tokens, expansion=expansion,
-                                  batch_size=batch_size, lr=lr, bf16=bf16, seed=seed))
+            else:
+                rows.append(train_one(model, model_name, acts, meta, heldout, base, variant, knob, value, out,
+                                      name=f"{variant}-{knob}{value}", tokens=tokens, expansion=expansion,
+                                      batch_size=batch_size, lr=lr, bf16=bf16, seed=seed))
             results = {"model": model_name, "hook": hook, "activations": {k: meta[k] for k in
                        ("n_tokens", "d", "scale", "max_norm", "n_sinks_dropped", "compute_dtype", "ctx_len")},
                        "heldout_tokens": heldout.numel(), "bf16": bf16, "lr": lr, "batch_size": batch_size,

@@ -68,6 +68,11 @@ def test_lm_gpt2_random(tmp_path):
     again = json.loads((tmp_path / "lm_results.json").read_text())
     assert again["rows"][:3] == res["rows"] and again["rows"][3]["l0"] == 4.0
     assert [(tmp_path / r["sae"]).stat().st_mtime_ns for r in res["rows"]] == stamps
+    main(args + ["--sweep", "topk:k=16,4,8"])  # everything finished: only reused, in the new order
+    third = json.loads((tmp_path / "lm_results.json").read_text())
+    assert [(r["variant"], r["value"]) for r in third["rows"]] == [("relu", 1.0), ("topk", 16), ("topk", 4),
+                                                                   ("topk", 8)]
+    assert sorted(map(json.dumps, third["rows"])) == sorted(map(json.dumps, again["rows"]))
 
 
 @pytest.mark.parametrize("args, message", [
