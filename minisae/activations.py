@@ -174,8 +174,7 @@ def collect_many(model, contexts, hooks: list, paths: list, model_name: str = ""
                                                         shape=(n_rows, rows.shape[1]))
                     totals[h] = torch.zeros(rows.shape[1], dtype=torch.float64)  # (D,)
                     sinks[h] = np.zeros(n_rows, dtype=bool)  # in file order
-                max_norm = norms[h][1]
-                sink = rows.norm(dim=-1) > (math.inf if max_norm is None else max_norm)  # (B*(T-1),)
+                sink = ~sae_positions(got[h], norms[h][1], bos=False).flatten()  # (B*(T-1),)
                 totals[h] += rows[~sink].sum(0)
                 where = perm[first:first + len(rows)]
                 sinks[h][where] = sink.numpy()
