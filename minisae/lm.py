@@ -31,7 +31,7 @@ from minisae.train import TrainConfig, train
 # steeply with the L1 coefficient (ReLU: 1 -> L0 ~240 after 500k tokens, 4 -> ~7).
 # TopK and BatchTopK have two values each: what a 2-core CPU afforded in one session
 # (4M tokens per SAE; add k=128 for their high-L0 end when you have the time). JumpReLU's
-# L0 moves little with its coefficient after 4M tokens (1 -> 17.5, 4 -> 12.6).
+# L0 after 4M tokens: 0.1 -> 192, 1 -> 17.5, 4 -> 12.6 (nothing yet in 30-60).
 SWEEPS = {
     "relu": ("sparsity_coef", [1.0, 1.5, 2.0]),
     "gated": ("sparsity_coef", [1.0, 2.0, 4.0]),
@@ -116,7 +116,8 @@ def train_one(model, model_name, acts, meta, heldout, base, variant, knob, value
     return row
 
 
-def finished_rows(out, model_name, hook, meta, heldout_tokens, bf16, lr, batch_size, tokens) -> dict:
+def finished_rows(out, model_name, hook, meta, heldout_tokens, bf16, lr, batch_size, expansion, seed,
+                  tokens) -> dict:
     """{(variant, knob, value): row} of an earlier, interrupted run into the same `out` with
     the same model, hook, activations, evaluation and training settings, whose SAE file is
     there: a sweep can be stopped and started again without training anything twice."""
@@ -126,8 +127,10 @@ def finished_rows(out, model_name, hook, meta, heldout_tokens, bf16, lr, batch_s
     with open(path, encoding="utf-8") as fh:
         old = json.load(fh)
     same = (old.get("model"), old.get("hook"), old.get("heldout_tokens"), old.get("bf16"), old.get("lr"),
-            old.get("batch_size"), old.get("activations", {}).get("n_tokens"), old.get("activations", {}).get("scale"))
-    if same != (model_name, hook, heldout_tokens, bf16, lr, batch_size, meta["n_tokens"], meta["scale"]):
+            old.get("batch_size"), old.get("expansion"), old.get("seed"),
+            old.get("activations", {}).get("n_tokens"), old.get("activations", {}).get("scale"))
+    if same != (model_name, hook, heldout_tokens, bf16, lr, batch_size, expansion, seed, meta["n_tokens"],
+                meta["scale"]):
         return {}
     return {(r["variant"], r["knob"], r["value"]): r for r in old.get("rows", [])
             if r.get("train_tokens_asked") == tokens and (out / r["sae"]).exists()}
@@ -163,7 +166,8 @@ def run(model_name="gpt2", weights=None, layer=6, site="resid_pre", tokens=4_000
 
     rows = []
     base = evaluate.baselines(model, heldout, hook, meta["mean"], bf16=bf16, max_norm=meta["max_norm"])
-    done = finished_rows(out, model_name, hook, meta, heldout.numel(), bf16, lr, batch_size, tokens)
+    done = finished_rows(out, model_name, hook, meta, heldout.numel(), bf16, lr, batch_size, expansion, seed,
+                         tokens)
     for variant in variants:
         knob, values = sweeps[variant]
         for value in values:
@@ -179,7 +183,7 @@ def run(model_name="gpt2", weights=None, layer=6, site="resid_pre", tokens=4_000
             results = {"model": model_name, "hook": hook, "activations": {k: meta[k] for k in
                        ("n_tokens", "d", "scale", "max_norm", "n_sinks_dropped", "compute_dtype", "ctx_len")},
                        "heldout_tokens": heldout.numel(), "bf16": bf16, "lr": lr, "batch_size": batch_size,
-                       "rows": rows}
+                       "expansion": expansion, "seed": seed, "rows": rows}
             with open(out / "lm_results.json", "w") as fh:  # rewritten after every SAE: nothing lost
                 json.dump(results, fh, indent=1)
     plots.lm_figures(results, out)
