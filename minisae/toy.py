@@ -85,7 +85,7 @@ def train_variant(variant, settings, data, cfg: ToyConfig, n_samples: int, log=T
 
 
 @torch.no_grad()
-def evaluate(sae, data, cfg: ToyConfig) -> dict:
+def ground_truth_metrics(sae, data, cfg: ToyConfig) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed + 3)  # held-out samples, the same for all
     xs = [data.sample(4096, gen)[0] for _ in range(cfg.eval_samples // 4096)]
     ev = metrics.evaluate_sae(sae, xs)
@@ -143,7 +143,7 @@ def run(out_dir: Path, seed: int = 0, quick: bool = False, variants=VARIANTS, su
     for v in variants:
         print(f"{v}: main run, {cfg.n_samples:,} samples, {SETTINGS[v]}", file=sys.stderr)
         sae, out = train_variant(v, SETTINGS[v], data, cfg, cfg.n_samples)
-        row = evaluate(sae, data, cfg)
+        row = ground_truth_metrics(sae, data, cfg)
         row.update(train_samples=out["train_samples"], train_seconds=out["train_seconds"], settings=SETTINGS[v],
                    n_latents=cfg.n_latents, batch_size=cfg.batch_size, lr=cfg.lr)
         results["variants"][v] = row
@@ -156,7 +156,7 @@ def run(out_dir: Path, seed: int = 0, quick: bool = False, variants=VARIANTS, su
         for val in values:
             settings = {**SETTINGS[v], knob: val}
             sae, out = train_variant(v, settings, data, cfg, cfg.sweep_samples, log=False)
-            row = evaluate(sae, data, cfg)
+            row = ground_truth_metrics(sae, data, cfg)
             results["sweep"].append({"variant": v, knob: val, **row, "train_samples": out["train_samples"]})
             print(f"  sweep {v} {knob}={val}: l0 {row['l0']:.2f} fvu {row['fvu']:.4f}", file=sys.stderr)
     results["matched_l0_vs_relu"] = matched_l0(results["sweep"]) if "relu" in variants else []

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from toy_models.superposition import (
-    ToyConfig,
+    SuperpositionConfig,
     dimensions_per_feature,
     feature_dimensionality,
     feature_norms,
@@ -111,7 +111,7 @@ def test_sample_features_distribution():
 def test_dense_keeps_top_two_features_sparse_keeps_more():
     # n=5 features, m=2 dims. Dense (S=0): like PCA, only the 2 most important features,
     # orthogonal. Very sparse (S=0.99): superposition, all 5 features (a pentagon).
-    W, _ = train(ToyConfig(n_features=5, n_hidden=2, sparsities=(0.0, 0.99), steps=2000, lr=3e-2))
+    W, _ = train(SuperpositionConfig(n_features=5, n_hidden=2, sparsities=(0.0, 0.99), steps=2000, lr=3e-2))
     dense, sparse = feature_norms(W)  # (G,) each
     assert (dense[:2] > 0.9).all() and (dense[2:] < 0.1).all(), dense
     assert (sparse > 0.5).sum() > 2, sparse
@@ -120,11 +120,11 @@ def test_dense_keeps_top_two_features_sparse_keeps_more():
 
 
 def test_training_is_deterministic_given_seed():
-    cfg = ToyConfig(n_features=6, n_hidden=3, sparsities=(0.0, 0.9), steps=50)
+    cfg = SuperpositionConfig(n_features=6, n_hidden=3, sparsities=(0.0, 0.9), steps=50)
     W1, b1 = train(cfg)
     W2, b2 = train(cfg)
     assert torch.equal(W1, W2) and torch.equal(b1, b2)
-    W3, _ = train(ToyConfig(n_features=6, n_hidden=3, sparsities=(0.0, 0.9), steps=50, seed=1))
+    W3, _ = train(SuperpositionConfig(n_features=6, n_hidden=3, sparsities=(0.0, 0.9), steps=50, seed=1))
     assert not torch.equal(W1, W3)
 
 
@@ -141,7 +141,7 @@ def test_training_is_deterministic_given_seed():
 ])
 def test_bad_config_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        ToyConfig(**kwargs)
+        SuperpositionConfig(**kwargs)
 
 
 def test_hidden_activations():

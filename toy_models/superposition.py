@@ -44,7 +44,7 @@ import torch
 
 
 @dataclass
-class ToyConfig:
+class SuperpositionConfig:
     n_features: int = 5  # n in the paper (G here): features in x
     n_hidden: int = 2  # m in the paper (D here): hidden dimensions, m < n for superposition
     sparsities: tuple[float, ...] = (0.0, 0.9)  # S per instance: P(x_i = 0), in [0, 1)
@@ -87,7 +87,7 @@ def toy_loss(x: torch.Tensor, x_hat: torch.Tensor, importance: torch.Tensor) -> 
     return (importance * (x - x_hat) ** 2).sum(-1).mean(-1)  # (I,)
 
 
-def train(cfg: ToyConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def train(cfg: SuperpositionConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Train all instances in one loop; returns W (I, D, G) and b (I, G)."""
     gen = torch.Generator().manual_seed(cfg.seed)
     I, G, D = len(cfg.sparsities), cfg.n_features, cfg.n_hidden
@@ -281,7 +281,7 @@ def make_figures(out_dir: Path, seed: int = 0, quick: bool = False) -> dict:
     results = {}
     try:
         for name, plot, probs, kwargs in experiments:
-            cfg = ToyConfig(sparsities=tuple(1.0 - p for p in probs), seed=seed, **kwargs)
+            cfg = SuperpositionConfig(sparsities=tuple(1.0 - p for p in probs), seed=seed, **kwargs)
             t0 = time.perf_counter()
             W, _ = train(cfg)  # (I, D, G)
             train_s = time.perf_counter() - t0
