@@ -141,3 +141,88 @@ def test_writer_rejects_bad_input(tmp_path):
         save_safetensors(tmp_path / "x", {"c": np.zeros(2, dtype=np.complex64)})
     with pytest.raises(ValueError, match="str to str"):
         save_safetensors(tmp_path / "x", {"a": np.zeros(2)}, metadata={"n": 1})
+
+
+def test_header_length_short_by_its_padding(tmp_path):
+    """A header length cut by k bytes still parses (the cut falls in the padding spaces) but
+    would shift every tensor by k bytes: the tensors no longer cover the data block."""
+    good = tmp_path / "good.safetensors"
+    save_safetensors(good, {"a": np.arange(5, dtype=np.float32), "b": np.arange(3, dtype=np.int16)})
+    blob = good.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    pad = len(blob[8:8 + n]) - len(blob[8:8 + n].rstrip(b" "))
+    assert pad >= 2  # the test needs a header that is padded
+    for k in range(1, pad + 1):
+        bad = tmp_path / f"short{k}.safetensors"
+        bad.write_bytes((n - k).to_bytes(8, "little") + blob[8:])
+        json.loads(bad.read_bytes()[8:8 + n - k])  # still valid JSON
+        with pytest.raises(ValueError, match=f"{bad}: the tensors cover .* header length {n - k} is wrong"):
+            load_safetensors(bad)
+
+
+def test_tensors_must_tile_the_data_block(tmp_path):
+    entry = lambda b, e: {"dtype": "U8", "shape": [e - b], "data_offsets": [b, e]}
+    cases = [
+        ({"x": entry(0, 4)}, 6, "cover 4 bytes of a 6-byte data block"),                        # trailing bytes
+        ({"x": entry(0, 4), "y": entry(6, 8)}, 8, "'y' at data offset 6 leaves unused bytes"),   # a gap
+        ({"x": entry(0, 4), "y": entry(2, 6)}, 6, "'y' at data offset 2 overlaps"),             # shared bytes
+        ({"x": entry(2, 6)}, 6, "'x' at data offset 2 leaves unused bytes"),                     # not from 0
+        ({"x": entry(0, 4), "e": entry(2, 2)}, 4, "'e' at data offset 2 overlaps"),             # empty inside x
+    ]
+    for i, (header, data_size, message) in enumerate(cases):
+        path = write_raw(tmp_path / f"{i}.safetensors", header, b"\0" * data_size)
+        with pytest.raises(ValueError, match=message):
+            load_safetensors(path)
+    # empty tensors between or after the others are fine, in any header order
+    path = write_raw(tmp_path / "ok.safetensors", {"e2": entry(6, 6), "y": entry(4, 6), "e": entry(4, 4), "x": entry(0, 4)},
+                     bytes(range(6)))
+    loaded = load_safetensors(path)
+    assert loaded["x"].tolist() == [0, 1, 2, 3] and loaded["y"].tolist() == [4, 5] and loaded["e"].size == 0
+
+
+def test_malformed_json_values(tmp_path):
+    entry = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+    data = b"\0" * 8
+    cases = [
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"x": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_001, "nested too deeply"),
+        ({"x": dict(entry, shape=[True, 2])}, "shape must be a list of non-negative ints"),
+        ({"x": dict(entry, shape=[2.0])}, "shape must be a list of non-negative ints"),
+        ({"x": dict(entry, shape=2)}, "shape must be a list"),
+        ({"x": dict(entry, data_offsets=[False, 8])}, r"data_offsets must be \[begin, end\]"),
+        ({"x": dict(entry, data_offsets=[0, 8, 8])}, r"data_offsets must be \[begin, end\]"),
+        ({"x": dict(entry, dtype=["F32"])}, "unknown dtype"),
+        ({"x": dict(entry, dtype=None)}, "unknown dtype"),
+        ({"x": entry, "__metadata__": {"k": 1}}, "__metadata__ must map strings to strings"),
+        ({"x": entry, "__metadata__": ["k"]}, "__metadata__ must map strings to strings"),
+        ({"x": [1, 2]}, "needs dtype, shape and data_offsets"),
+        (b'{"x": ' + json.dumps(entry).encode() + b', "x": ' + json.dumps(entry).encode() + b"}", "'x' appears twice"),
+        (b'{"x": 1e999}', "needs dtype"),
+    ]
+    for i, (header, message) in enumerate(cases):
+        path = write_raw(tmp_path / f"{i}.safetensors", header, data)
+        with pytest.raises(ValueError, match=message) as err:
+            load_safetensors(path)
+        assert str(err.value).startswith(f"{path}: ")
+
+
+@needs_reference
+def test_reference_rejects_what_we_reject(tmp_path):
+    """The cases above that the `safetensors` library can judge, judged by it too."""
+    from safetensors.numpy import load_file
+    good = tmp_path / "good.safetensors"
+    save_safetensors(good, {"a": np.arange(5, dtype=np.float32), "b": np.arange(3, dtype=np.int16)})
+    blob = good.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    entry = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+    bad = [(n - 1).to_bytes(8, "little") + blob[8:], blob + b"\0",
+           write_raw(tmp_path / "t", {"x": dict(entry, shape=[True, 2])}, b"\0" * 8).read_bytes(),
+           write_raw(tmp_path / "g", {"x": dict(entry, data_offsets=[0, 4], shape=[1]),
+                                      "y": dict(entry, data_offsets=[6, 14])}, b"\0" * 14).read_bytes()]
+    for i, content in enumerate(bad):
+        path = tmp_path / f"bad{i}.safetensors"
+        path.write_bytes(content)
+        with pytest.raises(ValueError):
+            load_safetensors(path)
+        with pytest.raises(Exception):
+            load_file(str(path))

@@ -13,8 +13,13 @@ The format is short enough to show in full (https://github.com/huggingface/safet
 
 Nothing in it is executable (unlike pickle checkpoints), but a file from the internet
 still deserves checks before we trust its numbers: a header length that fits the file,
-JSON that parses, a known dtype, a byte range inside the file whose size is
-prod(shape) * itemsize, and no two tensors sharing bytes.
+JSON that parses (no repeated names), a known dtype, a byte range whose size is
+prod(shape) * itemsize, and byte ranges that tile the data block exactly: sorted by
+offset, each tensor starts where the previous one ends, the first at 0, the last at the
+end of the file (the `safetensors` library's own rule, "file not fully covered"). The
+last check is what catches a header length a few bytes short: the JSON still parses
+(the cut falls in its padding spaces), but the data block then starts early and every
+tensor would be read shifted.
 """
 
 import json
@@ -33,6 +38,20 @@ DTYPES = {
 MAX_HEADER_BYTES = 100_000_000  # real headers are kilobytes; a bigger N is a corrupt or hostile file
 
 
+def _unique_keys(pairs) -> dict:
+    """json object_pairs_hook: a name given twice is an error, not "the last one wins"."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"name {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def _is_uint(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0  # JSON true is a Python int
+
+
 def read_header(path) -> tuple:
     """(tensors, metadata, data_start): tensors maps name -> (dtype, shape, (begin, end)),
     every entry checked against the file size. Raises ValueError on anything malformed."""
@@ -48,36 +67,49 @@ def read_header(path) -> tuple:
             raise ValueError(f"{path}: truncated: header length {n} but only {size - 8} bytes follow")
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
         raise ValueError(f"{path}: header is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: header is not valid JSON: nested too deeply") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: header must be a JSON object, got {type(header).__name__}")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{path}: __metadata__ must map strings to strings, got {metadata!r:.200}")
     data_start, data_size = 8 + n, size - 8 - n
     tensors = {}
     for name, info in header.items():
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-            raise ValueError(f"{path}: tensor {name!r}: header entry needs dtype, shape and data_offsets, got {info!r}")
+            raise ValueError(f"{path}: tensor {name!r}: header entry needs dtype, shape and data_offsets, "
+                             f"got {info!r:.200}")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in DTYPES:
-            raise ValueError(f"{path}: tensor {name!r}: unknown dtype {dtype!r}; supported: {', '.join(DTYPES)}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise ValueError(f"{path}: tensor {name!r}: shape must be a list of non-negative ints, got {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise ValueError(f"{path}: tensor {name!r}: data_offsets must be [begin, end], got {offsets!r}")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise ValueError(f"{path}: tensor {name!r}: unknown dtype {dtype!r:.50}; supported: {', '.join(DTYPES)}")
+        if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+            raise ValueError(f"{path}: tensor {name!r}: shape must be a list of non-negative ints, got {shape!r:.200}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)):
+            raise ValueError(f"{path}: tensor {name!r}: data_offsets must be [begin, end], got {offsets!r:.200}")
         begin, end = offsets
-        if not 0 <= begin <= end <= data_size:
+        if not begin <= end <= data_size:
             raise ValueError(f"{path}: tensor {name!r}: data_offsets {offsets} outside the data block "
                              f"of {data_size} bytes (truncated file?)")
         nbytes = math.prod(shape) * DTYPES[dtype].itemsize
         if end - begin != nbytes:
             raise ValueError(f"{path}: tensor {name!r}: {end - begin} bytes for shape {shape} {dtype}, expected {nbytes}")
         tensors[name] = (dtype, tuple(shape), (begin, end))
-    spans = sorted((b, e, name) for name, (_, _, (b, e)) in tensors.items() if e > b)
-    for (_, prev_end, prev), (begin, _, name) in zip(spans, spans[1:]):
-        if begin < prev_end:
-            raise ValueError(f"{path}: tensors {prev!r} and {name!r} overlap in the data block")
+    # the byte ranges must tile [0, data_size): no overlap, no gap, nothing after the last one
+    covered = 0
+    for begin, end, name in sorted((b, e, name) for name, (_, _, (b, e)) in tensors.items()):
+        if begin != covered:
+            problem = "overlaps the tensor before it" if begin < covered else "leaves unused bytes before it"
+            raise ValueError(f"{path}: tensor {name!r} at data offset {begin} {problem} (the previous one ends "
+                             f"at {covered}); tensors must tile the data block exactly")
+        covered = end
+    if covered != data_size:
+        raise ValueError(f"{path}: the tensors cover {covered} bytes of a {data_size}-byte data block; the header "
+                         f"length {n} is wrong or the file has trailing bytes")
     return tensors, metadata, data_start
 
 
