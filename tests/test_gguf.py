@@ -194,6 +194,68 @@ def test_misaligned_tensor_offset(tmp_path):
         GGUFFile(write(tmp_path, bytes(content)))
 
 
+def patch_tensor_info(content: bytes, name: str, ggml_type=None, offset=None) -> bytes:
+    """content with the type and/or data offset of tensor `name` overwritten in its info."""
+    out = bytearray(content)
+    at = out.index(gstr(name)) + len(gstr(name))
+    n_dims = struct.unpack_from("<I", out, at)[0]
+    at += 4 + 8 * n_dims
+    if ggml_type is not None:
+        struct.pack_into("<I", out, at, ggml_type)
+    if offset is not None:
+        struct.pack_into("<Q", out, at + 4, offset)
+    return bytes(out)
+
+
+def three_f32_tensors(alignment=32):
+    # a: 8 floats (32 bytes, no padding), b: 3 floats (12 bytes + 20 padding), c: 4 floats
+    kvs = [kv("general.alignment", 4, struct.pack("<I", alignment))] if alignment != 32 else []
+    return build_gguf(kvs, [f32_tensor("a", np.arange(8)), f32_tensor("b", [1.0, 2.0, 3.0]),
+                            f32_tensor("c", [4.0, 5.0, 6.0, 7.0])], alignment=alignment)
+
+
+def test_layout_as_llama_cpp_demands(tmp_path):
+    """Offsets follow each other in order, each tensor exactly its type's and shape's size,
+    padded to the alignment; anything else is a clear error, never a garbage tensor."""
+    good = three_f32_tensors()
+    f = GGUFFile(write(tmp_path, good))
+    assert [f.tensors[n].offset - f.tensors["a"].offset for n in "abc"] == [0, 32, 64]
+    np.testing.assert_array_equal(f.dequantize("c"), [4.0, 5.0, 6.0, 7.0])
+    cases = [
+        (patch_tensor_info(good, "b", offset=0), "'b' has data offset 0, expected 32"),      # shares a's bytes
+        (patch_tensor_info(good, "c", offset=32), "'c' has data offset 32, expected 64"),    # shares b's bytes
+        (patch_tensor_info(good, "a", offset=32), "'a' has data offset 32, expected 0"),     # order or gap
+        (patch_tensor_info(good, "b", offset=4), "'b' is misaligned"),
+        (patch_tensor_info(good, "a", ggml_type=1), "padding after tensor 'a'"),             # a: F32 -> F16
+        (patch_tensor_info(good, "b", ggml_type=1), "padding after tensor 'b'"),             # b: F32 -> F16
+        (patch_tensor_info(good, "c", offset=96), "'c' has data offset 96, expected 64"),    # past a gap
+        (good[:-82] + b"\1" + good[-81:], "padding after the end of the header"),      # data: 80 bytes
+        (patch_tensor_info(good, "a", ggml_type=28), "'b' has data offset 32, expected 64"), # a: F32 -> F64
+        (patch_tensor_info(good, "c", ggml_type=1), "padding after tensor 'c'"),             # last: F32 -> F16
+        (patch_tensor_info(good, "c", ggml_type=28), "runs past the end"),                   # last: F32 -> F64
+        (good + b"\0" * 17, "17 bytes follow the last tensor"),                              # trailing data
+    ]
+    for content, message in cases:
+        path = write(tmp_path, content, "bad.gguf")
+        with pytest.raises(ValueError, match=message) as err:
+            GGUFFile(path)
+        assert str(path) in str(err.value)
+    # padding up to the alignment after the last tensor is fine (llama.cpp's writer adds it)
+    assert GGUFFile(write(tmp_path, good + b"\0" * 16)).tensors.keys() == f.tensors.keys()
+    # F32 -> I32 keeps every size: the layout cannot tell, but nothing reads I32 as floats
+    f = GGUFFile(write(tmp_path, patch_tensor_info(good, "b", ggml_type=26)))
+    with pytest.raises(ValueError, match=f"{tmp_path}.*'b'.*unsupported quantisation type I32"):
+        f.dequantize("b")
+
+
+def test_alignment_must_be_a_power_of_two(tmp_path):
+    assert GGUFFile(write(tmp_path, three_f32_tensors(alignment=8))).alignment == 8
+    for alignment in (0, 24, 48, 2**31 + 8):
+        kvs = [kv("general.alignment", 4, struct.pack("<I", alignment))]
+        with pytest.raises(ValueError, match=f"general.alignment = {alignment}, expected a power of 2"):
+            GGUFFile(write(tmp_path, build_gguf(kvs)))
+
+
 def test_unsupported_quant_type_is_named(tmp_path):
     f = GGUFFile(write(tmp_path, build_gguf(tensors=[("q", [32], 2, b"\0" * 18)])))  # Q4_0: sized, not decoded
     assert f.tensors["q"].type_name == "Q4_0"

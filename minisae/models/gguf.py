@@ -10,8 +10,10 @@ A GGUF file is a header, a table of contents and one blob of tensor data
     kv_count x     key: string, value_type: uint32, value    (the metadata)
     tensor_count x name: string, n_dims: uint32, dims: uint64[n_dims],
                    ggml_type: uint32, offset: uint64          (the tensor infos)
-    padding        zeros up to a multiple of `general.alignment` (default 32)
-    tensor data    each tensor at data_start + offset (offsets are multiples of the alignment)
+    padding        zeros up to a multiple of `general.alignment` (default 32, a power of 2)
+    tensor data    each tensor at data_start + offset, in the order of the tensor infos, each
+                   padded with zeros to the alignment: offset_0 = 0,
+                   offset_{i+1} = offset_i + roundup(nbytes_i, alignment)
 
     string = uint64 length + that many UTF-8 bytes (no terminator)
     value  = one of UINT8 INT8 UINT16 INT16 UINT32 INT32 FLOAT32 BOOL STRING ARRAY
@@ -32,8 +34,11 @@ A quantised tensor is a run of blocks, each covering 32 consecutive values of a 
 keeps a per-block minimum, so an all-positive block loses nothing to the sign.
 
 Every length and offset read from the file is checked against the file's size before it
-is used: a corrupt or truncated file gives a ValueError saying what is wrong, never a
-huge allocation or a silent garbage tensor.
+is used: a corrupt or truncated file gives a ValueError naming the file and what is wrong,
+never a huge allocation or a silent garbage tensor. The offsets must follow the rule above
+exactly, as llama.cpp's reader demands (gguf.cpp, gguf_init_from_file_impl: "tensor '%s'
+has offset %lu, expected %zu"): so no two tensors share bytes, none leaves a gap, and a
+tensor whose type or shape was changed no longer fits the offset of the one after it.
 """
 
 import os
@@ -220,10 +225,11 @@ class GGUFFile:
             self.metadata[key] = cur.value(cur.scalar("<I", f"value type of {key!r}"), f"metadata {key!r}")
 
         self.alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        # llama.cpp rounds with GGML_PAD(x, n) = (x + n - 1) & ~(n - 1): n must be a power of 2
         if not isinstance(self.alignment, int) or isinstance(self.alignment, bool) \
-                or self.alignment <= 0 or self.alignment % 8:
-            raise ValueError(f"corrupt GGUF file {self.path}: general.alignment = {self.alignment!r}, "
-                             "expected a positive multiple of 8")
+                or self.alignment <= 0 or self.alignment & (self.alignment - 1):
+            raise ValueError(f"corrupt GGUF file {self.path}: general.alignment = {self.alignment!r:.50}, "
+                             "expected a power of 2")
 
         infos = []
         for i in range(n_tensors):
@@ -237,25 +243,56 @@ class GGUFFile:
             offset = cur.scalar("<Q", f"offset of {name!r}")
             infos.append((name, dims, ggml_type, offset))
 
-        data_start = -(-cur.pos // self.alignment) * self.alignment  # round up to the alignment
+        data_start = self._round_up(cur.pos)
+        self._check_padding(cur.pos, data_start, "the end of the header")
         self.tensors = {}
+        expected_offset = 0  # where the next tensor must start: the previous ones, each padded
         for name, dims, ggml_type, offset in infos:
             if name in self.tensors:
                 raise ValueError(f"corrupt GGUF file {self.path}: tensor {name!r} appears twice")
             if ggml_type not in GGML_TYPES:
-                raise ValueError(f"unsupported quantisation type: tensor {name!r} has ggml type id "
-                                 f"{ggml_type}, unknown to this reader")
+                raise ValueError(f"unsupported quantisation type in {self.path}: tensor {name!r} has ggml "
+                                 f"type id {ggml_type}, unknown to this reader")
             type_name, block_size, type_size = GGML_TYPES[ggml_type]
             n_values = int(np.prod(dims, dtype=object))  # Python ints: absurd dims cannot overflow
             if dims[0] % block_size:
                 raise ValueError(f"corrupt GGUF file {self.path}: tensor {name!r} of type {type_name} has "
                                  f"rows of {dims[0]} values, not a multiple of its block size {block_size}")
             nbytes = n_values // block_size * type_size
-            if offset % self.alignment or data_start + offset + nbytes > len(self.buf):
+            if offset % self.alignment:
+                raise ValueError(f"corrupt GGUF file {self.path}: tensor {name!r} is misaligned: data offset "
+                                 f"{offset} is not a multiple of the alignment {self.alignment}")
+            if offset != expected_offset:
+                raise ValueError(f"corrupt GGUF file {self.path}: tensor {name!r} has data offset {offset}, "
+                                 f"expected {expected_offset}: tensors must follow each other in order, each "
+                                 f"the size its type and shape require, padded to the alignment")
+            if data_start + offset + nbytes > len(self.buf):
                 raise ValueError(f"corrupt or truncated GGUF file {self.path}: tensor {name!r} ({nbytes} bytes "
-                                 f"at data offset {offset}) is misaligned or runs past the end of the "
-                                 f"{len(self.buf)}-byte file")
+                                 f"at data offset {offset}) runs past the end of the {len(self.buf)}-byte file")
+            expected_offset = self._round_up(offset + nbytes)
+            self._check_padding(data_start + offset + nbytes, data_start + expected_offset, f"tensor {name!r}")
             self.tensors[name] = GGUFTensor(name, tuple(reversed(dims)), ggml_type, data_start + offset, nbytes)
+        # Stricter than llama.cpp: nothing but alignment padding may follow the last tensor
+        # (its writer pads after every tensor; the SmolLM2 file ends right after its last).
+        # Otherwise a last tensor whose type shrank (F32 -> F16) would be read as half its bytes.
+        last = max(self.tensors.values(), key=lambda t: (t.offset, t.nbytes), default=None)
+        end = last.offset + last.nbytes if last else cur.pos
+        if len(self.buf) > self._round_up(end):
+            raise ValueError(f"corrupt GGUF file {self.path}: {len(self.buf) - end} bytes follow the last "
+                             f"tensor (at most the padding to a multiple of {self.alignment} may): a tensor "
+                             f"type or shape in the header is wrong, or the file has trailing data")
+
+    def _check_padding(self, start: int, stop: int, after: str):
+        """The padding bytes [start, stop) must be zeros (the spec's 0x00 padding). Catches a
+        type change that shrinks a tensor within its padding (F32 -> F16 of 3 values: 12 -> 6
+        bytes, both padded to 32), unless the bytes it drops happen to be zeros."""
+        if np.any(self.buf[start:min(stop, len(self.buf))]):
+            raise ValueError(f"corrupt GGUF file {self.path}: the padding after {after} (bytes {start}.."
+                             f"{stop}) is not zeros: a tensor type or shape in the header is wrong")
+
+    def _round_up(self, n: int) -> int:
+        """n rounded up to a multiple of the alignment (ggml's GGML_PAD)."""
+        return -(-n // self.alignment) * self.alignment
 
     def raw(self, name: str) -> np.ndarray:
         """The bytes of one tensor, as stored (a read-only view into the file)."""
@@ -268,5 +305,8 @@ class GGUFFile:
         """One tensor as a float32 array in numpy order (a fresh array, not tied to the file)."""
         raw = self.raw(name)
         t = self.tensors[name]
-        return dequantize(raw, t.ggml_type, t.shape)
+        try:
+            return dequantize(raw, t.ggml_type, t.shape)
+        except ValueError as e:
+            raise ValueError(f"GGUF file {self.path}: tensor {name!r}: {e}") from None
 
