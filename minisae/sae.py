@@ -86,14 +86,17 @@ class SAE(nn.Module):
         # resampling read it to know which latents are dead
         self.register_buffer("samples_since_fired", torch.zeros(n_latents, dtype=torch.long))
         self.d, self.n_latents = d, n_latents
+        # loss() takes the sparse path of minisae/sparse_decode.py (same values and
+        # gradients) for TopK and BatchTopK when it is faster; False: always this file's
+        self.sparse_decode = True
 
     # -- the three steps ------------------------------------------------------------
     def pre_activation(self, x):
-        self.check_input(x)
         return (x - self.b_dec) @ self.W_enc.T + self.b_enc  # (B, F)
 
     def encode(self, x, return_info: bool = False):
         """x (B, D) -> f (B, F); with return_info also the pre-activations (for the docs)."""
+        self.check_input(x)
         pre = self.pre_activation(x)  # (B, F)
         f = self.activation(pre, self)  # (B, F)
         return (f, {"pre": pre, "active": f > 0}) if return_info else f
@@ -109,7 +112,14 @@ class SAE(nn.Module):
     # -- the loss -------------------------------------------------------------------
     def loss(self, x, coef_scale: float = 1.0):
         """Total loss and its parts. coef_scale multiplies the sparsity coefficient (the
-        trainer's warmup). The reconstruction term is summed over D, averaged over B."""
+        trainer's warmup). The reconstruction term is summed over D, averaged over B.
+        x is checked for its shape only: a finiteness check reads all of x and waits for
+        the result, so the trainer does it in bulk at each progress line instead."""
+        self.check_input(x, finite=False)
+        if self.sparse_decode and self.training and hasattr(self.activation, "select"):
+            from minisae import sparse_decode  # TopK, BatchTopK: encode and decode only the k selected
+            if sparse_decode.worth_it(self.activation.k, self.n_latents):
+                return sparse_decode.sparse_loss(self, x, coef_scale)
         pre = self.pre_activation(x)  # (B, F)
         f = self.activation(pre, self)  # (B, F)
         x_hat = self.decode(f)  # (B, D)
@@ -151,10 +161,10 @@ class SAE(nn.Module):
         self.check_input(x)
         self.b_dec.copy_(x.mean(0))
 
-    def check_input(self, x):
+    def check_input(self, x, finite: bool = True):
         if x.ndim != 2 or x.shape[1] != self.d:
             raise ValueError(f"expected input of shape (batch, {self.d}), got {tuple(x.shape)}")
-        if not torch.isfinite(x).all():
+        if finite and not torch.isfinite(x).all():
             raise ValueError("input contains NaN or Inf values")
 
     # -- saving -----------------------------------------------------------------------

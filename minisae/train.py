@@ -18,13 +18,16 @@ the last 20%. A short lr warmup keeps Adam's first steps from throwing the
 freshly-initialised encoder around.
 """
 
+import collections
 import dataclasses
-import math
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
+
+from minisae.sparse_decode import SparseCode
+from minisae.utils import Progress
 
 
 @dataclass
@@ -38,7 +41,7 @@ class TrainConfig:
     resample_every: int = 0  # steps between dead-latent resamplings; 0 = never
     resample_until_frac: float = 0.7  # no resampling after this fraction of training
     dead_after: int = 100_000  # samples without firing after which a latent counts as dead
-    resample_pool: int = 16  # batches whose losses choose the resampled directions
+    resample_pool: int = 16  # the last training batches before a resampling, whose losses choose its directions
     bf16: bool = False  # forward and loss under bfloat16 autocast (weights, Adam stay float32)
     log_every: int = 100  # steps between progress lines
     seed: int = 0  # seeds resampling; the data stream has its own generator
@@ -67,12 +70,21 @@ def lr_at(step: int, n_steps: int, cfg: TrainConfig) -> float:
 
 
 def train(sae, batches, cfg: TrainConfig, log=True) -> dict:
-    """Train `sae` in place on an iterator of batches (B, D); returns the history."""
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+    """Train `sae` in place on an iterator of batches (B, D); returns the history.
+
+    Nothing in a step waits for a result (on a GPU: no host-device sync; on a CPU: no
+    pass over the data that only feeds a Python `if`) except AuxK's count of dead
+    latents; the checks that do (finite data and loss) and the progress line's numbers
+    run every `log_every` steps and before a resampling, over the steps since the last."""
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, fused=True)  # one kernel for all parameters
     gen = torch.Generator().manual_seed(cfg.seed)
     n_steps = cfg.n_samples // cfg.batch_size
     coef_warm = max(1, int(cfg.coef_warmup_frac * n_steps))
-    history, t0, seen = [], time.time(), 0
+    losses = torch.zeros(cfg.log_every, dtype=torch.float64)  # this window's losses, checked and logged in bulk
+    finite = torch.ones(cfg.log_every, dtype=torch.bool)  # and whether each batch was finite
+    pool = collections.deque(maxlen=cfg.resample_pool)  # recent batches, for resampling
+    bar = Progress("  training", total=n_steps * cfg.batch_size, unit="samples") if log else None
+    history, t0, seen, first, terms = [], time.time(), 0, 0, ""
     sae.train()
     for step in range(n_steps):
         x = next(batches)  # (B, D)
@@ -85,9 +97,8 @@ def train(sae, batches, cfg: TrainConfig, log=True) -> dict:
         # forward and loss
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             loss, parts = sae.loss(x, coef_scale)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step} (lr {group['lr']:.2e}); "
-                                     "try a lower learning rate or sparsity coefficient")
+        losses[step - first] = loss.detach()
+        finite[step - first] = torch.isfinite(x).all()
         # backward, decoder constraint, step
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -96,46 +107,77 @@ def train(sae, batches, cfg: TrainConfig, log=True) -> dict:
         sae.unit_norm_decoder_()
         # dead latents: which latents fired in this batch
         with torch.no_grad():
-            fired = (parts["f"] > 0).any(0)  # (F,)
             sae.samples_since_fired += x.shape[0]
-            sae.samples_since_fired[fired] = 0
+            sae.samples_since_fired.masked_fill_(fired_latents(parts["f"]), 0)
         seen += x.shape[0]
-        if cfg.resample_every and (step + 1) % cfg.resample_every == 0 and step < cfg.resample_until_frac * n_steps:
-            n = resample_dead_(sae, opt, batches, cfg, gen)
+        resample = (cfg.resample_every and step < cfg.resample_until_frac * n_steps
+                    and (step + 1) % cfg.resample_every == 0)
+        if cfg.resample_every and -(step + 1) % cfg.resample_every < cfg.resample_pool:
+            pool.append(x)  # steps to the next resampling < pool size: this batch is in its pool
+        # check and log: the window's losses and data at once (here the step waits for them)
+        if resample or (step + 1) % cfg.log_every == 0 or step == n_steps - 1:
+            check_finite_(losses[:step + 1 - first], finite[:step + 1 - first], first, group["lr"])
+        if resample:
+            n = resample_dead_(sae, opt, torch.cat(list(pool)), cfg, gen)
             if log and n:
-                print(f"  step {step + 1}: resampled {n} dead latents", file=sys.stderr)
-        # log
+                print(f"\n  step {step + 1}: resampled {n} dead latents", file=sys.stderr)
         if (step + 1) % cfg.log_every == 0 or step == n_steps - 1:
-            dt = time.time() - t0
-            row = {"step": step + 1, "samples": seen, "seconds": dt,
-                   **{k: v.item() for k, v in parts.items() if v.ndim == 0},
-                   "l0": (parts["f"] > 0).sum(-1).float().mean().item()}
+            row = {"step": step + 1, "samples": seen, "seconds": time.time() - t0,
+                   "loss": losses[:step + 1 - first].mean().item(),
+                   **{k: v.item() for k, v in parts.items() if torch.is_tensor(v) and v.ndim == 0},
+                   "l0": l0(parts["f"]).item()}
             history.append(row)
-            if log:
-                rate = seen / dt
-                eta = (cfg.n_samples - seen) / rate
-                terms = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "samples", "seconds"))
-                print(f"\r  step {step + 1}/{n_steps} {terms} | {rate:,.0f} samples/s, ETA {eta:.0f}s",
-                      file=sys.stderr, end="\n" if step == n_steps - 1 else "", flush=True)
+            terms = " | " + " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "samples", "seconds"))
+            first = step + 1
+        elif resample:
+            first = step + 1  # the window was checked
+        if bar:
+            bar.update(seen, extra=terms)
+    if bar:
+        bar.close(seen, extra=terms)
     sae.eval()
     return {"history": history, "train_samples": seen, "train_seconds": time.time() - t0,
             "config": dataclasses.asdict(cfg)}
 
 
+def check_finite_(losses, finite, first: int, lr: float):
+    """Raise if a batch of the window that started at step `first` had NaN/Inf values,
+    or if the loss stopped being finite (naming the first such step)."""
+    if not finite.all():
+        step = first + int((~finite).nonzero()[0])
+        raise ValueError(f"the batch of step {step} contains NaN or Inf values")
+    bad = ~torch.isfinite(losses)
+    if bad.any():
+        step = first + int(bad.nonzero()[0])
+        raise FloatingPointError(f"loss became {losses[step - first].item()} at step {step} (lr {lr:.2e}); "
+                                 "try a lower learning rate or sparsity coefficient")
+
+
+def fired_latents(f):
+    """(F,) bool: the latents active in some sample of this batch; for a SparseCode a
+    pass over its N entries instead of the (B, F) code."""
+    return f.fired() if isinstance(f, SparseCode) else (f > 0).any(0)
+
+
+def l0(f):
+    return f.l0() if isinstance(f, SparseCode) else (f > 0).sum(-1).float().mean()
+
+
 @torch.no_grad()
-def resample_dead_(sae, opt, batches, cfg: TrainConfig, gen) -> int:
+def resample_dead_(sae, opt, x, cfg: TrainConfig, gen) -> int:
     """Towards Monosemanticity, "Neuron Resampling": give each dead latent the direction
     of an input the SAE reconstructs badly, chosen with probability proportional to its
-    squared loss. Decoder row = that input (centred, unit norm); encoder row = the same
-    direction scaled to 0.2 x the mean encoder-row norm of live latents; bias 0; the
-    variant's own per-latent parameters back to their initial values; Adam's moments for
-    those entries reset so stale statistics do not throw the new latent off."""
+    squared loss. x (N, D): the pool of inputs, the training batches just before this
+    step (the trainer keeps the last `resample_pool`; no batch is drawn only for this).
+    Decoder row = that input (centred, unit norm); encoder row = the same direction
+    scaled to 0.2 x the mean encoder-row norm of live latents; bias 0; the variant's own
+    per-latent parameters back to their initial values; Adam's moments for those entries
+    reset so stale statistics do not throw the new latent off."""
     dead = (sae.samples_since_fired >= cfg.dead_after).nonzero().squeeze(-1)  # (n_dead,)
     if dead.numel() == 0:
         return 0
     was_training = sae.training
     sae.eval()  # BatchTopK must not update its threshold on the pool
-    x = torch.cat([next(batches) for _ in range(cfg.resample_pool)])  # (N, D)
     sq_loss = (sae(x) - x).pow(2).sum(-1)  # (N,)
     sae.train(was_training)
     pick = torch.multinomial(sq_loss.pow(2) + 1e-12, dead.numel(), replacement=True, generator=gen)

@@ -118,6 +118,13 @@ class TopK(nn.Module):
         k_aux = self.k_aux or max(1, sae.d // 2)
         return {"auxk": auxk_loss(x, pre, x_hat, sae, k_aux, self.aux_coef, self.dead_after)}
 
+    def select(self, pre):
+        """The entries `forward` keeps, as (rows, cols) (B K,) each, for the sparse path
+        (minisae/sparse_decode.py)."""
+        idx = pre.topk(self.k, dim=-1).indices  # (B, K)
+        rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(self.k)  # (B K,)
+        return rows, idx.flatten()
+
 
 class BatchTopK(nn.Module):
     """BatchTopK SAE (Bussmann et al. 2024, "BatchTopK Sparse Autoencoders").
@@ -148,17 +155,29 @@ class BatchTopK(nn.Module):
             return z * (z > self.threshold)  # (B, F)
         vals, idx = z.flatten().topk(self.k * z.shape[0])  # (K*B,)
         f = torch.zeros_like(z).flatten().scatter(0, idx, vals).view_as(z)  # (B, F)
-        with torch.no_grad():
-            kept = vals[vals > 0]
-            if kept.numel():
-                m = kept.min()
-                t = self.threshold
-                self.threshold.copy_(m if t < 0 else (1 - self.threshold_momentum) * t + self.threshold_momentum * m)
+        self.update_threshold_(vals)
         return f
+
+    @torch.no_grad()
+    def update_threshold_(self, vals):
+        """Running mean of the smallest positive kept value; no host sync (it runs every step)."""
+        m = torch.where(vals > 0, vals, float("inf")).min()  # inf: nothing positive was kept
+        t = self.threshold
+        new = torch.where(t < 0, m, (1 - self.threshold_momentum) * t + self.threshold_momentum * m)
+        self.threshold.copy_(torch.where(torch.isfinite(m), new, t))
 
     def loss_terms(self, x, pre, f, x_hat, sae, coef_scale=1.0):
         k_aux = self.k_aux or max(1, sae.d // 2)
         return {"auxk": auxk_loss(x, pre, x_hat, sae, k_aux, self.aux_coef, self.dead_after)}
+
+    def select(self, pre):
+        """The entries `forward` keeps in training, as (rows, cols) (K*B,) each with rows
+        sorted, for the sparse path (minisae/sparse_decode.py); updates the threshold."""
+        z = F.relu(pre)  # (B, F)
+        vals, idx = z.flatten().topk(self.k * z.shape[0])  # (K*B,)
+        self.update_threshold_(vals)
+        idx = idx.sort().values  # (K*B,) row-major: rows ascending
+        return idx // z.shape[1], idx % z.shape[1]
 
     @torch.no_grad()
     def rescale_latents_(self, n):

@@ -166,6 +166,46 @@ def test_bad_batches_are_value_errors():
 
 # -- resampling dead latents ------------------------------------------------------------
 
+@pytest.mark.parametrize("variant", ["relu", "jumprelu"])
+def test_resampling_reads_no_batch_beyond_the_training_steps(variant):
+    """The resampling pool is the last `resample_pool` training batches: a stream of
+    exactly n_steps batches is enough, and every batch read is trained on."""
+    sae = make_sae(variant, 4, 12, **SETTINGS[variant])
+    with torch.no_grad():
+        sae.b_enc[:6] = -1e3  # six latents that never fire: every resampling has work
+    reads = []
+
+    def stream():
+        for s in range(12):
+            reads.append(s)
+            yield randn(8, 4, seed=s)
+
+    cfg = TrainConfig(n_samples=12 * 8, batch_size=8, resample_every=4, dead_after=8, resample_pool=3,
+                      resample_until_frac=1.0)
+    train(sae, stream(), cfg, log=False)
+    assert reads == list(range(12))
+    assert (sae.b_enc[:6] > -1e3).all()  # they were resampled
+
+
+def test_nonfinite_loss_is_caught_before_a_resampling():
+    """The finiteness check waits for the log interval, but not past a resampling, which
+    would draw from NaN losses; the step named is the first bad one."""
+    sae = make_sae("relu", 4, 6)
+    loss, calls = sae.loss, []
+
+    def loss_then_nan(x, coef_scale=1.0):
+        calls.append(1)
+        total, parts = loss(x, coef_scale)
+        return (total * float("nan") if len(calls) >= 2 else total), parts
+
+    sae.loss = loss_then_nan
+    cfg = TrainConfig(n_samples=40, batch_size=8, resample_every=3, dead_after=1, log_every=100)
+    with pytest.raises(FloatingPointError, match="step 1 "):
+        train(sae, iter([randn(8, 4, seed=s) for s in range(5)]), cfg, log=False)
+    assert len(calls) == 3  # stopped at the resampling after step 2, not at the end
+
+
+
 def adam_after_steps(sae, n=3):
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     for s in range(n):
@@ -187,7 +227,7 @@ def test_resample_reinitialises_only_dead_latents(random_sae, variant):
     moments = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in sae.parameters()}
     pool = [torch.randn(6, 5, generator=torch.Generator().manual_seed(10 + i), dtype=torch.float64) for i in range(2)]
     cfg = TrainConfig(n_samples=64, batch_size=6, dead_after=1000, resample_pool=2)
-    n = resample_dead_(sae, opt, iter(pool), cfg, torch.Generator().manual_seed(0))
+    n = resample_dead_(sae, opt, torch.cat(pool), cfg, torch.Generator().manual_seed(0))
     assert n == 3 and sae.training  # back in training mode after the pool's eval-mode pass
     assert (sae.samples_since_fired[dead] == 0).all() and (sae.samples_since_fired[alive] == 999).all()
     # live latents and the shared parameters are untouched
@@ -225,7 +265,7 @@ def test_resample_without_dead_latents_changes_nothing(random_sae):
     sae = random_sae("relu", 4, 6)
     opt = adam_after_steps(sae)
     before = {k: v.clone() for k, v in sae.state_dict().items()}
-    pool = iter([])  # must not even be read
+    pool = torch.zeros(0, 4, dtype=torch.float64)  # must not even be used
     assert resample_dead_(sae, opt, pool, TrainConfig(n_samples=8, batch_size=8, dead_after=10), torch.Generator()) == 0
     assert all(torch.equal(v, before[k]) for k, v in sae.state_dict().items())
 
@@ -249,7 +289,7 @@ def test_resample_picks_inputs_with_probability_proportional_to_squared_loss():
     pool = torch.cat([torch.rand(20, D, generator=torch.Generator().manual_seed(0)), y1[None], y3[None]]).double()
     assert (sae(pool) - pool).pow(2).sum(-1)[-2:].tolist() == pytest.approx([1.0, 3.0])
     cfg = TrainConfig(n_samples=8, batch_size=8, dead_after=10, resample_pool=1)
-    resample_dead_(sae, opt, iter([pool]), cfg, torch.Generator().manual_seed(0))
+    resample_dead_(sae, opt, pool, cfg, torch.Generator().manual_seed(0))
     new = sae.W_dec[D:]
     is_y1 = torch.isclose(new, (y1 / y1.norm()).double()).all(-1)
     is_y3 = torch.isclose(new, (y3 / y3.norm()).double()).all(-1)

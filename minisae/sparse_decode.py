@@ -1,0 +1,128 @@
+"""The fast path of TopK and BatchTopK: encode and decode only the selected latents.
+
+A TopK SAE keeps k of its F latents per sample. The readable reference (minisae/sae.py,
+minisae/variants.py) scatters the k values into a dense code f (B, F) and decodes it with
+a full product f @ W_dec; autograd then runs that product backwards twice and sends a
+dense (B, F) gradient back through the encoder, two more full products. All but a
+fraction k/F of those multiply-adds are multiplications by zero. Here the code is kept as
+the list of its N non-zero positions, and every product after the first touches only
+them:
+
+    pre          = W_enc (x - b_dec) + b_enc, once, without autograd     (B, F)
+    (rows, cols) = the selected entries: sample rows[j] uses latent cols[j]  (N,) each
+    vals_j       = pre[rows_j, cols_j]           with a sparse backward      (N,)
+    x_hat[b]     = sum_{j: rows_j = b} ReLU(vals_j) W_dec[cols_j] + b_dec    (B, D)
+
+The values and gradients are those of the reference (tests/test_sparse_decode.py checks
+outputs, gradients and AuxK against it); only the order of the additions differs. One
+dense product (B x D x F) is left, the encoder's forward; the rest costs O(N D).
+
+The dense reference is faster when k/F is large (the dense products are run at full
+matrix-multiply speed, the sparse ones gather rows one by one); `worth_it` is the rule,
+measured with benchmarks/sae_train.py --crossover.
+"""
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+# Above this fraction of selected latents (N / (B F)) the dense reference is as fast:
+# measured on 2 CPU cores at 768 x 6144 and 64 x 512 (benchmarks/sae_train.py --crossover).
+CROSSOVER = 0.25
+
+
+def worth_it(k: int, n_latents: int) -> bool:
+    return k / n_latents < CROSSOVER
+
+
+class SparseCode(NamedTuple):
+    """A code (B, F) stored as its selected entries, rows sorted: rows (N,), cols (N,),
+    vals (N,) = the code's values there (>= 0, some may be 0), and the dense shape."""
+    rows: torch.Tensor
+    cols: torch.Tensor
+    vals: torch.Tensor
+    shape: tuple
+
+    def to_dense(self):
+        f = self.vals.new_zeros(self.shape)  # (B, F)
+        return f.index_put((self.rows, self.cols), self.vals)
+
+    def fired(self):
+        """(F,) bool: the latents with a positive value in some sample (one pass over N)."""
+        hits = torch.zeros(self.shape[1], dtype=torch.int32, device=self.vals.device)
+        return hits.index_add_(0, self.cols, (self.vals > 0).int()) > 0
+
+    def l0(self):
+        return (self.vals > 0).sum() / self.shape[0]  # mean active latents per sample
+
+
+class SelectedPre(torch.autograd.Function):
+    """vals_j = pre[rows_j, cols_j] = W_enc[cols_j] . (x[rows_j] - b_dec) + b_enc[cols_j],
+    read from a `pre` computed without autograd, with a backward over the N entries only
+    (g_j = dL/dvals_j):
+
+        dL/dW_enc[i] = sum_{j: cols_j = i} g_j (x[rows_j] - b_dec)
+        dL/db_enc[i] = sum_{j: cols_j = i} g_j
+        dL/db_dec    = -sum_i dL/db_enc[i] W_enc[i]      b_dec is shared by every sample,
+                                                         so sum over them first
+    """
+
+    @staticmethod
+    def forward(ctx, pre, rows, cols, x, W_enc, b_enc, b_dec):
+        ctx.save_for_backward(rows, cols, x, W_enc, b_dec)
+        return pre[rows, cols]  # (N,)
+
+    @staticmethod
+    def backward(ctx, g):
+        rows, cols, x, W_enc, b_dec = ctx.saved_tensors
+        g = g.to(W_enc.dtype)  # (N,)
+        x_c = x.to(W_enc.dtype) - b_dec  # (B, D)
+        grad_W_enc = torch.zeros_like(W_enc).index_add_(0, cols, g[:, None] * x_c[rows])  # (F, D)
+        grad_b_enc = torch.zeros(W_enc.shape[0], dtype=W_enc.dtype, device=g.device).index_add_(0, cols, g)  # (F,)
+        grad_b_dec = -(grad_b_enc @ W_enc)  # (D,)
+        return None, None, None, None, grad_W_enc, grad_b_enc, grad_b_dec
+
+
+def selected_pre(pre, rows, cols, x, sae):
+    return SelectedPre.apply(pre, rows, cols, x, sae.W_enc, sae.b_enc, sae.b_dec)  # (N,)
+
+
+def decode_rows(vals, rows, cols, W_dec, n_rows: int):
+    """sum_{j: rows_j = b} vals_j W_dec[cols_j] for each b (rows sorted), as one
+    embedding_bag: its backward also touches only the N rows of W_dec."""
+    offsets = torch.searchsorted(rows, torch.arange(n_rows, device=rows.device))  # (B,) start of each row
+    return F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=vals.to(W_dec.dtype))  # (B, D)
+
+
+def auxk_loss_sparse(x, pre, x_hat, sae, k_aux: int, aux_coef: float, dead_after: int):
+    """minisae.variants.auxk_loss on the dead latents' columns only: their top-k_aux
+    per sample, ReLU, decoded without b_dec, against the detached residual."""
+    dead = (sae.samples_since_fired >= dead_after).nonzero().squeeze(-1)  # (n_dead,)
+    if dead.numel() == 0:
+        return pre.new_zeros(())
+    B = x.shape[0]
+    k = min(k_aux, dead.numel())
+    idx = pre[:, dead].topk(k, dim=-1).indices  # (B, k_aux), into dead
+    rows = torch.arange(B, device=x.device).repeat_interleave(k)  # (N,)
+    cols = dead[idx].flatten()  # (N,)
+    vals = F.relu(selected_pre(pre, rows, cols, x, sae))  # (N,)
+    e = (x - x_hat).detach()  # (B, D)
+    e_hat = decode_rows(vals, rows, cols, sae.W_dec, B)  # (B, D), no b_dec
+    return aux_coef * (e - e_hat).pow(2).sum(-1).mean()
+
+
+def sparse_loss(sae, x, coef_scale: float = 1.0):
+    """SAE.loss for an activation with `select` (TopK, BatchTopK), on the sparse path:
+    the same total and parts, with the code as a SparseCode."""
+    part = sae.activation
+    with torch.no_grad():
+        pre = sae.pre_activation(x)  # (B, F), the one dense product
+        rows, cols = part.select(pre)  # (N,) each
+    vals = F.relu(selected_pre(pre, rows, cols, x, sae))  # (N,)
+    x_hat = decode_rows(vals, rows, cols, sae.W_dec, x.shape[0]) + sae.b_dec  # (B, D)
+    recon = (x_hat - x).pow(2).sum(-1).mean()
+    k_aux = part.k_aux or max(1, sae.d // 2)
+    auxk = auxk_loss_sparse(x, pre, x_hat, sae, k_aux, part.aux_coef, part.dead_after)
+    f = SparseCode(rows, cols, vals.detach(), tuple(pre.shape))
+    return recon + auxk, {"recon": recon, "auxk": auxk, "f": f, "x_hat": x_hat}
