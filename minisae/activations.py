@@ -40,14 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minisae.data import Progress, _atomic_write
+from minisae.utils import Progress, atomic_write, model_device
 
 MAX_NORM_MULTIPLE = 10.0  # positions above this x the median norm are attention sinks
-
-
-def model_device(model) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 @torch.no_grad()
@@ -209,7 +204,7 @@ def collect_many(model, contexts, hooks: list, paths: list, model_name: str = ""
                 "corpus": corpus or {}, "file": path.name,
             }
             os.replace(tmp, path)
-            _atomic_write(sidecar_path(path), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+            atomic_write(sidecar_path(path), lambda f: f.write(json.dumps(meta, indent=1).encode()))
             metas.append(meta)
     finally:
         outs.clear()  # close the memmaps before removing what is left of them

@@ -42,51 +42,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minisae.utils import Progress, atomic_write, cache_dir
+
 LIBRARIES = ("numpy", "torch", "matplotlib")  # besides the standard library
 # functions that attach a docstring (their last argument) to a C function or method:
 # torch's add_docstr(obj, doc), numpy's add_newdoc(place, obj, doc or (method, doc))
 DOCSTRING_SETTERS = {"add_docstr", "_add_docstr", "add_docstr_all", "add_newdoc"}
 CORPUS_FORMAT = 2  # bump when the extraction changes, to invalidate cached corpora
-
-
-class Progress:
-    """A '\\r'-updated progress line on stderr: done/total, rate, ETA; at most 2 per second."""
-
-    def __init__(self, label: str, total: int, unit: str = "tokens"):
-        self.label, self.total, self.unit = label, total, unit
-        self.t0 = self.last = time.time()
-
-    def update(self, done: int, force: bool = False):
-        now = time.time()
-        if not force and now - self.last < 0.5:
-            return
-        self.last = now
-        rate = done / max(now - self.t0, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
-        digits = 0 if rate >= 10 else 2
-        print(f"\r{self.label}: {done:,}/{self.total:,} {self.unit}, {rate:,.{digits}f} {self.unit}/s, "
-              f"ETA {eta:.0f}s ", end="", file=sys.stderr, flush=True)
-
-    def close(self, done: int):
-        self.update(done, force=True)
-        print(f"(done in {time.time() - self.t0:.1f}s)", file=sys.stderr, flush=True)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MINISAE_CACHE") or Path.home() / ".cache" / "minisae")
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temp file in the same directory, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 # ---------------------------------------------------------------- documents
@@ -198,7 +160,7 @@ def default_corpus(cache: bool = True, verbose: bool = True) -> list:
                       f"{sum(len(t) for _, t in found):,} characters, {time.time() - t0:.1f}s",
                       file=sys.stderr, flush=True)
     if cache:
-        _atomic_write(path, lambda f: f.write(json.dumps(docs).encode("utf-8")))
+        atomic_write(path, lambda f: f.write(json.dumps(docs).encode("utf-8")))
     return docs
 
 
@@ -291,7 +253,7 @@ def token_stream(docs, tokenizer, name: str = "", max_tokens=None, cache: bool =
     if max_tokens is not None:
         return stream[:max_tokens]
     if cache:
-        _atomic_write(path, lambda f: np.save(f, stream))
+        atomic_write(path, lambda f: np.save(f, stream))
     return stream
 
 

@@ -40,9 +40,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from minisae.activations import model_device, sae_positions
-from minisae.data import Progress
+from minisae.activations import sae_positions
 from minisae.metrics import Accumulator
+from minisae.utils import Progress, model_device
+
 
 def splice_hook(replace, max_norm=None):
     """A hook that replaces the rows act[keep] (N, D), keep = sae_positions(act, max_norm),
@@ -64,12 +65,13 @@ def _log_probs(model, idx, hooks, bf16: bool):
     return F.log_softmax(logits[:, 1:-1].float(), dim=-1)
 
 
-def _check(model, contexts, hook, mean_act):
+def _check(model, contexts, hook, mean_act=None):
     if contexts.ndim != 2 or contexts.shape[1] < 3 or len(contexts) == 0:
         raise ValueError(f"contexts must be (N, T) with N >= 1 and T >= 3, got {tuple(contexts.shape)}")
     if hasattr(model, "hook_names") and hook not in model.hook_names():
         raise ValueError(f"unknown hook point {hook!r}; valid names look like {model.hook_names()[0]!r}")
-    return torch.as_tensor(mean_act, dtype=torch.float32, device=model_device(model))  # (D,)
+    if mean_act is not None:
+        return torch.as_tensor(mean_act, dtype=torch.float32, device=model_device(model))  # (D,)
 
 
 def _cross_entropies(model, contexts, hook, replace: dict, batch_size, bf16, verbose, max_norm=None) -> dict:
@@ -116,14 +118,12 @@ def baselines(model, contexts, hook: str, mean_act, batch_size: int = 8, bf16: b
 
 
 @torch.no_grad()
-def evaluate(model, sae, contexts, hook: str, mean_act, scale: float = 1.0, batch_size: int = 8,
-             bf16: bool = False, dense_threshold: float = 0.1, baselines=None, verbose: bool = True,
-             max_norm=None) -> dict:
-    """LM-side and SAE-side metrics of `sae` spliced in at `hook` over `contexts` (N, T).
+def evaluate_spliced(model, hsae, contexts, batch_size: int = 8, bf16: bool = False,
+                     dense_threshold: float = 0.1, baselines=None, verbose: bool = True) -> dict:
+    """LM-side and SAE-side metrics of the hooked SAE `hsae` (minisae.hooked_sae: the SAE,
+    its hook, activation scale, sink threshold max_norm and mean raw activation) spliced
+    into `model` over `contexts` (N, T).
 
-    mean_act: (D,) mean raw activation at the hook over the training data (the sidecar's
-    'mean'); scale: the factor the SAE's training activations were multiplied by;
-    max_norm: the sidecar's sink threshold, raw units (positions above it stay clean);
     baselines: the output of `baselines(...)` on the same contexts, to skip the zero and
     mean forwards (2 forward passes per batch instead of 4).
     Returns ce_clean, ce_sae, ce_zero, ce_mean, kl, loss_recovered_zero,
@@ -131,15 +131,18 @@ def evaluate(model, sae, contexts, hook: str, mean_act, scale: float = 1.0, batc
     log10_density (per latent, None if it never fired), n_predictions, n_tokens (the
     positions the SAE replaced), sink_frac (positions >= 1 left clean as sinks).
     """
-    mean_act = _check(model, contexts, hook, mean_act)
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a positive number, got {scale}")
+    hook, sae, scale, max_norm = hsae.hook, hsae.sae, hsae.scale, hsae.max_norm
+    if baselines is None and hsae.mean is None:
+        raise ValueError("without precomputed baselines the hooked SAE needs its mean activation (mean=...)")
+    _check(model, contexts, hook)
+    mean_act = None if hsae.mean is None else torch.as_tensor(hsae.mean, dtype=torch.float32,
+                                                               device=model_device(model))  # (D,)
     acc = None
 
     def sae_replace(x):  # x (N, D), raw units
         nonlocal acc
         xs = x.float() * scale  # (N, D), the SAE's units
-        if xs.shape[1] != mean_act.shape[0]:
+        if mean_act is not None and xs.shape[1] != mean_act.shape[0]:
             raise ValueError(f"activation width {xs.shape[1]} at {hook} != mean_act width {mean_act.shape[0]}")
         with torch.autocast(xs.device.type, enabled=False):  # the SAE runs in float32
             f = sae.encode(xs)  # (N, F)

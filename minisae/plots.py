@@ -8,10 +8,8 @@ COLORS = {"relu": "tab:blue", "gated": "tab:orange", "topk": "tab:green", "jumpr
 
 
 def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+    from minisae.utils import pyplot
+    return pyplot()
 
 
 def toy_figures(results: dict, extras: dict, probs: list, out_dir: Path):
@@ -168,4 +166,54 @@ def layer_figures(results: dict, out_dir: Path):
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out_dir / "layers_depth.png", dpi=120)
+    plt.close(fig)
+
+
+def link_cosines(best: list, baseline: list, path, title: str):
+    """Histogram of each latent of A's best-match decoder cosine with B, against random
+    directions (minisae.links)."""
+    import numpy as np
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    bins = np.linspace(min(min(best), min(baseline)), 1, 50)
+    ax.hist(baseline, bins=bins, alpha=0.6, label="random directions (same count, same D)")
+    ax.hist(best, bins=bins, alpha=0.6, label="SAE A vs SAE B")
+    ax.set(xlabel="best-match cosine of each latent of A", ylabel="latents", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def link_graph(sources: list, edges: list, path, title: str, n_edges: int = 24):
+    """Two columns of nodes (A left, B right); the n_edges strongest |edge| (edges: S lists
+    of F_b values) as lines, width by strength, red when ablating the source lowers the
+    target (i excites j)."""
+    import numpy as np
+    plt = _plt()
+    E = np.asarray(edges, dtype=float)  # (S, F_b)
+    flat = np.abs(E).ravel()
+    n = min(n_edges, int((flat > 0).sum()))
+    keep = np.argsort(-flat, kind="stable")[:n].tolist()
+    pairs = [(sources[k // E.shape[1]], k % E.shape[1], float(E.flat[k])) for k in keep]
+    left = sorted({i for i, _, _ in pairs})
+    right = sorted({j for _, j, _ in pairs})
+    y = lambda items, v: 1 - (items.index(v) + 0.5) / len(items)
+    fig, ax = plt.subplots(figsize=(5, max(3, 0.3 * max(len(left), len(right), 1))))
+    top = max((abs(w) for _, _, w in pairs), default=1.0)
+    for i, j, w in pairs:
+        ax.plot([0, 1], [y(left, i), y(right, j)], color="tab:red" if w > 0 else "tab:blue",
+                lw=0.5 + 4 * abs(w) / top, alpha=0.7)
+    for x, items, ha in ((0, left, "right"), (1, right, "left")):
+        for v in items:
+            ax.plot(x, y(items, v), "ko", ms=4)
+            ax.text(x + (-0.04 if x == 0 else 0.04), y(items, v), str(v), ha=ha, va="center", fontsize=7)
+    ax.text(0.5, -0.02, "width: mean change of B's latent when A's latent is removed\n"
+            "red: removal lowers it (A excites B); blue: removal raises it", ha="center", va="top", fontsize=7)
+    ax.text(0, 1.01, "A", ha="center", va="bottom")
+    ax.text(1, 1.01, "B", ha="center", va="bottom")
+    ax.set(xlim=(-0.3, 1.3), ylim=(-0.08, 1.04), title=title)
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)

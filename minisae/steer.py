@@ -28,21 +28,21 @@ norm; the latent's steering means something only where it differs from that cont
 the latent's direction (its max-activating examples say which).
 """
 
+import math
 import sys
-from pathlib import Path
 
 import torch
 
-from minisae.features import add_common_arguments, check_latents, load_sae_and_model, load_text, scan
+from minisae.features import load_text, scan
+from minisae.hooked_sae import check_latents
+from minisae.utils import model_device
 
 
-def steering_vector(sae, latent: int, strength: float, scale: float):
+def steering_vector(hsae, latent: int, strength: float):
     """strength * W_dec[latent] / scale, in the model's raw units: (D,)."""
-    check_latents([latent], sae.n_latents)
-    if not scale > 0:
-        raise ValueError(f"scale must be positive, got {scale}")
-    d = sae.W_dec[latent].detach().float()  # (D,)
-    return strength * d / d.norm() / scale
+    if not math.isfinite(strength):
+        raise ValueError(f"the steering strength must be a finite number, got {strength}")
+    return strength * hsae.direction(latent)  # (D,)
 
 
 def add_hook(vector):
@@ -56,13 +56,13 @@ def add_hook(vector):
     return hook
 
 
-def typical_activation(model, sae, meta, contexts, latent: int, unit: str = "mean", bf16: bool = False) -> float:
+def typical_activation(model, hsae, contexts, latent: int, unit: str = "mean", bf16: bool = False,
+                       verbose: bool = False) -> float:
     """Latent's mean (or max) activation when active on `contexts`, in the SAE's units."""
     if unit not in ("mean", "max"):
         raise ValueError(f"unit must be 'mean' or 'max', got {unit!r}")
-    check_latents([latent], sae.n_latents)
-    stats, _ = scan(model, sae, meta["hook"], meta["scale"], contexts, bf16=bf16, verbose=False,
-                    max_norm=meta.get("max_norm"))
+    check_latents([latent], hsae.n_latents)
+    stats, _ = scan(model, hsae, contexts, bf16=bf16, verbose=verbose)
     if stats["density"][latent] == 0:
         raise ValueError(f"latent {latent} never fired on {stats['n_tokens']:,} tokens; its typical size is "
                          "unknown: scan more text (--calib-tokens) or pick a live latent")
@@ -78,13 +78,12 @@ def encode_prompt(tokenizer, prompt: str) -> list:
 
 @torch.no_grad()
 def generate(model, ids, n_tokens: int, hooks=None, sample: bool = False, temperature: float = 1.0,
-             seed: int = 0) -> list:
+             seed: int = 0, on_token=None) -> list:
     """Continue token ids (BOS first) by n_tokens, re-running the full sequence each step."""
     if sample and not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     if len(ids) + n_tokens > model.n_ctx:
         raise ValueError(f"{len(ids)} prompt + {n_tokens} new tokens exceed the context of {model.n_ctx}")
-    from minisae.activations import model_device
     g = torch.Generator().manual_seed(seed)  # on the CPU, so a seed means the same on any device
     idx = torch.tensor([ids], device=model_device(model))  # (1, T)
     for _ in range(n_tokens):
@@ -94,51 +93,56 @@ def generate(model, ids, n_tokens: int, hooks=None, sample: bool = False, temper
         else:
             nxt = logits.argmax(-1, keepdim=True)  # (1,)
         idx = torch.cat([idx, nxt[None].to(idx.device)], dim=1)  # (1, T+1)
+        if on_token:
+            on_token()
     return idx[0, len(ids):].tolist()
 
 
-def steer(model, tokenizer, sae, meta, latent: int, strength: float, prompt: str, n_tokens: int = 30,
-          typical: float = 1.0, sample: bool = False, temperature: float = 1.0, seed: int = 0) -> dict:
+def steer(model, tokenizer, hsae, latent: int, strength: float, prompt: str, n_tokens: int = 30,
+          typical: float = 1.0, sample: bool = False, temperature: float = 1.0, seed: int = 0,
+          verbose: bool = False) -> dict:
     """Unsteered, steered and control (random direction, same norm) continuations of
     `prompt`; strength is in units of `typical` (the latent's typical activation, SAE units)."""
     ids = encode_prompt(tokenizer, prompt)
-    vec = steering_vector(sae, latent, strength * typical, meta["scale"])  # (D,)
-    kw = dict(n_tokens=n_tokens, sample=sample, temperature=temperature, seed=seed)
+    vec = steering_vector(hsae, latent, strength * typical)  # (D,)
+    from minisae.utils import Progress
+    bar, done = (Progress("generating", 3 * n_tokens, "tokens") if verbose else None), [0]
+
+    def tick():
+        done[0] += 1
+        bar.update(done[0])
+
+    kw = dict(n_tokens=n_tokens, sample=sample, temperature=temperature, seed=seed, on_token=tick if bar else None)
     rand = torch.randn(vec.shape, generator=torch.Generator().manual_seed(seed))  # (D,)
     rand = rand / rand.norm() * vec.norm()  # a random direction, same norm: the control
     out = {"prompt": prompt, "latent": latent, "strength": strength, "added_norm": vec.norm().item()}
-    for name, hooks in (("unsteered", None), ("steered", {meta["hook"]: add_hook(vec)}),
-                        ("control", {meta["hook"]: add_hook(rand)})):
+    for name, hooks in (("unsteered", None), ("steered", {hsae.hook: add_hook(vec)}),
+                        ("control", {hsae.hook: add_hook(rand)})):
         out[f"{name}_ids"] = generate(model, ids, hooks=hooks, **kw)
         out[name] = tokenizer.decode(out[f"{name}_ids"])
+    if bar:
+        bar.close(done[0])
     return out
 
 
-def add_arguments(p):
-    p.add_argument("--sae", type=Path, required=True, help="an SAE file written by `python -m minisae lm`")
-    p.add_argument("--latent", type=int, required=True)
-    p.add_argument("--scale", type=float, required=True,
-                   help="strength A, in units of the latent's typical activation (see --unit)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--tokens", dest="new_tokens", type=int, default=30, help="tokens to generate")
-    p.add_argument("--unit", default="mean", choices=("mean", "max"),
-                   help="typical activation: mean when active, or max, on held-out text")
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    add_common_arguments(p, "--calib-tokens", 8192)  # text to measure the typical activation on
-
-
-def run_cli(args):
-    sae, meta, model, tok = load_sae_and_model(args.sae, args.model, args.layer, args.site, args.weights)
-    check_latents([args.latent], sae.n_latents)
-    encode_prompt(tok, args.prompt)  # fail on an empty prompt before the calibration pass
-    typical = typical_activation(model, sae, meta, load_text(args, tok, meta["model"]), args.latent,
-                                 args.unit, args.bf16)
-    out = steer(model, tok, sae, meta, args.latent, args.scale, args.prompt, args.new_tokens, typical,
-                args.sample, args.temperature, args.seed)
-    print(f"latent {args.latent} at {meta['hook']}: {args.unit} activation {typical:.3f} (SAE units); adding "
-          f"{args.scale:g} x that along W_dec[{args.latent}], norm {out['added_norm']:.3f} in raw units", file=sys.stderr)
-    print(f"prompt:    {args.prompt!r}\nunsteered: {out['unsteered']!r}\nsteered:   {out['steered']!r}\n"
+def run(cfg) -> dict:
+    """`python -m minisae steer` (cfg: minisae.configs.SteerConfig)."""
+    from minisae.hooked_sae import load_with_model
+    src = cfg.source
+    if not cfg.new_tokens > 0:
+        raise ValueError(f"--tokens must be a positive number of tokens to generate, got {cfg.new_tokens}")
+    hsae, model, tok = load_with_model(src.sae, src.model, src.layer, src.site, src.weights)
+    check_latents([cfg.latent], hsae.n_latents)
+    steering_vector(hsae, cfg.latent, cfg.strength)  # a bad strength fails before the calibration pass
+    encode_prompt(tok, cfg.prompt)  # and so does an empty prompt
+    print(f"measuring latent {cfg.latent}'s typical activation on {src.text_tokens:,} tokens", file=sys.stderr)
+    typical = typical_activation(model, hsae, load_text(src, tok, hsae.model_name), cfg.latent, cfg.unit,
+                                 src.bf16, verbose=True)
+    out = steer(model, tok, hsae, cfg.latent, cfg.strength, cfg.prompt, cfg.new_tokens, typical,
+                cfg.sample, cfg.temperature, cfg.seed, verbose=True)
+    print(f"latent {cfg.latent} at {hsae.hook}: {cfg.unit} activation {typical:.3f} (SAE units); adding "
+          f"{cfg.strength:g} x that along W_dec[{cfg.latent}], norm {out['added_norm']:.3f} in raw units",
+          file=sys.stderr)
+    print(f"prompt:    {cfg.prompt!r}\nunsteered: {out['unsteered']!r}\nsteered:   {out['steered']!r}\n"
           f"random direction, same norm (control): {out['control']!r}")
     return out

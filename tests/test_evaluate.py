@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from minisae import evaluate as E
+from minisae.hooked_sae import HookedSAE
 from test_activations import HOOK, TinyLM  # pytest puts tests/ on sys.path
 
 
@@ -73,9 +74,12 @@ def lm():
     return model, contexts, mean
 
 
+def hooked(sae, mean, scale=1.0, max_norm=None, hook=HOOK):
+    return HookedSAE(sae, "gpt2-random", hook, scale, max_norm, mean)
+
+
 def run(model, sae, contexts, mean, scale, max_norm=None):
-    return E.evaluate(model, sae, contexts, HOOK, mean, scale=scale, batch_size=4, verbose=False,
-                      max_norm=max_norm)
+    return E.evaluate_spliced(model, hooked(sae, mean, scale, max_norm), contexts, batch_size=4, verbose=False)
 
 
 def median_norm(model, contexts):
@@ -204,13 +208,13 @@ def test_precomputed_baselines_give_the_same_numbers(lm):
     base = E.baselines(model, contexts, HOOK, mean, batch_size=4, verbose=False)
     assert set(base) == {"ce_clean", "ce_zero", "ce_mean", "n_predictions", "max_norm"}
     full = run(model, sae, contexts, mean, 0.37)
-    fast = E.evaluate(model, sae, contexts, HOOK, mean, scale=0.37, batch_size=4, baselines=base, verbose=False)
+    fast = E.evaluate_spliced(model, hooked(sae, mean, 0.37), contexts, batch_size=4, baselines=base, verbose=False)
     assert fast == full
     other = E.baselines(model, contexts[:6], HOOK, mean, verbose=False)
     with pytest.raises(ValueError, match="other contexts"):
-        E.evaluate(model, sae, contexts, HOOK, mean, baselines=other, verbose=False)
+        E.evaluate_spliced(model, hooked(sae, mean), contexts, baselines=other, verbose=False)
     with pytest.raises(ValueError, match="max_norm"):  # same contexts, other sink threshold
-        E.evaluate(model, sae, contexts, HOOK, mean, baselines=base, verbose=False, max_norm=1.0)
+        E.evaluate_spliced(model, hooked(sae, mean, max_norm=1.0), contexts, baselines=base, verbose=False)
 
 
 def test_sinks_are_never_replaced(lm):
@@ -236,7 +240,7 @@ def test_bad_inputs_raise(lm):
     with pytest.raises(ValueError, match="T >= 3"):
         run(model, Identity(), contexts[:, :2], mean, 1.0)
     with pytest.raises(ValueError, match="unknown hook"):
-        E.evaluate(model, Identity(), contexts, "blocks.7.hook_mlp_out", mean, verbose=False)
+        E.evaluate_spliced(model, hooked(Identity(), mean, hook="blocks.7.hook_mlp_out"), contexts, verbose=False)
     with pytest.raises(ValueError, match="scale"):
         run(model, Identity(), contexts, mean, 0.0)
     with pytest.raises(ValueError, match="width"):
@@ -268,7 +272,7 @@ def test_pipeline_on_gpt2_random(tmp_path, monkeypatch):
     acts, meta = activations.load_activations(tmp_path / "acts.npy", "gpt2-random", hook)
     assert acts.shape == (48 * 31, 64)
     assert math.isclose(np.linalg.norm(acts.astype(np.float64), axis=1).mean(), 8.0, rel_tol=1e-6)
-    r = E.evaluate(model, Identity(), held, hook, meta["mean"], meta["scale"], verbose=False)
+    r = E.evaluate_spliced(model, hooked(Identity(), meta["mean"], meta["scale"], hook=hook), held, verbose=False)
     # x * scale / scale is within an ulp of x; the splice changes CE by ~1e-7 nats
     assert abs(r["ce_sae"] - r["ce_clean"]) < 1e-5 and r["kl"] < 1e-6
     assert all(math.isfinite(r[k]) for k in ("ce_clean", "ce_zero", "ce_mean", "loss_recovered_mean"))

@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from minisae import feature_page
+from minisae import lens as L
 from minisae import features as Fe
+from minisae.hooked_sae import HookedSAE, parse_latents
 from minisae.models.gpt2 import CONFIGS, GPT2
 from minisae.sae import make_sae
 
@@ -28,6 +31,10 @@ def relu_sae(d=64, n=96, seed=0, bias=-1.0):
     with torch.no_grad():
         sae.b_enc.fill_(bias)  # most latents fire on a few tokens only
     return sae.eval()
+
+
+def hooked(sae, max_norm=None):
+    return HookedSAE(sae, "gpt2-random", HOOK, SCALE, max_norm)
 
 
 def contexts(n=24, T=16, seed=0, vocab=50257):
@@ -85,7 +92,7 @@ def test_top_examples_with_ties_match_brute_force_in_any_order():
 def test_scan_top_examples_are_the_top_activations(gpt2):
     sae, ctx = relu_sae(), contexts()
     latents = [0, 7, 31]
-    _, top = Fe.scan(gpt2, sae, HOOK, SCALE, ctx, latents, k=5, batch_size=5, verbose=False)
+    _, top = Fe.scan(gpt2, hooked(sae), ctx, latents, k=5, batch_size=5, verbose=False)
     with torch.no_grad():  # reference: one forward over everything, all latents
         x = gpt2(ctx, stop_at=HOOK)[:, 1:]  # (N, T-1, D)
         f = sae.encode(x.reshape(-1, 64) * SCALE).view(len(ctx), -1, sae.n_latents)  # (N, T-1, F)
@@ -102,8 +109,8 @@ def test_scan_top_examples_are_the_top_activations(gpt2):
 def test_scan_is_stable_under_corpus_order(gpt2):
     sae, ctx = relu_sae(), contexts(n=20)
     perm = torch.randperm(20, generator=torch.Generator().manual_seed(3))
-    s1, a = Fe.scan(gpt2, sae, HOOK, SCALE, ctx, [2, 9], k=4, verbose=False)
-    s2, b = Fe.scan(gpt2, sae, HOOK, SCALE, ctx[perm], [2, 9], k=4, ids=perm, batch_size=3, verbose=False)
+    s1, a = Fe.scan(gpt2, hooked(sae), ctx, [2, 9], k=4, verbose=False)
+    s2, b = Fe.scan(gpt2, hooked(sae), ctx[perm], [2, 9], k=4, ids=perm, batch_size=3, verbose=False)
     for j in (2, 9):
         assert len(a.result(j)) == 4
         assert [(e["context"], e["pos"], e["tokens"]) for e in a.result(j)] == \
@@ -167,7 +174,7 @@ def test_logit_lens_gpt2_layernorm_vs_autograd(gpt2):
     d = d / d.norm()
     sigma = (xc.pow(2).mean() + m.ln_f.eps).sqrt()
     want = _jvp_unembed(m, x, d) * sigma  # (V,)
-    torch.testing.assert_close(Fe.logit_lens(m, d).double(), want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(L.logit_lens(m, d).double(), want, rtol=1e-4, atol=1e-6)
 
 
 def test_logit_lens_llama_rmsnorm_vs_autograd():
@@ -182,32 +189,37 @@ def test_logit_lens_llama_rmsnorm_vs_autograd():
     d = d - (d @ x) / (x @ x) * x
     d = d / d.norm()
     rms = (x.pow(2).mean() + m.norm.eps).sqrt()
-    torch.testing.assert_close(Fe.logit_lens(m, d).double(), _jvp_unembed(m, x, d) * rms, rtol=1e-4, atol=1e-6)
-    lens = Fe.lens_tokens(m, ToyTokenizer(), d * 3.0, n=3)  # the scale of d does not matter
-    assert [v for _, v in lens["promoted"]] == pytest.approx(Fe.logit_lens(m, d).topk(3).values.tolist(), rel=1e-5)
-    assert lens["suppressed"][0][1] == pytest.approx(Fe.logit_lens(m, d).min().item(), rel=1e-5)
+    torch.testing.assert_close(L.logit_lens(m, d).double(), _jvp_unembed(m, x, d) * rms, rtol=1e-4, atol=1e-6)
+    lens = L.lens_tokens(m, ToyTokenizer(), d * 3.0, n=3)  # the scale of d does not matter
+    assert [v for _, v in lens["promoted"]] == pytest.approx(L.logit_lens(m, d).topk(3).values.tolist(), rel=1e-5)
+    assert lens["suppressed"][0][1] == pytest.approx(L.logit_lens(m, d).min().item(), rel=1e-5)
 
 
 # ---------------------------------------------------------------- checks, display
 
+def check_site(meta, *asked, **asked_by_name):
+    h = HookedSAE.from_meta(None, meta).check_site(*asked, **asked_by_name)
+    return h.model_name, h.hook
+
+
 def test_check_site_and_latents():
     meta = {"model": "gpt2-random", "hook": "blocks.1.hook_resid_post", "scale": 2.0}
-    assert Fe.check_site(meta) == ("gpt2-random", "blocks.1.hook_resid_post")
-    assert Fe.check_site(meta, "gpt2-random", 1, "resid_post") == ("gpt2-random", "blocks.1.hook_resid_post")
+    assert check_site(meta) == ("gpt2-random", "blocks.1.hook_resid_post")
+    assert check_site(meta, "gpt2-random", 1, "resid_post") == ("gpt2-random", "blocks.1.hook_resid_post")
     with pytest.raises(ValueError, match="trained on model 'gpt2-random', not 'smollm2'"):
-        Fe.check_site(meta, "smollm2")
+        check_site(meta, "smollm2")
     with pytest.raises(ValueError, match="trained at blocks.1.hook_resid_post"):
-        Fe.check_site(meta, layer=2)
+        check_site(meta, layer=2)
     with pytest.raises(ValueError, match="trained at"):
-        Fe.check_site(meta, site="mlp_out")
+        check_site(meta, site="mlp_out")
     with pytest.raises(ValueError, match="metadata"):
-        Fe.check_site({"hook": "blocks.1.hook_resid_post"})
-    assert Fe.parse_latents("3, 17,42", 50) == [3, 17, 42]
+        check_site({"hook": "blocks.1.hook_resid_post"})
+    assert parse_latents("3, 17,42", 50) == [3, 17, 42]
     for bad in ("3,50", "-1", ""):
         with pytest.raises(ValueError, match="out of range"):
-            Fe.parse_latents(bad, 50)
+            parse_latents(bad, 50)
     with pytest.raises(ValueError, match="integers"):
-        Fe.parse_latents("3;4", 50)
+        parse_latents("3;4", 50)
 
 
 class Balance(HTMLParser):
@@ -238,9 +250,9 @@ def test_html_page_is_well_formed(gpt2):
     sae, ctx = relu_sae(), contexts(vocab=50257)
     ctx[:, 1:] %= 8  # token ids 0..7: the HTML specials of ToyTokenizer appear
     latents = [1, 4, 30]
-    stats, top = Fe.scan(gpt2, sae, HOOK, SCALE, ctx, latents, k=3, verbose=False)
-    rows = Fe.report(gpt2, ToyTokenizer(), sae, stats, top)
-    page = Fe.render_html("test <page>", rows, ToyTokenizer())
+    stats, top = Fe.scan(gpt2, hooked(sae), ctx, latents, k=3, verbose=False)
+    rows = Fe.report(gpt2, ToyTokenizer(), hooked(sae), stats, top)
+    page = feature_page.render_html("test <page>", rows, ToyTokenizer())
     p = Balance()
     p.feed(page)
     p.close()
@@ -252,7 +264,7 @@ def test_html_page_is_well_formed(gpt2):
         assert all(f"{e['value']:.3f}" in text for e in r["examples"])
     assert "<b>" in text and "&amp;" in text and "test <page>" in text  # escaped, shown as text
     lines = []
-    Fe.print_report(rows, ToyTokenizer(), file=type("W", (), {"write": lambda s, t: lines.append(t)})())
+    feature_page.print_report(rows, ToyTokenizer(), file=type("W", (), {"write": lambda s, t: lines.append(t)})())
     shown = "".join(lines)
     assert "[[" in shown and "\\n" in shown and "latent 30" in shown
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from minisae import links as Li
+from minisae.hooked_sae import HookedSAE
 from minisae.sae import make_sae
 from test_features import SCALE, contexts, relu_sae  # pytest puts tests/ on sys.path
 
@@ -44,6 +45,10 @@ def test_best_match_against_itself_is_identity():
     assert base.shape == (200,) and (base > 0).all() and (base < 0.7).all()  # random pairs in R^64
 
 
+def hooked(sae, m):
+    return HookedSAE.from_meta(sae, {"model": "gpt2-random", **m})
+
+
 def naive_edges(model, sae_a, ma, sae_b, mb, ctx, sources):
     """Every context, every source: one full forward with latent i's term removed."""
     out = torch.zeros(len(sources), sae_b.n_latents, dtype=torch.float64)
@@ -65,7 +70,7 @@ def naive_edges(model, sae_a, ma, sae_b, mb, ctx, sources):
 def test_ablation_edges_against_naive(gpt2):
     sae_a, sae_b, ctx = relu_sae(seed=0, bias=-1.5), relu_sae(n=40, seed=1), contexts(n=10, T=12)
     sources = [0, 5, 17, 50]
-    edges = Li.ablation_edges(gpt2, sae_a, meta(1), sae_b, meta(2), ctx, sources, batch_size=3, verbose=False)
+    edges = Li.ablation_edges(gpt2, hooked(sae_a, meta(1)), hooked(sae_b, meta(2)), ctx, sources, batch_size=3, verbose=False)
     want = naive_edges(gpt2, sae_a, meta(1), sae_b, meta(2), ctx, sources)
     assert (want.abs().sum(1) > 0).all()  # every source does something downstream
     torch.testing.assert_close(edges, want, rtol=1e-4, atol=1e-7)
@@ -76,7 +81,7 @@ def test_edges_through_the_same_activation(gpt2):
     so edge(i, j) = mean_t f_b_j(x) - f_b_j(x - f_a_i(x) W_dec_a[i] / scale_a), no model needed."""
     sae_a, sae_b, ctx = relu_sae(seed=0), relu_sae(n=30, seed=2), contexts(n=6, T=10)
     sources = [1, 2, 3]
-    edges = Li.ablation_edges(gpt2, sae_a, meta(1), sae_b, meta(2, "resid_pre", 20.0), ctx, sources, verbose=False)
+    edges = Li.ablation_edges(gpt2, hooked(sae_a, meta(1)), hooked(sae_b, meta(2, "resid_pre", 20.0)), ctx, sources, verbose=False)
     assert (edges.abs().sum(1) > 0).all()
     with torch.no_grad():
         x = gpt2(ctx, stop_at="blocks.1.hook_resid_post")[:, 1:].reshape(-1, 64)  # (N*(T-1), D)
@@ -91,7 +96,7 @@ def test_dead_latent_has_no_edges(gpt2):
     sae_a, sae_b, ctx = relu_sae(seed=0), relu_sae(seed=1), contexts(n=8, T=12)
     with torch.no_grad():
         sae_a.b_enc[7] = -1e6  # never fires
-    edges = Li.ablation_edges(gpt2, sae_a, meta(1), sae_b, meta(3), ctx, [7, 8], verbose=False)
+    edges = Li.ablation_edges(gpt2, hooked(sae_a, meta(1)), hooked(sae_b, meta(3)), ctx, [7, 8], verbose=False)
     assert torch.equal(edges[0], torch.zeros(sae_b.n_latents, dtype=torch.float64))
     assert edges[1].abs().sum() > 0
 
@@ -100,9 +105,9 @@ def test_bad_pairs(gpt2):
     a, b, ctx = relu_sae(), relu_sae(), contexts(n=2, T=8)
     for later, earlier in ((meta(2), meta(1)), (meta(1), meta(1)), (meta(1, "mlp_out"), meta(1, "attn_out"))):
         with pytest.raises(ValueError, match="must come after"):
-            Li.ablation_edges(gpt2, a, later, b, earlier, ctx, [0], verbose=False)
+            Li.ablation_edges(gpt2, hooked(a, later), hooked(b, earlier), ctx, [0], verbose=False)
     with pytest.raises(ValueError, match="out of range"):
-        Li.ablation_edges(gpt2, a, meta(1), b, meta(2), ctx, [96], verbose=False)
+        Li.ablation_edges(gpt2, hooked(a, meta(1)), hooked(b, meta(2)), ctx, [96], verbose=False)
 
 
 @pytest.mark.skipif(not (os.environ.get("MINISAE_GPT2_TOKENIZER_DIR") and

