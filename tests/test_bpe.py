@@ -68,6 +68,46 @@ def test_merge_order_is_by_rank():
     assert tiny_tokenizer([("a", "a")]).bpe("aaaaa") == ["aa", "aa", "a"]
 
 
+def naive_bpe(ranks: dict, word: str) -> list:
+    """GPT-2's encoder.py merge loop, the definition: merge the lowest-ranked adjacent pair,
+    all its occurrences left to right, until no pair has a rank (O(n) per rule used)."""
+    parts = list(word)
+    while len(parts) > 1:
+        best = min(set(zip(parts, parts[1:])), key=lambda p: ranks.get(p, float("inf")))
+        if best not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(parts):
+            if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return parts
+
+
+short_token = st.text("abc", min_size=1, max_size=3)
+
+
+@settings(max_examples=500, deadline=None)
+@given(word=st.text("abc", max_size=40), merges=st.lists(st.tuples(short_token, short_token), max_size=15))
+def test_heap_merge_equals_naive_loop(word, merges):
+    """Any merge list, in any order (also "ab c" ranked before "a b", which no trained list
+    does): the heap merge of BPETokenizer.bpe gives exactly the loop's tokens."""
+    vocab = sorted({"a", "b", "c"} | {t for a, b in merges for t in (a, b, a + b)})
+    tok = BPETokenizer({t: i for i, t in enumerate(vocab)}, merges)
+    assert tok.bpe(word) == naive_bpe(tok.bpe_ranks, word)
+
+
+def test_heap_merge_on_long_repetitive_words():
+    # runs of one pair and overlapping occurrences, long enough for many sweeps
+    tok = tiny_tokenizer([("a", "a"), ("aa", "aa"), ("aaaa", "a"), ("a", "b"), ("ab", "ab"), ("b", "a")])
+    for word in ["a" * 1001, "ab" * 777 + "a", "aab" * 333, "ba" * 500 + "a" * 7]:
+        assert tok.bpe(word) == naive_bpe(tok.bpe_ranks, word)
+
+
 def test_tiny_tokenizer_by_hand():
     tok = tiny_tokenizer()
     ids = tok.encode(" the thin")
@@ -196,6 +236,11 @@ def test_bad_input_is_reported():
         BPETokenizer({}, [])
     with pytest.raises(ValueError, match="pair of token strings"):
         BPETokenizer(tok.encoder, [("a", "b", "c")])
+    for bad in (7, None, "ab", " a", ("a", ""), ("a", 1)):
+        with pytest.raises(ValueError, match="merge 1 .*pair of token strings"):
+            BPETokenizer(tok.encoder, [("Ġ", "t"), bad])
+    with pytest.raises(ValueError, match=r"merge 0 \('q', 'zz'\) uses or makes \['zz', 'qzz'\], not in the vocab"):
+        BPETokenizer(tok.encoder, [("q", "zz")])
     with pytest.raises(ValueError, match="no tokenizer files"):
         BPETokenizer.from_files(os.path.dirname(__file__) + "/no_such_dir")
 

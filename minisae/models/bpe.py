@@ -8,6 +8,7 @@ Text -> ids in three steps:
        (`bytes_to_unicode`: space -> 'Ġ', newline -> 'Ċ'), so any string can be encoded
     3. merge: repeatedly merge the adjacent pair with the lowest rank in the merges
        list until no ranked pair is left; look each resulting token up in the vocab
+       (done with a heap in O(n log n) for a word of n bytes: see `BPETokenizer.bpe`)
 
     decode(ids) = UTF-8 decoding of the concatenated token bytes, so decode(encode(s)) == s
     when the vocab has a token for each of the 256 bytes (GPT-2's does).
@@ -31,6 +32,7 @@ encoder.py does, so a document cannot inject control tokens; pass
 """
 
 import functools
+import heapq
 import json
 import os
 import re
@@ -103,9 +105,14 @@ class BPETokenizer:
         self.split_digits = split_digits
         self.bpe_ranks = {}
         for rank, m in enumerate(merges):
-            pair = tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
-            if len(pair) != 2 or not all(isinstance(p, str) for p in pair):
-                raise ValueError(f"merge {rank} is {m!r}; expected a pair of token strings or 'a b'")
+            pair = tuple(m.split(" ")) if isinstance(m, str) else tuple(m) if isinstance(m, (tuple, list)) else ()
+            if len(pair) != 2 or not all(isinstance(p, str) and p for p in pair):
+                raise ValueError(f"merge {rank} is {m!r:.80}; expected a pair of token strings or 'a b'")
+            # both parts and the result must be tokens (HF `tokenizers` refuses such files
+            # too: MergeTokenOutOfVocabulary); else encode would fail on some text, or not at all
+            unknown = [t for t in (*pair, pair[0] + pair[1]) if t not in self.encoder]
+            if unknown:
+                raise ValueError(f"merge {rank} {m!r:.80} uses or makes {unknown!r:.80}, not in the vocab")
             self.bpe_ranks.setdefault(pair, rank)  # a repeated rule keeps its best rank
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
@@ -146,24 +153,48 @@ class BPETokenizer:
         return words
 
     def bpe(self, word: str) -> list:
-        """Merge the byte characters of one word, lowest-rank pair first, all its
-        occurrences left to right (GPT-2 encoder.py), until no pair has a rank."""
-        parts = list(word)
-        while len(parts) > 1:
-            pairs = set(zip(parts, parts[1:]))
-            best = min(pairs, key=lambda p: self.bpe_ranks.get(p, float("inf")))
-            if best not in self.bpe_ranks:
-                break
-            merged, i = [], 0
-            while i < len(parts):
-                if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
-                    merged.append(parts[i] + parts[i + 1])
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
-        return parts
+        """Merge the byte characters of one word into tokens. The definition (GPT-2's
+        encoder.py), which costs O(n) per merge rule used, so up to O(n^2) for n characters:
+
+            while some adjacent pair has a rank:
+                best = the pair with the lowest rank
+                merge every occurrence of best, left to right (in "aaa", the first two a's)
+
+        The same merges in O(n log n): the symbols form a linked list (nxt, prv, indexed by
+        the position of each symbol's first character), and a heap holds (rank, position)
+        for each adjacent pair that has a rank. A sweep pops every entry of the lowest rank,
+        so the occurrences of `best` come out left to right, and merges them; the pairs that
+        a sweep creates are pushed only after it ends (in the loop above they wait for the
+        next `min` too). A merge changes its symbols, so an entry whose pair no longer has
+        the entry's rank is stale (its symbol was merged away, or its neighbour changed) and
+        is skipped. A pair a merge creates contains the merged symbol, so it is never `best`
+        itself: each sweep merges exactly what one pass of the loop above merges."""
+        ranks = self.bpe_ranks
+        sym = list(word)                      # sym[i]: the symbol starting at character i, '' once merged away
+        n = len(sym)
+        nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))  # n / -1: no neighbour
+        heap = [(ranks[pair], i) for i, pair in enumerate(zip(sym, sym[1:])) if pair in ranks]
+        heapq.heapify(heap)
+        while heap:
+            rank, sweep = heap[0][0], []
+            while heap and heap[0][0] == rank:
+                sweep.append(heapq.heappop(heap)[1])   # ascending positions
+            touched = []
+            for i in sweep:
+                j = nxt[i]
+                if j >= n or ranks.get((sym[i], sym[j])) != rank:
+                    continue                            # stale entry
+                sym[i], sym[j] = sym[i] + sym[j], ""    # merge j into i, unlink j
+                nxt[i] = nxt[j]
+                if nxt[i] < n:
+                    prv[nxt[i]] = i
+                touched += [prv[i], i]                  # the pairs (prv, i) and (i, nxt) are new
+            for i in touched:
+                if i >= 0 and sym[i] and nxt[i] < n:
+                    pair = (sym[i], sym[nxt[i]])
+                    if pair in ranks:
+                        heapq.heappush(heap, (ranks[pair], i))
+        return [s for s in sym if s]
 
     def _encode_word(self, word: str) -> list:
         ids = self._cache.get(word)
