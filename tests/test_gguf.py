@@ -73,6 +73,110 @@ def tiny_file():
     return build_gguf(kvs, tensors)
 
 
+# ---- a tiny Llama GGUF, written field by field with the place of every field -------------
+
+class FieldWriter:
+    """GGUF bytes written field by field. spans: name -> (start, stop) of each payload
+    (a metadata value, one element of an array, a tensor's data); fields: (start, size,
+    what) of each fixed-size number (lengths, counts, types, dims, offsets, scalar values)."""
+
+    def __init__(self):
+        self.buf, self.spans, self.fields = bytearray(), {}, []
+
+    def number(self, fmt: str, value, what: str):
+        self.fields.append((len(self.buf), struct.calcsize(fmt), what))
+        self.buf += struct.pack(fmt, value)
+
+    def string(self, text: str, what: str, span=None):
+        raw = text.encode("utf-8")
+        self.number("<Q", len(raw), f"length of {what}")
+        if span:
+            self.spans[span] = (len(self.buf), len(self.buf) + len(raw))
+        self.buf += raw
+
+    def value(self, vtype: int, value, key: str, span: str):
+        if vtype == 8:
+            self.string(value, key, span)
+        elif vtype == 9:
+            etype, items = value
+            self.number("<I", etype, f"element type of {key}")
+            self.number("<Q", len(items), f"length of {key}")
+            for i, item in enumerate(items):
+                self.value(etype, item, f"{key}[{i}]", f"{span}[{i}]")
+        else:
+            start = len(self.buf)
+            self.number({0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+                         10: "<Q", 11: "<q", 12: "<d"}[vtype], value, key)
+            self.spans[span] = (start, len(self.buf))
+
+
+TINY_TOKENS = ["<|endoftext|>", "a", "b", "ab", "Ġ", "Ġab"]  # byte-level BPE: Ġ is the space byte
+TINY_LLAMA_META = {
+    "general.architecture": (8, "llama"), "general.name": (8, "tiny"),
+    "llama.block_count": (4, 2), "llama.context_length": (4, 16), "llama.embedding_length": (4, 8),
+    "llama.feed_forward_length": (4, 16), "llama.attention.head_count": (4, 2),
+    "llama.attention.head_count_kv": (4, 1), "llama.rope.freq_base": (6, 10000.0),
+    "llama.attention.layer_norm_rms_epsilon": (6, 1e-5), "llama.vocab_size": (4, len(TINY_TOKENS)),
+    "tokenizer.ggml.model": (8, "gpt2"), "tokenizer.ggml.pre": (8, "smollm"),
+    "tokenizer.ggml.tokens": (9, (8, TINY_TOKENS)),
+    "tokenizer.ggml.token_type": (9, (5, [3, 1, 1, 1, 1, 1])),
+    "tokenizer.ggml.merges": (9, (8, ["a b", "Ġ ab"])),
+}
+
+
+def tiny_llama_tensors(n_layer=2, d=8, d_mlp=16, d_kv=4, vocab=len(TINY_TOKENS), seed=0) -> dict:
+    """GGUF name -> float32 array (numpy shape) of a tiny random Llama, norms near 1."""
+    rng = np.random.default_rng(seed)
+    shapes = {"token_embd.weight": (vocab, d)}
+    for L in range(n_layer):
+        shapes.update({f"blk.{L}.attn_norm.weight": (d,), f"blk.{L}.attn_q.weight": (d, d),
+                       f"blk.{L}.attn_k.weight": (d_kv, d), f"blk.{L}.attn_v.weight": (d_kv, d),
+                       f"blk.{L}.attn_output.weight": (d, d), f"blk.{L}.ffn_norm.weight": (d,),
+                       f"blk.{L}.ffn_gate.weight": (d_mlp, d), f"blk.{L}.ffn_up.weight": (d_mlp, d),
+                       f"blk.{L}.ffn_down.weight": (d, d_mlp)})
+    shapes["output_norm.weight"] = (d,)
+    return {name: (1 + 0.1 * rng.standard_normal(shape) if len(shape) == 1 else 0.3 * rng.standard_normal(shape))
+            .astype(np.float32) for name, shape in shapes.items()}
+
+
+def tiny_llama_gguf(meta=None, tensors=None, alignment=32):
+    """(bytes, spans, fields) of a tiny Llama GGUF (2 blocks, d_model 8, 2 heads, 1 kv head,
+    6 tokens, 2 merges), F32 tensors in llama.cpp's order. `meta` / `tensors` override or, with
+    None as the value, remove metadata entries (key -> (value type, value)) or tensors (name ->
+    array, or (ggml dims, ggml type, raw bytes) for any other type)."""
+    meta = {k: v for k, v in {**TINY_LLAMA_META, **(meta or {})}.items() if v is not None}
+    if alignment != 32:
+        meta["general.alignment"] = (4, alignment)
+    tensors = {k: v for k, v in {**tiny_llama_tensors(), **(tensors or {})}.items() if v is not None}
+    w = FieldWriter()
+    w.buf += b"GGUF"
+    w.number("<I", 3, "version")
+    w.number("<Q", len(tensors), "tensor count")
+    w.number("<Q", len(meta), "metadata count")
+    for key, (vtype, value) in meta.items():
+        w.string(key, f"key {key}")
+        w.number("<I", vtype, f"value type of {key}")
+        w.value(vtype, value, key, key)
+    blobs, offset = [], 0
+    for name, t in tensors.items():
+        dims, ggml_type, raw = (list(reversed(t.shape)), 0, t.tobytes()) if isinstance(t, np.ndarray) else t
+        w.string(name, f"name of {name}")
+        w.number("<I", len(dims), f"n_dims of {name}")
+        for i, d in enumerate(dims):
+            w.number("<Q", d, f"dim {i} of {name}")
+        w.number("<I", ggml_type, f"type of {name}")
+        w.number("<Q", offset, f"offset of {name}")
+        blobs.append((name, offset, raw))
+        offset += len(raw) + (-len(raw) % alignment)
+    data_start = len(w.buf) + (-len(w.buf) % alignment)
+    w.buf += b"\0" * (data_start - len(w.buf))
+    for name, offset, raw in blobs:
+        w.buf += b"\0" * (data_start + offset - len(w.buf))
+        w.spans[f"data:{name}"] = (len(w.buf), len(w.buf) + len(raw))
+        w.buf += raw
+    return bytes(w.buf), w.spans, w.fields
+
+
 # ---- dequantization against a per-element loop --------------------------------------
 
 def naive_q8_0(raw: bytes) -> np.ndarray:
@@ -261,6 +365,96 @@ def test_unsupported_quant_type_is_named(tmp_path):
     assert f.tensors["q"].type_name == "Q4_0"
     with pytest.raises(ValueError, match="unsupported quantisation type Q4_0"):
         f.dequantize("q")
+
+
+# ---- the Llama loader: hyper-parameters checked against ranges and the file's tensors -----
+
+def test_tiny_llama_loads(tmp_path):
+    from minisae.models.llama import gguf_tokenizer, load_llama_gguf
+    path = write(tmp_path, tiny_llama_gguf()[0])
+    model = load_llama_gguf(path)
+    assert (model.cfg.n_layer, model.cfg.d_model, model.cfg.n_head, model.cfg.vocab_size) == (2, 8, 2, 6)
+    np.testing.assert_array_equal(model.layers[1].mlp.down_proj.weight.numpy(),
+                                  tiny_llama_tensors()["blk.1.ffn_down.weight"])
+    tok = gguf_tokenizer(GGUFFile(path).metadata, bos_id=0)
+    assert tok.encode("ab ab a") == [3, 5, 4, 1] and tok.special_tokens == {"<|endoftext|>": 0}
+
+
+BAD_LLAMA_FILES = [  # (metadata overrides, tensor overrides, message)
+    ({"llama.block_count": (4, 1_000_000)}, {}, r"llama.block_count\) = 1000000: expected an integer in 1..1024"),
+    ({"llama.block_count": (4, 3)}, {}, "llama.block_count = 3 but the file holds tensors for 2 blocks 0..1"),
+    ({"llama.block_count": (4, 1)}, {}, "llama.block_count = 1 but the file holds tensors for 2 blocks"),
+    ({"llama.block_count": (4, 0)}, {}, r"n_layer \(llama.block_count\) = 0"),
+    ({}, {f"blk.1.{n}.weight": None for n in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
+                                                "ffn_gate", "ffn_up", "ffn_down")}, "holds tensors for 1 blocks 0..0"),
+    ({}, {"blk.2.attn_norm.weight": np.ones(8, np.float32)}, "holds tensors for 3 blocks"),
+    ({}, {"blk.5.attn_norm.weight": np.ones(8, np.float32)}, r"holds tensors for 3 blocks \[0, 1, 5\]"),
+    ({"llama.block_count": (8, "2")}, {}, r"llama.block_count\) = '2': expected an integer"),
+    ({"llama.block_count": (6, 2.0)}, {}, r"llama.block_count\) = 2.0: expected an integer"),
+    ({"llama.block_count": (7, True)}, {}, r"llama.block_count\) = True: expected an integer"),
+    ({"llama.block_count": (9, (4, [2]))}, {}, r"llama.block_count\) = \[2\]: expected an integer"),
+    ({"llama.attention.head_count": (4, 0)}, {}, r"n_head \(llama.attention.head_count\) = 0"),
+    ({"llama.attention.head_count_kv": (4, 0)}, {}, r"n_kv_head \(llama.attention.head_count_kv\) = 0"),
+    ({"llama.attention.head_count": (4, 3)}, {}, "must divide into n_head 3 heads"),
+    ({"llama.attention.head_count": (4, 4)}, {}, r"'blk.0.attn_k.weight' has shape \(4, 8\), the llama.\* metadata implies \(2, 8\)"),
+    ({"llama.embedding_length": (4, 16)}, {}, r"'token_embd.weight' has shape \(6, 8\), .* implies \(6, 16\)"),
+    ({"llama.embedding_length": (4, 1 << 20)}, {}, "d_model .* expected an integer in 1..65536"),
+    ({"llama.feed_forward_length": (4, 32)}, {}, r"'blk.0.ffn_gate.weight' has shape \(16, 8\)"),
+    ({"llama.vocab_size": (4, 7)}, {}, r"'token_embd.weight' has shape \(6, 8\), .* implies \(7, 8\)"),
+    ({"llama.context_length": (4, 0)}, {}, r"n_ctx \(llama.context_length\) = 0"),
+    ({"llama.context_length": (10, 1 << 40)}, {}, r"n_ctx .* expected an integer in 1..16777216"),
+    ({"llama.rope.freq_base": (6, 0.5)}, {}, r"rope_base \(llama.rope.freq_base\) = 0.5"),
+    ({"llama.rope.freq_base": (6, float("inf"))}, {}, "rope_base .* = inf"),
+    ({"llama.rope.freq_base": (8, "1e4")}, {}, "rope_base .* = '1e4'"),
+    ({"llama.attention.layer_norm_rms_epsilon": (6, 0.0)}, {}, r"norm_eps \(llama.attention.layer_norm_rms_epsilon\) = 0.0"),
+    ({"llama.attention.layer_norm_rms_epsilon": (6, float("nan"))}, {}, "norm_eps .* = nan"),
+    ({"llama.context_length": None}, {}, r"metadata lacks \['llama.context_length'\]"),
+    ({"llama.vocab_size": None, "tokenizer.ggml.tokens": None}, {}, "neither llama.vocab_size nor a tokenizer.ggml.tokens"),
+    ({"general.architecture": (9, (8, ["llama"]))}, {}, r"general.architecture is \['llama'\]"),
+    ({"llama.attention.key_length": (4, 2)}, {}, "llama.attention.key_length = 2 differs from the head dimension 4"),
+    ({"tokenizer.ggml.tokens": (9, (8, TINY_TOKENS + ["c"]))}, {}, "tokenizer.ggml.tokens holds 7 tokens, token_embd 6 rows"),
+    ({}, {"output.weight": np.zeros((6, 8), np.float32)}, "untied output.weight"),
+    ({}, {"blk.0.attn_q.bias": np.zeros(8, np.float32)}, r"tensors this Llama does not use: \['blk.0.attn_q.bias'\]"),
+    ({}, {"output_norm.weight": None}, r"lacks tensors \['output_norm.weight'\]"),
+    ({}, {"blk.0.ffn_up.weight": np.full((16, 8), np.nan, np.float32)}, "'blk.0.ffn_up.weight' holds NaN"),
+    ({}, {"blk.0.ffn_up.weight": ([32, 4], 2, b"\0" * 4 * 18)}, "'blk.0.ffn_up.weight' has unsupported quantisation type Q4_0"),
+]
+
+
+@pytest.mark.parametrize("meta, tensors, message", BAD_LLAMA_FILES)
+def test_bad_llama_hyperparameters_are_named(tmp_path, meta, tensors, message):
+    from minisae.models.llama import load_llama_gguf
+    path = write(tmp_path, tiny_llama_gguf(meta, tensors)[0])
+    with pytest.raises(ValueError, match=message) as err:
+        load_llama_gguf(path)
+    assert str(err.value).startswith(f"GGUF file {path}")
+
+
+BAD_TOKENIZERS = [  # metadata overrides, message
+    ({"tokenizer.ggml.tokens": None}, "tokenizer.ggml.tokens must be an array of strings, got missing"),
+    ({"tokenizer.ggml.tokens": (9, (5, list(range(6))))}, "tokenizer.ggml.tokens must be an array of strings, got an array holding int"),
+    ({"tokenizer.ggml.tokens": (8, "abc")}, "tokenizer.ggml.tokens must be an array of strings, got a str"),
+    ({"tokenizer.ggml.token_type": (9, (8, ["3"] * 6))}, "token_type must be an array of integers, got an array holding str"),
+    ({"tokenizer.ggml.token_type": (9, (6, [3.0] * 6))}, "token_type must be an array of integers, got an array holding float"),
+    ({"tokenizer.ggml.token_type": (9, (5, [3, 1, 1]))}, "token_type must give each of the 6 tokens a type in 0..6; it holds 3"),
+    ({"tokenizer.ggml.token_type": (9, (5, [3, 1, 1, 1, 1, 99]))}, "in 0..6; it holds 6 values in 1..99"),
+    ({"tokenizer.ggml.merges": None}, "tokenizer.ggml.merges must be an array of strings, got missing"),
+    ({"tokenizer.ggml.merges": (9, (4, [1, 2]))}, "tokenizer.ggml.merges must be an array of strings, got an array holding int"),
+    ({"tokenizer.ggml.merges": (9, (8, ["a b", "ab"]))}, "merge 1 is 'ab'; expected a pair"),
+    ({"tokenizer.ggml.merges": (9, (8, ["a c"]))}, r"merge 0 'a c' uses or makes \['c', 'ac'\], not in the vocab"),
+    ({"tokenizer.ggml.tokens": (9, (8, TINY_TOKENS[:5] + ["a"]))}, "duplicate tokens"),
+    ({"tokenizer.ggml.pre": (9, (8, ["smollm"]))}, r"pre-tokenizer \['smollm'\] is not supported"),
+    ({"tokenizer.ggml.model": (4, 2)}, "tokenizer 2 with pre-tokenizer 'smollm' is not supported"),
+]
+
+
+@pytest.mark.parametrize("meta, message", BAD_TOKENIZERS)
+def test_bad_tokenizer_metadata_is_named(tmp_path, meta, message):
+    from minisae.models.llama import gguf_tokenizer
+    path = write(tmp_path, tiny_llama_gguf(meta)[0])
+    with pytest.raises(ValueError, match=message) as err:
+        gguf_tokenizer(GGUFFile(path).metadata, bos_id=0, source=f"GGUF file {path}")
+    assert str(err.value).startswith(f"GGUF file {path}: ")
 
 
 # ---- against the gguf package (llama.cpp's reader) -----------------------------------

@@ -25,7 +25,9 @@ Extra shape letters here: H query heads, Hkv key/value heads, hd head dimension,
 """
 
 import importlib.util
+import math
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +51,17 @@ class LlamaConfig:
     norm_eps: float = 1e-5        # llama.attention.layer_norm_rms_epsilon
 
     def __post_init__(self):
+        # sane ranges first, so that a corrupt value is named instead of dividing by zero
+        # below or hanging while a million blocks are built
+        for field, limit in LIMITS.items():
+            v = getattr(self, field)
+            if not _is_int(v) or not 1 <= v <= limit:
+                raise ValueError(f"{field} ({GGUF_KEYS[field]}) = {v!r:.50}: expected an integer in 1..{limit}")
+        if not _is_number(self.rope_base) or not 1 < self.rope_base <= MAX_ROPE_BASE:
+            raise ValueError(f"rope_base ({GGUF_KEYS['rope_base']}) = {self.rope_base!r:.50}: expected a number "
+                             f"in (1, {MAX_ROPE_BASE:g}]")
+        if not _is_number(self.norm_eps) or not 0 < self.norm_eps < 1:
+            raise ValueError(f"norm_eps ({GGUF_KEYS['norm_eps']}) = {self.norm_eps!r:.50}: expected a number in (0, 1)")
         if self.d_model % self.n_head or self.n_head % self.n_kv_head or (self.d_model // self.n_head) % 2:
             raise ValueError(f"d_model {self.d_model} must divide into n_head {self.n_head} heads of even "
                              f"size (RoPE turns pairs) and n_head into n_kv_head {self.n_kv_head} groups")
@@ -58,22 +71,51 @@ class LlamaConfig:
         return self.d_model // self.n_head
 
     @classmethod
-    def from_gguf(cls, metadata: dict) -> "LlamaConfig":
+    def from_gguf(cls, metadata: dict, source: str = "GGUF metadata") -> "LlamaConfig":
+        """The config a GGUF file's metadata states; `source` (the file) starts every error.
+        Types and ranges are checked here; llama_gguf_tensor_shapes checks the values
+        against the tensors the file holds."""
         arch = metadata.get("general.architecture")
         if arch != "llama":
-            raise ValueError(f"general.architecture is {arch!r}; this model reads only 'llama' GGUF files")
-        keys = dict(n_layer="block_count", d_model="embedding_length", d_mlp="feed_forward_length",
-                    n_head="attention.head_count", n_kv_head="attention.head_count_kv",
-                    n_ctx="context_length", rope_base="rope.freq_base",
-                    norm_eps="attention.layer_norm_rms_epsilon")
-        missing = [f"llama.{k}" for k in keys.values() if f"llama.{k}" not in metadata]
+            raise ValueError(f"{source}: general.architecture is {arch!r:.50}; this model reads only 'llama' GGUF files")
+        missing = [key for field, key in GGUF_KEYS.items() if field != "vocab_size" and key not in metadata]
         if missing:
-            raise ValueError(f"GGUF metadata lacks {missing}")
-        vocab = metadata.get("llama.vocab_size", len(metadata.get("tokenizer.ggml.tokens", [])))
-        cfg = cls(vocab_size=vocab, **{field: metadata[f"llama.{k}"] for field, k in keys.items()})
-        if metadata.get("llama.rope.dimension_count", cfg.head_dim) != cfg.head_dim:
-            raise ValueError("partial rotary embeddings (llama.rope.dimension_count < head dim) are not supported")
+            raise ValueError(f"{source}: metadata lacks {missing}")
+        values = {field: metadata[key] for field, key in GGUF_KEYS.items() if key in metadata}
+        if "vocab_size" not in values:  # optional key: else the length of the token list
+            tokens = metadata.get("tokenizer.ggml.tokens")
+            if not isinstance(tokens, list):
+                raise ValueError(f"{source}: metadata has neither llama.vocab_size nor a tokenizer.ggml.tokens list")
+            values["vocab_size"] = len(tokens)
+        try:
+            cfg = cls(**values)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+        for key in ("llama.rope.dimension_count", "llama.attention.key_length", "llama.attention.value_length"):
+            if metadata.get(key, cfg.head_dim) != cfg.head_dim:
+                raise ValueError(f"{source}: {key} = {metadata[key]!r:.50} differs from the head dimension "
+                                 f"{cfg.head_dim} (partial rotary or a separate head size is not supported)")
         return cfg
+
+
+# LlamaConfig field -> GGUF metadata key
+GGUF_KEYS = dict(n_layer="llama.block_count", d_model="llama.embedding_length", d_mlp="llama.feed_forward_length",
+                 n_head="llama.attention.head_count", n_kv_head="llama.attention.head_count_kv",
+                 vocab_size="llama.vocab_size", n_ctx="llama.context_length", rope_base="llama.rope.freq_base",
+                 norm_eps="llama.attention.layer_norm_rms_epsilon")
+# Upper bounds far above any released Llama (3.1 405B: 126 layers, d_model 16384, MLP 53248,
+# 128 heads, 128k vocab and context) and far below what would hang building the modules.
+LIMITS = dict(n_layer=1024, d_model=1 << 16, d_mlp=1 << 20, n_head=1024, n_kv_head=1024,
+              vocab_size=1 << 24, n_ctx=1 << 24)
+MAX_ROPE_BASE = 1e12  # Llama 3: 5e5; long-context variants: up to ~1e8
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
 
 
 class RMSNorm(nn.Module):
@@ -213,17 +255,57 @@ GGUF_NAMES = {
 }
 
 
+def llama_gguf_tensor_shapes(f, cfg: LlamaConfig) -> dict:
+    """GGUF tensor name -> shape, checked: the file holds exactly the tensors `cfg` implies
+    (blocks 0..n_layer-1, nothing else) in exactly the shapes it implies. Reads only the
+    tensor table, so a corrupt block count or width fails here, before anything is built."""
+    blocks = {int(m.group(1)) for name in f.tensors for m in [re.match(r"blk\.(\d+)\.", name)] if m}
+    if blocks != set(range(cfg.n_layer)):
+        held = f"blocks 0..{len(blocks) - 1}" if blocks == set(range(len(blocks))) else f"blocks {sorted(blocks)[:8]}"
+        raise ValueError(f"GGUF file {f.path}: llama.block_count = {cfg.n_layer} but the file holds tensors for "
+                         f"{len(blocks)} {held}")
+    D, M, V, hd = cfg.d_model, cfg.d_mlp, cfg.vocab_size, cfg.head_dim
+    per_block = {"attn_norm": (D,), "attn_q": (cfg.n_head * hd, D), "attn_k": (cfg.n_kv_head * hd, D),
+                 "attn_v": (cfg.n_kv_head * hd, D), "attn_output": (D, cfg.n_head * hd),
+                 "ffn_norm": (D,), "ffn_gate": (M, D), "ffn_up": (M, D), "ffn_down": (D, M)}
+    shapes = {"token_embd.weight": (V, D), "output_norm.weight": (D,)}
+    for L in range(cfg.n_layer):
+        shapes.update({f"blk.{L}.{name}.weight": shape for name, shape in per_block.items()})
+    if "output.weight" in f.tensors:
+        raise ValueError(f"GGUF file {f.path} has an untied output.weight; minisae's Llama ties the unembedding "
+                         "to token_embd")
+    missing = [g for g in shapes if g not in f.tensors]
+    if missing:
+        raise ValueError(f"GGUF file {f.path} lacks tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    unused = [g for g in f.tensors if g not in shapes]
+    if unused:
+        raise ValueError(f"GGUF file {f.path} holds tensors this Llama does not use: {unused[:5]}"
+                         f"{' ...' if len(unused) > 5 else ''}")
+    from minisae.models.gguf import DEQUANTIZE
+    for g, shape in shapes.items():
+        if f.tensors[g].type_name not in DEQUANTIZE:
+            raise ValueError(f"GGUF file {f.path}: tensor {g!r} has unsupported quantisation type "
+                             f"{f.tensors[g].type_name}; this reader dequantizes {', '.join(DEQUANTIZE)}")
+        if f.tensors[g].shape != shape:
+            raise ValueError(f"GGUF file {f.path}: tensor {g!r} has shape {f.tensors[g].shape}, the llama.* "
+                             f"metadata implies {shape}")
+    tokens = f.metadata.get("tokenizer.ggml.tokens")
+    if tokens is not None and (not isinstance(tokens, list) or len(tokens) != V):
+        size = len(tokens) if isinstance(tokens, list) else type(tokens).__name__
+        raise ValueError(f"GGUF file {f.path}: tokenizer.ggml.tokens holds {size} tokens, token_embd {V} rows")
+    return shapes
+
+
 def llama_state_dict_from_gguf(f, cfg: LlamaConfig) -> dict:
     """Dequantized float32 weights of a GGUF Llama, under our (= HF) names, q/k un-permuted."""
+    llama_gguf_tensor_shapes(f, cfg)
     names = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight"}
     for L in range(cfg.n_layer):
         names.update({f"layers.{L}.{ours}.weight": f"blk.{L}.{theirs}.weight" for theirs, ours in GGUF_NAMES.items()})
-    if "output.weight" in f.tensors:
-        raise ValueError("this GGUF has an untied output.weight; minisae's Llama ties the unembedding to token_embd")
-    missing = [g for g in names.values() if g not in f.tensors]
-    if missing:
-        raise ValueError(f"GGUF file {f.path} lacks tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     state = {ours: torch.from_numpy(f.dequantize(g)) for ours, g in names.items()}
+    for ours, g in names.items():  # a trained model has none; a corrupt byte in a scale often makes one
+        if not torch.isfinite(state[ours]).all():
+            raise ValueError(f"GGUF file {f.path}: tensor {g!r} holds NaN or infinite values")
     for L in range(cfg.n_layer):
         for proj, n in (("q_proj", cfg.n_head), ("k_proj", cfg.n_kv_head)):
             key = f"layers.{L}.self_attn.{proj}.weight"
@@ -236,14 +318,10 @@ def load_llama_gguf(f) -> Llama:
     frozen, in eval mode."""
     from minisae.models.gguf import GGUFFile
     f = f if isinstance(f, GGUFFile) else GGUFFile(f)
-    cfg = LlamaConfig.from_gguf(f.metadata)
+    cfg = LlamaConfig.from_gguf(f.metadata, source=f"GGUF file {f.path}")
+    state = llama_state_dict_from_gguf(f, cfg)  # checks every tensor's name and shape first
     with torch.device("meta"):  # skip the random init: every weight comes from the file
         model = Llama(cfg)
-    state = llama_state_dict_from_gguf(f, cfg)
-    expected = model.state_dict()
-    for k, v in state.items():
-        if v.shape != expected[k].shape:
-            raise ValueError(f"GGUF tensor for {k} has shape {tuple(v.shape)}, config implies {tuple(expected[k].shape)}")
     model.load_state_dict(state, assign=True)
     return model.eval().requires_grad_(False)  # a frozen subject: gradients only flow *through* it
 
@@ -252,22 +330,40 @@ def load_llama_gguf(f) -> Llama:
 # Digits(individual_digits=True) + ByteLevel pre-tokenizer in SmolLM2's tokenizer.json)
 PRE_TOKENIZERS = {"smollm": True, "gpt-2": False}
 CONTROL_TOKEN = 3  # tokenizer.ggml.token_type of special tokens such as <|endoftext|>
+MAX_TOKEN_TYPE = 6  # llama.cpp's llama_token_type: 0 undefined .. 6 byte
 
 
-def gguf_tokenizer(metadata: dict, bos_id: int) -> BPETokenizer:
+def gguf_tokenizer(metadata: dict, bos_id: int, source: str = "GGUF metadata") -> BPETokenizer:
     """The byte-level BPE tokenizer stored in a GGUF file's metadata (tokens, merges, types).
-    SmolLM2's vocab has no token for 21 bytes; BPETokenizer drops them as HF `tokenizers` does."""
+    SmolLM2's vocab has no token for 21 bytes; BPETokenizer drops them as HF `tokenizers` does.
+    `source` (the file) starts every error; each names the metadata key at fault."""
     model, pre = metadata.get("tokenizer.ggml.model"), metadata.get("tokenizer.ggml.pre")
-    if model != "gpt2" or pre not in PRE_TOKENIZERS:
-        raise ValueError(f"tokenizer {model!r} with pre-tokenizer {pre!r} is not supported; "
+    if model != "gpt2" or not isinstance(pre, str) or pre not in PRE_TOKENIZERS:
+        raise ValueError(f"{source}: tokenizer {model!r:.50} with pre-tokenizer {pre!r:.50} is not supported; "
                          f"need 'gpt2' (byte-level BPE) with one of {list(PRE_TOKENIZERS)}")
-    tokens, types = metadata["tokenizer.ggml.tokens"], metadata["tokenizer.ggml.token_type"]
+    arrays = {}
+    for key, kind, is_kind in (("tokens", "strings", lambda x: isinstance(x, str)),
+                               ("token_type", "integers", _is_int), ("merges", "strings", lambda x: isinstance(x, str))):
+        value = metadata.get(f"tokenizer.ggml.{key}")
+        if not isinstance(value, list) or not all(map(is_kind, value)):
+            got = "missing" if value is None else f"a {type(value).__name__}" if not isinstance(value, list) \
+                else f"an array holding {type(next(x for x in value if not is_kind(x))).__name__}"
+            raise ValueError(f"{source}: tokenizer.ggml.{key} must be an array of {kind}, got {got}")
+        arrays[key] = value
+    tokens, types = arrays["tokens"], arrays["token_type"]
+    if len(types) != len(tokens) or not all(0 <= t <= MAX_TOKEN_TYPE for t in types):
+        raise ValueError(f"{source}: tokenizer.ggml.token_type must give each of the {len(tokens)} tokens a type "
+                         f"in 0..{MAX_TOKEN_TYPE}; it holds {len(types)} values in {min(types, default=0)}.."
+                         f"{max(types, default=0)}")
     encoder = {tok: i for i, tok in enumerate(tokens)}
     if len(encoder) != len(tokens):
-        raise ValueError("tokenizer.ggml.tokens holds duplicate tokens")
+        raise ValueError(f"{source}: tokenizer.ggml.tokens holds duplicate tokens")
     special = {tok: i for i, (tok, t) in enumerate(zip(tokens, types)) if t == CONTROL_TOKEN}
-    return BPETokenizer(encoder, metadata["tokenizer.ggml.merges"], special_tokens=special,
-                        bos_id=bos_id, split_digits=PRE_TOKENIZERS[pre])
+    try:
+        return BPETokenizer(encoder, arrays["merges"], special_tokens=special,
+                            bos_id=bos_id, split_digits=PRE_TOKENIZERS[pre])
+    except ValueError as e:
+        raise ValueError(f"{source}: tokenizer.ggml.tokens/merges: {e}") from None
 
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -302,4 +398,4 @@ def load_smollm2(weights=None):
     """
     from minisae.models.gguf import GGUFFile
     f = GGUFFile(os.fspath(weights) if weights is not None else smollm2_path())
-    return load_llama_gguf(f), gguf_tokenizer(f.metadata, bos_id=SMOLLM2_BOS_ID)
+    return load_llama_gguf(f), gguf_tokenizer(f.metadata, bos_id=SMOLLM2_BOS_ID, source=f"GGUF file {f.path}")
