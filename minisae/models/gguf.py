@@ -255,6 +255,9 @@ class GGUFFile:
                                  f"type id {ggml_type}, unknown to this reader")
             type_name, block_size, type_size = GGML_TYPES[ggml_type]
             n_values = int(np.prod(dims, dtype=object))  # Python ints: absurd dims cannot overflow
+            if n_values >= 2**63 or max(dims) >= 2**63:  # llama.cpp: "invalid number of elements"
+                raise ValueError(f"corrupt GGUF file {self.path}: tensor {name!r} has dims {dims}, more than "
+                                 f"2^63 - 1 values or in one dimension")
             if dims[0] % block_size:
                 raise ValueError(f"corrupt GGUF file {self.path}: tensor {name!r} of type {type_name} has "
                                  f"rows of {dims[0]} values, not a multiple of its block size {block_size}")

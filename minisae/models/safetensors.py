@@ -49,7 +49,9 @@ def _unique_keys(pairs) -> dict:
 
 
 def _is_uint(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0  # JSON true is a Python int
+    """A JSON number that can be a size: JSON true is a Python int, and numpy takes no
+    dimension from 2^63 on (an empty tensor of shape [0, 10^30] would pass the size check)."""
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63
 
 
 def read_header(path) -> tuple:
@@ -88,7 +90,7 @@ def read_header(path) -> tuple:
         if not isinstance(dtype, str) or dtype not in DTYPES:
             raise ValueError(f"{path}: tensor {name!r}: unknown dtype {dtype!r:.50}; supported: {', '.join(DTYPES)}")
         if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
-            raise ValueError(f"{path}: tensor {name!r}: shape must be a list of non-negative ints, got {shape!r:.200}")
+            raise ValueError(f"{path}: tensor {name!r}: shape must be a list of ints in 0..2^63-1, got {shape!r:.200}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)):
             raise ValueError(f"{path}: tensor {name!r}: data_offsets must be [begin, end], got {offsets!r:.200}")
         begin, end = offsets
