@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minisae.utils import Progress, atomic_write, model_device
+from minisae.utils import Progress, atomic_write, crash_point, model_device
 
 MAX_NORM_MULTIPLE = 10.0  # positions above this x the median norm are attention sinks
 
@@ -118,20 +118,21 @@ def sidecar_path(path) -> Path:
 def collect_activations(model, contexts, hook: str, path, model_name: str = "", corpus=None,
                         batch_size: int = 8, normalize: bool = True, bf16: bool = False,
                         seed: int = 0, verbose: bool = True,
-                        max_norm_multiple=MAX_NORM_MULTIPLE) -> dict:
+                        max_norm_multiple=MAX_NORM_MULTIPLE, producer=None) -> dict:
     """Run `model` over `contexts` (N_ctx, T), store the hook's activations at `path`
     (.npy, (N_keep, D) float32, shuffled: every position but BOS and the sinks above
     max_norm_multiple x the median norm) and return the sidecar's metadata.
 
-    corpus: a dict describing the text (split, max_tokens, ...) copied into the sidecar.
+    corpus: a dict describing the text (split, max_tokens, ...) copied into the sidecar;
+    producer: more keys for the sidecar that say what made the file (e.g. the weights).
     """
     return collect_many(model, contexts, [hook], [path], model_name, corpus, batch_size, normalize, bf16,
-                        seed, verbose, max_norm_multiple)[0]
+                        seed, verbose, max_norm_multiple, producer)[0]
 
 
 def collect_many(model, contexts, hooks: list, paths: list, model_name: str = "", corpus=None,
                  batch_size: int = 8, normalize: bool = True, bf16: bool = False,
-                 seed: int = 0, verbose: bool = True, max_norm_multiple=MAX_NORM_MULTIPLE) -> list:
+                 seed: int = 0, verbose: bool = True, max_norm_multiple=MAX_NORM_MULTIPLE, producer=None) -> list:
     """`collect_activations` for several hooks in one pass over the model: paths[i] (+ its
     sidecar) holds hooks[i]; every file uses the same shuffle. Returns the metadata list.
 
@@ -176,6 +177,8 @@ def collect_many(model, contexts, hooks: list, paths: list, model_name: str = ""
                 outs[h][where] = (rows * (norms[h][0] if normalize else 1.0)).float().numpy()
             if bar:
                 bar.update(first + len(rows))
+            if start:
+                crash_point("collect")  # the kill tests stop here, half-way through pass 1
         for h, path, tmp, final in zip(hooks, paths, tmps, finals):
             outs[h].flush()
             src = outs.pop(h)
@@ -201,8 +204,9 @@ def collect_many(model, contexts, hooks: list, paths: list, model_name: str = ""
                 "n_contexts": n_ctx, "ctx_len": T, "bos_dropped": True, "seed": seed,
                 "max_norm": norms[h][1], "max_norm_multiple": max_norm_multiple, "n_sinks_dropped": n_rows - n_keep,
                 "mean": (totals[h] / n_keep).tolist(),  # raw units, for mean-ablation
-                "corpus": corpus or {}, "file": path.name,
+                "corpus": corpus or {}, "file": path.name, **(producer or {}),
             }
+            sidecar_path(path).unlink(missing_ok=True)  # an old sidecar must never describe the new rows
             os.replace(tmp, path)
             atomic_write(sidecar_path(path), lambda f: f.write(json.dumps(meta, indent=1).encode()))
             metas.append(meta)
@@ -219,23 +223,75 @@ def collect_many(model, contexts, hooks: list, paths: list, model_name: str = ""
 def load_activations(path, model_name=None, hook=None):
     """(acts, meta): the stored activations as a read-only memmap (N, D) float32, scaled
     (divide by meta['scale'] for raw units), and the sidecar. Checks that the two agree,
-    and the model and hook if given."""
+    that the file holds every row it claims (a killed copy may be short), and the model
+    and hook if given; ValueError naming the file otherwise."""
     path = Path(path)
     side = sidecar_path(path)
     if not path.exists():
         raise ValueError(f"no activation file at {path}")
     if not side.exists():
         raise ValueError(f"{path} has no sidecar {side.name}; it is incomplete or not ours")
-    with open(side, encoding="utf-8") as f:
-        meta = json.load(f)
-    acts = np.load(path, mmap_mode="r")  # (N, D)
-    if acts.dtype != np.float32 or acts.shape != (meta["n_tokens"], meta["d"]):
-        raise ValueError(f"sidecar {side.name} says ({meta['n_tokens']}, {meta['d']}) float32 "
+    try:
+        with open(side, encoding="utf-8") as f:
+            meta = json.load(f)
+        n, d = int(meta["n_tokens"]), int(meta["d"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"sidecar {side} is damaged or not ours: {e}") from None
+    try:
+        acts = np.load(path, mmap_mode="r")  # (N, D)
+    except (OSError, ValueError) as e:  # e.g. "mmap length is greater than file size": a short file
+        raise ValueError(f"activation file {path} is damaged or truncated: {e}") from None
+    if acts.dtype != np.float32 or acts.shape != (n, d):
+        raise ValueError(f"sidecar {side.name} says ({n}, {d}) float32 "
                          f"but {path.name} holds {acts.shape} {acts.dtype}: mismatched files")
     for key, want in (("model", model_name), ("hook", hook)):
-        if want is not None and meta[key] != want:
-            raise ValueError(f"{path.name} holds {key} {meta[key]!r}, not {want!r}")
+        if want is not None and meta.get(key) != want:
+            raise ValueError(f"{path.name} holds {key} {meta.get(key)!r}, not {want!r}")
     return acts, meta
+
+
+def reusable(path, want: dict):
+    """(meta, None) if the activation file at `path` loads and its sidecar agrees with every
+    key of `want` (what produced it: model, weights, hook, dtype, corpus, context length,
+    normalisation); else (None, the reason it cannot be reused)."""
+    if not Path(path).exists():
+        return None, "none stored yet"
+    try:
+        _, meta = load_activations(path)
+    except ValueError as e:
+        return None, str(e)
+    diff = [k for k in want if meta.get(k) != want[k]]
+    if diff:
+        return None, "made with other settings: " + ", ".join(f"{k} {meta.get(k)!r} (now {want[k]!r})" for k in diff)
+    return meta, None
+
+
+def remove_stale_temporaries(folder) -> list:
+    """Delete the temporary files (".NAME.PID.tmp", ".NAME.PID.final.tmp") that a killed
+    process left in `folder`: a real collection's can be several GB. Files of processes
+    still running are kept. Returns the removed paths."""
+    removed = []
+    for p in Path(folder).glob(".*.tmp"):
+        parts = p.name.split(".")
+        pid = next((int(t) for t in reversed(parts) if t.isdigit()), None)
+        if pid is None or pid == os.getpid() or _alive(pid):
+            continue
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def iter_batches(acts, batch_size: int, seed: int = 0, device="cpu", block_batches: int = 8,

@@ -37,12 +37,17 @@ class LMConfig:
 
     def check(self):
         """ValueError for settings that cannot work, before any model is loaded."""
-        for name in ("tokens", "eval_tokens", "expansion", "batch_size", "ctx_len"):
+        for name in ("tokens", "eval_tokens", "expansion", "batch_size"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.ctx_len < 3:
+            raise ValueError(f"--ctx-len must be at least 3 (BOS, a token, and one to predict), got {self.ctx_len}")
+        if self.tokens < self.batch_size:
+            raise ValueError(f"--tokens {self.tokens} is less than one training batch (--batch-size "
+                             f"{self.batch_size}); give at least {self.batch_size}")
         if self.collect_tokens is not None and not self.collect_tokens > 0:
             raise ValueError(f"--collect-tokens must be positive, got {self.collect_tokens}")
-        if not self.lr > 0 or self.lr == float("inf"):
+        if not 0 < self.lr < float("inf"):
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
         return self
 
@@ -89,9 +94,10 @@ class SAESource:
     bf16: bool = False  # bfloat16 autocast for the model
 
     def check(self):
-        if not self.text_tokens > 0 or not self.ctx_len > 1:
-            raise ValueError(f"the token count must be positive and --ctx-len at least 2, got "
-                             f"{self.text_tokens} and {self.ctx_len}")
+        if not self.text_tokens > 0:
+            raise ValueError(f"the number of text tokens to scan must be positive, got {self.text_tokens}")
+        if self.ctx_len < 3:
+            raise ValueError(f"--ctx-len must be at least 3 (BOS, a token, and one to predict), got {self.ctx_len}")
         return self
 
 

@@ -34,7 +34,7 @@ import json
 import sys
 from pathlib import Path
 
-from minisae.sweep import SWEEPS, config_dict, parse_sweep, train_and_evaluate
+from minisae.sweep import SWEEPS, check_sae_settings, config_dict, parse_sweep, train_and_evaluate
 from minisae.utils import atomic_write_text
 
 
@@ -61,7 +61,7 @@ def run(cfg) -> list:
     """`python -m minisae layers` (cfg: minisae.configs.LayersConfig): returns the rows of
     layers_results.json, one per layer."""
     from minisae import activations, data, evaluate, plots
-    from minisae.models import load_model
+    from minisae.models import load_model, weights_identity
     from minisae.models.hooks import hook_name
 
     cfg.check()
@@ -75,9 +75,13 @@ def run(cfg) -> list:
         raise ValueError(f"--setting {setting!r} gives {len(values)} values; the layers command takes one")
     value = values[0]
     out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(cfg.model, weights=cfg.weights)
     model.eval()
     layers = parse_layers(cfg.layers, model.n_layer)
+    check_sae_settings({variant: (knob, [value])}, cfg, model.d_model)  # before the activation pass
+    for p in activations.remove_stale_temporaries(out):
+        print(f"removed {p}, left by a killed run", file=sys.stderr)
     hooks = {L: hook_name(L, cfg.site, model.n_layer) for L in layers}
     (out / "saes").mkdir(parents=True, exist_ok=True)
     n_collect = cfg.collect_tokens or cfg.tokens
@@ -96,7 +100,8 @@ def run(cfg) -> list:
     for chunk in chunks:
         paths = [out / f"acts-{cfg.model}-{hooks[L]}.npy" for L in chunk]
         activations.collect_many(model, contexts, [hooks[L] for L in chunk], paths, model_name=cfg.model,
-                                 corpus=corpus, bf16=cfg.bf16, seed=cfg.seed)
+                                 corpus=corpus, bf16=cfg.bf16, seed=cfg.seed,
+                                 producer={"weights": weights_identity(cfg.model, cfg.weights)})
         for L, path in zip(chunk, paths):
             acts, meta = activations.load_activations(path, model_name=cfg.model, hook=hooks[L])
             print(f"layer {L} ({hooks[L]}), scale {meta['scale']:.4g}, {meta['n_sinks_dropped']:,} sink "

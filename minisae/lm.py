@@ -17,26 +17,37 @@ import json
 import sys
 from pathlib import Path
 
-from minisae.sweep import SWEEPS, config_dict, finished_rows, parse_sweep, train_and_evaluate
+from minisae.sweep import SWEEPS, check_sae_settings, config_dict, finished_rows, parse_sweep, train_and_evaluate
 from minisae.utils import atomic_write_text
 
 
-def collect(model, tokenizer, cfg, hook, path):
-    """Collect (or reuse) the activation file of the training split; return its metadata."""
-    from minisae import activations, data
+def producer(cfg, hook: str) -> dict:
+    """What an activation file of this run must have been made with to be reused: model,
+    weights, hook, dtype, text, context length and normalisation (the sidecar's keys)."""
     from minisae.activations import MAX_NORM_MULTIPLE
-    n_tokens = cfg.collect_tokens or cfg.tokens
-    corpus = {"split": "train", "max_tokens": n_tokens, "text": cfg.text}
-    if path.exists() and activations.sidecar_path(path).exists():
-        _, meta = activations.load_activations(path, model_name=cfg.model, hook=hook)
-        if meta["corpus"] == corpus and meta["ctx_len"] == cfg.ctx_len and \
-                meta.get("max_norm_multiple") == MAX_NORM_MULTIPLE:
-            print(f"reusing {path} ({meta['n_tokens']:,} tokens)", file=sys.stderr)
-            return meta
+    from minisae.models import weights_identity
+    return {"model": cfg.model, "weights": weights_identity(cfg.model, cfg.weights), "hook": hook,
+            "compute_dtype": "bfloat16" if cfg.bf16 else "float32", "ctx_len": cfg.ctx_len,
+            "corpus": {"split": "train", "max_tokens": cfg.collect_tokens or cfg.tokens,
+                       "text": [str(t) for t in cfg.text] if cfg.text else None},
+            "normalized": True, "max_norm_multiple": MAX_NORM_MULTIPLE, "seed": cfg.seed}
+
+
+def collect(model, tokenizer, cfg, want: dict, path):
+    """Collect (or reuse, if made exactly as `want` says) the activation file of the
+    training split; return its metadata."""
+    from minisae import activations, data
+    meta, why_not = activations.reusable(path, want)
+    if meta is not None:
+        print(f"reusing {path} ({meta['n_tokens']:,} tokens)", file=sys.stderr)
+        return meta
+    if path.exists() or activations.sidecar_path(path).exists():
+        print(f"not reusing {path}: {why_not}; collecting again", file=sys.stderr)
     contexts = data.load_contexts(tokenizer, name=cfg.model, split="train", ctx_len=cfg.ctx_len,
-                                  max_tokens=n_tokens, text_paths=cfg.text)
-    return activations.collect_activations(model, contexts, hook, path, model_name=cfg.model, corpus=corpus,
-                                           bf16=cfg.bf16, seed=cfg.seed)
+                                  max_tokens=want["corpus"]["max_tokens"], text_paths=cfg.text)
+    return activations.collect_activations(model, contexts, want["hook"], path, model_name=cfg.model,
+                                           corpus=want["corpus"], bf16=cfg.bf16, seed=cfg.seed,
+                                           producer={"weights": want["weights"]})
 
 
 def run(cfg) -> list:
@@ -56,8 +67,11 @@ def run(cfg) -> list:
     model, tokenizer = load_model(cfg.model, weights=cfg.weights)
     model.eval()
     hook = hook_name(cfg.layer, cfg.site, model.n_layer)
+    check_sae_settings(sweeps, cfg, model.d_model)  # a bad k or setting fails before the activation pass
     acts_path = out / f"acts-{cfg.model}-{hook}.npy"
-    collect(model, tokenizer, cfg, hook, acts_path)
+    for p in activations.remove_stale_temporaries(out):
+        print(f"removed {p}, left by a killed run", file=sys.stderr)
+    collect(model, tokenizer, cfg, producer(cfg, hook), acts_path)
     acts, meta = activations.load_activations(acts_path, model_name=cfg.model, hook=hook)
     heldout = data.load_contexts(tokenizer, name=cfg.model, split="heldout", ctx_len=cfg.ctx_len,
                                  max_tokens=cfg.eval_tokens, text_paths=cfg.text)
@@ -79,8 +93,9 @@ def run(cfg) -> list:
             else:
                 rows.append(train_and_evaluate(cfg, model, acts, meta, heldout, base, variant, knob, value,
                                                name=f"{variant}-{knob}{value}"))
-            results = {"model": cfg.model, "hook": hook, "activations": {k: meta[k] for k in
-                       ("n_tokens", "d", "scale", "max_norm", "n_sinks_dropped", "compute_dtype", "ctx_len")},
+            results = {"model": cfg.model, "hook": hook, "activations": {k: meta.get(k) for k in
+                       ("n_tokens", "d", "scale", "max_norm", "n_sinks_dropped", "compute_dtype", "ctx_len",
+                        "weights")},
                        "heldout_tokens": heldout.numel(), "bf16": cfg.bf16, "lr": cfg.lr,
                        "batch_size": cfg.batch_size, "expansion": cfg.expansion, "seed": cfg.seed,
                        "config": config_dict(cfg), "rows": rows}

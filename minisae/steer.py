@@ -131,9 +131,12 @@ def run(cfg) -> dict:
     src = cfg.source
     if not cfg.new_tokens > 0:
         raise ValueError(f"--tokens must be a positive number of tokens to generate, got {cfg.new_tokens}")
+    if not math.isfinite(cfg.strength):
+        raise ValueError(f"--strength must be a finite number, got {cfg.strength}")
+    if cfg.sample and not 0 < cfg.temperature < float("inf"):
+        raise ValueError(f"--temperature must be positive, got {cfg.temperature}")
     hsae, model, tok = load_with_model(src.sae, src.model, src.layer, src.site, src.weights)
-    check_latents([cfg.latent], hsae.n_latents)
-    steering_vector(hsae, cfg.latent, cfg.strength)  # a bad strength fails before the calibration pass
+    check_latents([cfg.latent], hsae.n_latents)  # a bad latent fails before the calibration pass
     encode_prompt(tok, cfg.prompt)  # and so does an empty prompt
     print(f"measuring latent {cfg.latent}'s typical activation on {src.text_tokens:,} tokens", file=sys.stderr)
     typical = typical_activation(model, hsae, load_text(src, tok, hsae.model_name), cfg.latent, cfg.unit,

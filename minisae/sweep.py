@@ -61,9 +61,14 @@ def parse_sweep(specs) -> dict:
 def activation_batches(acts, batch_size: int, seed: int):
     """Endless batches from stored activations: epoch after epoch, a new order each."""
     from minisae.activations import iter_batches
-    epoch = 0
+    from minisae.utils import crash_point
+    epoch, n = 0, 0
     while True:
-        yield from iter_batches(acts, batch_size, seed=seed + epoch, drop_last=True)
+        for batch in iter_batches(acts, batch_size, seed=seed + epoch, drop_last=True):
+            yield batch
+            n += 1
+            if n == 3:
+                crash_point("train")  # the kill tests stop here, a few steps into training
         epoch += 1
 
 
@@ -117,20 +122,60 @@ def config_dict(cfg) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
-def finished_rows(path, cfg, meta, heldout_tokens: int) -> dict:
-    """{(variant, knob, value): row} of an earlier, interrupted run in the results file
-    `path` made with the same config (all but NOT_PER_SAE), the same activations and the
-    same evaluation, whose SAE file is still there: a sweep can be stopped and started
-    again without training anything twice."""
+def check_sae_settings(sweeps: dict, cfg, d: int):
+    """Build every SAE a sweep will train ({variant: (knob, values)}, width d) before any
+    activation is collected, so a bad setting (an unknown knob, k larger than the
+    dictionary, a negative coefficient) fails in a second, not after the activation pass."""
+    for variant, (knob, values) in sweeps.items():
+        for value in values:
+            try:
+                make_sae(variant, d, cfg.expansion * d, **{**BASE[variant], knob: value})
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"--sweep {variant}:{knob}={value} cannot work with {cfg.expansion * d} latents "
+                                 f"(--expansion {cfg.expansion} x d_model {d}): {e}") from None
+
+
+def read_results(path):
+    """The results file at `path` as a dict, or None if there is none. A damaged one (a
+    run killed while writing it, before writes were atomic; a hand edit) is renamed to
+    PATH.damaged and reported, never fatal: the run starts its table afresh."""
     path = Path(path)
     if not path.exists():
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            old = json.load(fh)
+        if not isinstance(old, dict) or not isinstance(old.get("rows", []), list):
+            raise ValueError("not a results table")
+        return old
+    except (OSError, ValueError) as e:
+        aside = path.with_name(path.name + ".damaged")
+        path.replace(aside)
+        print(f"{path} is damaged ({e}); moved it to {aside.name} and starting a new table", file=sys.stderr)
+        return None
+
+
+def finished_rows(path, cfg, meta, heldout_tokens: int) -> dict:
+    """{(variant, knob, value): row} of an earlier, interrupted run in the results file
+    `path` made with the same config (all but NOT_PER_SAE), the same activations (model,
+    weights, hook, dtype, count, scale) and the same evaluation, whose SAE file is still
+    there and loads: a sweep can be stopped and started again without training anything
+    twice, and never reuses an SAE made otherwise."""
+    old = read_results(path)
+    if old is None:
         return {}
-    with open(path, encoding="utf-8") as fh:
-        old = json.load(fh)
     acts = old.get("activations", {})
+    same_acts = all(acts.get(k) == meta.get(k) for k in ("n_tokens", "scale", "weights", "compute_dtype"))
     if not same_sae_settings(old.get("config", {}), config_dict(cfg)) or old.get("hook") != meta["hook"] or \
-            old.get("heldout_tokens") != heldout_tokens or \
-            (acts.get("n_tokens"), acts.get("scale")) != (meta["n_tokens"], meta["scale"]):
+            old.get("heldout_tokens") != heldout_tokens or not same_acts:
+        print(f"{path}: made with other settings or activations; its SAEs are not reused", file=sys.stderr)
         return {}
-    return {(r["variant"], r["knob"], r["value"]): r for r in old.get("rows", [])
-            if (path.parent / r["sae"]).exists()}
+    done = {}
+    for r in old.get("rows", []):
+        try:
+            HookedSAE.load(Path(path).parent / r["sae"])
+        except (ValueError, OSError, KeyError, TypeError) as e:
+            print(f"not reusing {r.get('sae')}: {e}", file=sys.stderr)
+            continue
+        done[(r["variant"], r["knob"], r["value"])] = r
+    return done

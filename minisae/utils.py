@@ -59,10 +59,20 @@ def atomic_write(path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        crash_point(f"write:{path.name}")  # the kill tests stop here: the old file must survive
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for the kill tests (tests/test_kill.py): when $MINISAE_CRASH_AT
+    equals `name`, the process kills itself here with SIGKILL, as the OOM killer or a
+    power cut would: no cleanup, no finally blocks. Does nothing otherwise."""
+    if os.environ.get("MINISAE_CRASH_AT") == name:
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def atomic_write_text(path, text: str) -> None:

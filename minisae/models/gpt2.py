@@ -219,7 +219,12 @@ def load_gpt2(name: str, weights=None, cache_dir=None):
     model = GPT2(CONFIGS[name])
     if weights is None and name != "gpt2-random":
         from minisae.models.hub import HF, cached_path
-        weights = cached_path(f"{HF}/{name}/resolve/main/model.safetensors", cache_dir)
+        try:
+            weights = cached_path(f"{HF}/{name}/resolve/main/model.safetensors", cache_dir)
+        except OSError as e:
+            raise ValueError(f"could not download {name}'s weights ({e}). Offline, pass --weights FILE (a Hugging "
+                             "Face model.safetensors of this model) and set MINISAE_GPT2_TOKENIZER_DIR to a folder "
+                             "with encoder.json + vocab.bpe; or try the pipeline on --model gpt2-random") from e
     if weights is not None:
         load_weights_(model, weights)
     return model.eval(), load_gpt2_tokenizer(cache_dir)
