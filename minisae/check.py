@@ -30,7 +30,7 @@ from minisae.sae import ReLU, make_sae
 from minisae.variants import TopK, auxk_loss
 from minisae.variants import _JumpReLUFn as ref_JumpReLUFn  # the reference for the JumpReLUFn exercise
 
-MAX_EXAMPLES = 40  # inputs per property; all six exercises on the reference take a few seconds
+MAX_EXAMPLES = 100  # inputs per property; all six exercises on the reference take about 10 s on one core
 TOL = dict(rtol=1e-9, atol=1e-9)  # inputs are float64; a correct answer differs only by rounding
 
 
@@ -57,29 +57,49 @@ class Result:
 
 # -- inputs ------------------------------------------------------------------------------
 
+# Entry values: multiples of 1/4 in [-3, 3], simplest first (integers, halves, quarters;
+# small before large). Exact in binary, so sums are exact and ties, zeros and thresholds
+# are hit exactly: the edge cases a learner misses.
+VALUES = tuple(sorted({i / 4 for i in range(-12, 13)}, key=lambda v: (v % 0.5 != 0, v % 1 != 0, abs(v), v < 0)))
+INTEGERS = VALUES[:7]  # -3..3: ties are common (TopK must keep at most k of them)
+NONNEG = tuple(v for v in VALUES if v >= 0)
+SCALES = tuple(v for v in VALUES if v > 0)
+BOOLS = (False, True)
+
+
 def cases(then=None, **fields):
-    """Dicts of inputs. A field given as a string is a float64 tensor with its shape spelled
-    in the letters B, D, F (sizes drawn once per case: B 1-3, D 1-4, F 1-5), or a tuple
-    (letters, low, high) for other bounds; a callable gets the sizes and returns a strategy;
-    anything else is a strategy. `then` derives more fields from the drawn ones."""
-    import numpy as np
-    from hypothesis import strategies as st
-    from hypothesis.extra.numpy import arrays
+    """Dicts of inputs. A field given as letters is a tensor of that shape, spelled in B, D,
+    F (sizes drawn once per case: B 1-3, D 1-3, F 1-4), with entries from VALUES; as
+    (letters, values) with entries from `values`; a callable gets the sizes and returns a
+    strategy; anything else is a strategy. `then` derives more fields from the drawn ones.
+
+    A tensor is drawn as one byte string, each byte picking an entry (byte 0 the first,
+    simplest value): five times faster than drawing floats one by one, and Hypothesis
+    shrinks it towards 0, 1, -1."""
+    st = _st()
 
     @st.composite
     def draw_case(draw):
-        size = {"B": draw(st.integers(1, 3)), "D": draw(st.integers(1, 4)), "F": draw(st.integers(1, 5))}
+        size = {"B": draw(st.integers(1, 3)), "D": draw(st.integers(1, 3)), "F": draw(st.integers(1, 4))}
         case = {}
         for name, spec in fields.items():
             if isinstance(spec, (str, tuple)):
-                letters, lo, hi = (spec, -3.0, 3.0) if isinstance(spec, str) else spec
-                elements = st.floats(lo, hi, allow_nan=False, allow_subnormal=False)
-                value = torch.tensor(draw(arrays(np.float64, tuple(size[c] for c in letters), elements=elements)))
+                letters, values = (spec, VALUES) if isinstance(spec, str) else spec
+                shape = tuple(size[c] for c in letters)
+                raw = draw(st.binary(min_size=_numel(shape), max_size=_numel(shape)))
+                dtype = torch.bool if values is BOOLS else torch.float64
+                case[name] = torch.tensor([values[b % len(values)] for b in raw], dtype=dtype).reshape(shape)
             else:
-                value = draw(spec(size) if callable(spec) else spec)
-            case[name] = value
+                case[name] = draw(spec(size) if callable(spec) else spec)
         return then(case) if then else case
     return draw_case()
+
+
+def _numel(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def _st():
@@ -245,16 +265,17 @@ def _gated_minisae(fn, c):
     expect_close(fn(*args(c, *GATED)), ref_gated_forward(*args(c, *GATED)), "f")
 
 
-def _jump_cases():
-    """z crowded around theta (z = theta + u * eps, |u| <= 1.5), so that entries fall both
-    inside and outside the kernel's window |z - theta| < eps/2."""
-    st = _st()
+WINDOW_OFFSETS = (0.0, 0.2, -0.2, 0.4, -0.4, 0.6, -0.6, 0.8, -0.8, 1.4, -1.4)  # (z - theta) / eps, never 1/2
 
+
+def _jump_cases():
+    """z crowded around theta, z = theta + u * eps with u from WINDOW_OFFSETS, so that
+    entries fall both inside and outside the kernel's window |z - theta| < eps/2 (and
+    none on its edge, where rounding could put them either side)."""
     def then(c):
         c["z"] = c["theta"] + c.pop("u") * c["eps"]
-        assume((((c["z"] - c["theta"]).abs() - c["eps"] / 2).abs() > 1e-9).all())  # not on the window's edge
         return c
-    return cases(then, u=("BF", -1.5, 1.5), theta=("F", -1.0, 3.0), eps=st.floats(0.01, 1.0), G="BF")
+    return cases(then, u=("BF", WINDOW_OFFSETS), theta="F", eps=_st().sampled_from([1.0, 0.5, 0.1]), G="BF")
 
 
 def _jump(fn, c, grad=()):
@@ -303,12 +324,9 @@ AUX = ("x", "pre", "x_hat", "W_dec", "dead", "k_aux", "aux_coef")
 
 def _aux_cases(all_live=False):
     st = _st()
-    from hypothesis.extra.numpy import arrays
-
-    dead = (lambda s: st.just(torch.zeros(s["F"], dtype=torch.bool))) if all_live else \
-        (lambda s: arrays(bool, (s["F"],)).map(torch.tensor))
+    dead = (lambda s: st.just(torch.zeros(s["F"], dtype=torch.bool))) if all_live else ("F", BOOLS)
     return cases(x="BD", pre="BF", x_hat="BD", W_dec="FD", dead=dead,
-                 k_aux=lambda s: st.integers(1, s["F"]), aux_coef=st.floats(0.1, 2.0))
+                 k_aux=lambda s: st.integers(1, s["F"]), aux_coef=st.sampled_from([1.0, 0.5, 2.0]))
 
 
 def _aux_scalar(fn, c):
@@ -318,7 +336,7 @@ def _aux_scalar(fn, c):
 def _aux_none_dead(fn, c):
     loss = fn(*args(c, *AUX))
     if loss.item() != 0:
-        raise Failed(f"the loss is {loss.item():.6g} with no dead latent, expected 0")
+        raise Failed(f"the loss is {show(loss.item())} with no dead latent, expected 0.0")
 
 
 def _aux_detached(fn, c):
@@ -371,9 +389,9 @@ def exercises():
     """{name: (chapter, [Property, ...])}, the properties in the order they are checked."""
     st = _st()
     enc = lambda **more: cases(x="BD", W_enc="FD", b_enc="F", b_dec="D", **more)  # noqa: E731
-    l1 = lambda: cases(f=("BF", 0.0, 3.0), W_dec="FD", coef=st.floats(0.0, 2.0), scale=("F", 0.25, 4.0))  # noqa: E731
-    topk = lambda: cases(pre="BF", k=lambda s: st.integers(1, s["F"]))  # noqa: E731
-    gated = lambda: cases(x="BD", W_gate="FD", b_gate="F", r_mag=("F", -2.0, 2.0), b_mag="F", b_dec="D")  # noqa: E731
+    l1 = lambda: cases(f=("BF", NONNEG), W_dec="FD", coef=st.sampled_from([1.0, 0.5, 2.0, 0.0]), scale=("F", SCALES))  # noqa: E731
+    topk = lambda: cases(pre=("BF", INTEGERS), k=lambda s: st.integers(1, s["F"]))  # noqa: E731
+    gated = lambda: cases(x="BD", W_gate="FD", b_gate="F", r_mag=("F", tuple(v for v in VALUES if abs(v) <= 2)), b_mag="F", b_dec="D")  # noqa: E731
     P = Property
     return {
         "encode": (2, [
@@ -428,14 +446,16 @@ def exercises():
 
 # -- running the checks --------------------------------------------------------------------
 
-def check_property(fn, prop: Property, max_examples: int = MAX_EXAMPLES):
+def check_property(fn, prop: Property, max_examples: int = MAX_EXAMPLES, shrink: bool = True):
     """None if the property holds on every drawn input; "todo" if the learner's code raises
-    NotImplementedError; else (why, the shrunk input)."""
-    from hypothesis import HealthCheck, Verbosity, given, settings
+    NotImplementedError; else (why, the input, shrunk unless shrink=False: tests use that to
+    save time, since which property fails does not depend on shrinking)."""
+    from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 
     seen = {}
+    phases = list(Phase) if shrink else [Phase.explicit, Phase.generate]
 
-    @settings(max_examples=max_examples, deadline=None, derandomize=True, database=None, print_blob=False,
+    @settings(max_examples=max_examples, deadline=None, derandomize=True, database=None, print_blob=False, phases=phases,
               report_multiple_bugs=False, suppress_health_check=list(HealthCheck), verbosity=Verbosity.quiet)
     @given(prop.cases())
     def run(case):
@@ -454,9 +474,12 @@ def check_property(fn, prop: Property, max_examples: int = MAX_EXAMPLES):
     return "todo" if seen.get("todo") else None
 
 
-def check_exercise(name: str, fn, max_examples: int = MAX_EXAMPLES) -> Result:
-    for prop in exercises()[name][1]:
-        out = check_property(fn, prop, max_examples)
+def check_exercise(name: str, fn, max_examples: int = MAX_EXAMPLES, shrink: bool = True) -> Result:
+    props = exercises()[name][1]
+    if check_property(fn, props[0], max_examples=1, shrink=False) == "todo":  # one input tells
+        return Result(name, "SKIP", why="still raises NotImplementedError")
+    for prop in props:
+        out = check_property(fn, prop, max_examples, shrink)
         if out == "todo":
             return Result(name, "SKIP", why="still raises NotImplementedError")
         if out is not None:
