@@ -286,9 +286,10 @@ class GGUFFile:
                              f"type or shape in the header is wrong, or the file has trailing data")
 
     def _check_padding(self, start: int, stop: int, after: str):
-        """The padding bytes [start, stop) must be zeros (the spec's 0x00 padding). Catches a
-        type change that shrinks a tensor within its padding (F32 -> F16 of 3 values: 12 -> 6
-        bytes, both padded to 32), unless the bytes it drops happen to be zeros."""
+        """The padding bytes [start, stop) must be zeros. The spec leaves their value open, but
+        the writers of llama.cpp and gguf-py write zeros, and the check catches a type change
+        that shrinks a tensor within its padding (F32 -> F16 of 3 values: 12 -> 6 bytes, both
+        padded to 32), unless the bytes it drops happen to be zeros. Stricter than llama.cpp."""
         if np.any(self.buf[start:min(stop, len(self.buf))]):
             raise ValueError(f"corrupt GGUF file {self.path}: the padding after {after} (bytes {start}.."
                              f"{stop}) is not zeros: a tensor type or shape in the header is wrong")
