@@ -15,7 +15,7 @@ stored as (F, D); row i of W_dec is latent i's direction in activation space. In
 float64 tensors: return float64 too.
 """
 
-import torch
+import torch  # noqa: F401  (you will need it)
 
 
 def encode(x, W_enc, b_enc, b_dec):

@@ -20,6 +20,7 @@ W_enc, W_dec (F, D); x_hat = f @ W_dec + b_dec; squared errors summed over D, av
 """
 
 import importlib.util
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from minisae.sae import ReLU, make_sae
 from minisae.variants import TopK, auxk_loss
 from minisae.variants import _JumpReLUFn as ref_JumpReLUFn  # the reference for the JumpReLUFn exercise
 
-MAX_EXAMPLES = 100  # inputs per property; all six exercises on the reference take about 10 s on one core
+MAX_EXAMPLES = 100  # inputs per property; all six exercises on the reference: about 9 s of one core
 TOL = dict(rtol=1e-9, atol=1e-9)  # inputs are float64; a correct answer differs only by rounding
 
 
@@ -86,20 +87,13 @@ def cases(then=None, **fields):
             if isinstance(spec, (str, tuple)):
                 letters, values = (spec, VALUES) if isinstance(spec, str) else spec
                 shape = tuple(size[c] for c in letters)
-                raw = draw(st.binary(min_size=_numel(shape), max_size=_numel(shape)))
+                raw = draw(st.binary(min_size=math.prod(shape), max_size=math.prod(shape)))
                 dtype = torch.bool if values is BOOLS else torch.float64
                 case[name] = torch.tensor([values[b % len(values)] for b in raw], dtype=dtype).reshape(shape)
             else:
                 case[name] = draw(spec(size) if callable(spec) else spec)
         return then(case) if then else case
     return draw_case()
-
-
-def _numel(shape):
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _st():
@@ -115,8 +109,7 @@ def assume(condition):
 
 def args(case, *names, grad=()):
     """Fresh copies of the named inputs (a learner may change them in place); `grad` ones require grad."""
-    out = [case[n].clone().requires_grad_(n in grad) if torch.is_tensor(case[n]) else case[n] for n in names]
-    return out
+    return [case[n].clone().requires_grad_(n in grad) if torch.is_tensor(case[n]) else case[n] for n in names]
 
 
 def show(v):
@@ -137,9 +130,12 @@ def expect_tensor(out, shape, what):
         raise Failed(f"{what} is {tuple(out.shape)} {out.dtype}, expected {tuple(shape)} torch.float64")
 
 
-def expect_close(got, want, what):
+ON_INPUT = "but on the input it is"  # for an invariance: the value that should not have changed
+
+
+def expect_close(got, want, what, expected="expected"):
     if not torch.allclose(got.detach(), want.detach(), **TOL):
-        raise Failed(f"{what} = {show(got.detach())}, expected {show(want.detach())}")
+        raise Failed(f"{what} = {show(got.detach())}, {expected} {show(want.detach())}")
 
 
 def grads(out, inputs):
@@ -167,7 +163,7 @@ def _encode_shape(fn, c):
 
 def _encode_centring(fn, c):
     moved = dict(c, x=c["x"] + c["shift"], b_dec=c["b_dec"] + c["shift"])
-    expect_close(fn(*args(moved, *ENC)), fn(*args(c, *ENC)), "f with x and b_dec shifted")
+    expect_close(fn(*args(moved, *ENC)), fn(*args(c, *ENC)), "f with x and b_dec shifted", ON_INPUT)
 
 
 def _encode_minisae(fn, c):
@@ -179,15 +175,15 @@ def _l1_scalar(fn, c):
 
 
 def _l1_norm_invariance(fn, c):
-    s = c["scale"]  # (F,)
-    moved = dict(c, f=c["f"] * s, W_dec=c["W_dec"] / s[:, None])
+    moved = dict(c, f=c["f"] * c["c"], W_dec=c["W_dec"] / c["c"][:, None])  # c (F,) > 0
     expect_close(fn(*args(moved, "f", "W_dec", "coef")), fn(*args(c, "f", "W_dec", "coef")),
-                 "the loss with f_i * c_i and W_dec[i] / c_i")
+                 "the loss with f_i * c_i and W_dec[i] / c_i", ON_INPUT)
 
 
 def _l1_batch_mean(fn, c):
     twice = dict(c, f=torch.cat([c["f"], c["f"]]))
-    expect_close(fn(*args(twice, "f", "W_dec", "coef")), fn(*args(c, "f", "W_dec", "coef")), "the loss on the batch twice")
+    expect_close(fn(*args(twice, "f", "W_dec", "coef")), fn(*args(c, "f", "W_dec", "coef")),
+                 "the loss on the batch twice", ON_INPUT)
 
 
 def _l1_minisae(fn, c):
@@ -315,8 +311,9 @@ def _jump_eq11(fn, c):
 def _jump_minisae(fn, c):
     f, g = _jump(fn, c, grad=("z", "theta"))
     f_ref, g_ref = _jump(ref_JumpReLUFn, c, grad=("z", "theta"))
-    for what, got, want in [("f", f, f_ref), ("dL/dz", g["z"], g_ref["z"]), ("dL/dtheta", g["theta"], g_ref["theta"])]:
-        expect_close(got, want, what)
+    expect_close(f, f_ref, "f")
+    expect_close(g["z"], g_ref["z"], "dL/dz")
+    expect_close(g["theta"], g_ref["theta"], "dL/dtheta")
 
 
 AUX = ("x", "pre", "x_hat", "W_dec", "dead", "k_aux", "aux_coef")
@@ -381,66 +378,82 @@ def _aux_minisae(fn, c):
     a, r = args(c, *AUX, grad=("pre", "W_dec")), args(c, *AUX, grad=("pre", "W_dec"))
     loss, ref = fn(*a), ref_auxk_loss(*r)
     expect_close(loss, ref, "the AuxK loss")
-    for what, got, want in zip(("d/dpre", "d/dW_dec"), grads(loss, [a[1], a[3]]), grads(ref, [r[1], r[3]])):
-        expect_close(got, want, what)
+    (g_pre, g_W), (ref_pre, ref_W) = grads(loss, [a[1], a[3]]), grads(ref, [r[1], r[3]])
+    expect_close(g_pre, ref_pre, "d/dpre")
+    expect_close(g_W, ref_W, "d/dW_dec")
 
 
 def exercises():
-    """{name: (chapter, [Property, ...])}, the properties in the order they are checked."""
+    """{name: [Property, ...]}, the properties in the order they are checked: the cheap,
+    specific ones first, so that a failure names the mistake; minisae's code last."""
     st = _st()
-    enc = lambda **more: cases(x="BD", W_enc="FD", b_enc="F", b_dec="D", **more)  # noqa: E731
-    l1 = lambda: cases(f=("BF", NONNEG), W_dec="FD", coef=st.sampled_from([1.0, 0.5, 2.0, 0.0]), scale=("F", SCALES))  # noqa: E731
-    topk = lambda: cases(pre=("BF", INTEGERS), k=lambda s: st.integers(1, s["F"]))  # noqa: E731
-    gated = lambda: cases(x="BD", W_gate="FD", b_gate="F", r_mag=("F", tuple(v for v in VALUES if abs(v) <= 2)), b_mag="F", b_dec="D")  # noqa: E731
+
+    def enc(**more):
+        return cases(x="BD", W_enc="FD", b_enc="F", b_dec="D", **more)
+
+    def l1():
+        return cases(f=("BF", NONNEG), W_dec="FD", coef=st.sampled_from([1.0, 0.5, 2.0, 0.0]), c=("F", SCALES))
+
+    def topk():
+        return cases(pre=("BF", INTEGERS), k=lambda s: st.integers(1, s["F"]))
+
+    def gated():
+        r_mag = tuple(v for v in VALUES if abs(v) <= 2)
+        return cases(x="BD", W_gate="FD", b_gate="F", r_mag=("F", r_mag), b_mag="F", b_dec="D")
+
     P = Property
     return {
-        "encode": (2, [
+        "encode": [
             P("shape", "f is a (B, F) float64 tensor for x (B, D) and W_enc (F, D)", enc, _encode_shape),
             P("nonnegative", "f >= 0 everywhere (the ReLU)", enc, lambda fn, c: nonnegative(fn, c, ENC)),
             P("centring", "shifting x and b_dec by the same vector leaves f unchanged (x - b_dec is encoded)",
               lambda: enc(shift="D"), _encode_centring),
-            P("minisae", "f equals minisae's SAE.encode (a ReLU SAE with these weights)", enc, _encode_minisae)]),
-        "l1_loss": (2, [
+            P("minisae", "f equals minisae's SAE.encode (a ReLU SAE with these weights)", enc, _encode_minisae)],
+        "l1_loss": [
             P("scalar", "the loss is one number for the batch (a 0-dim float64 tensor)", l1, _l1_scalar),
             P("norm_invariance", "f_i * c_i and W_dec[i] / c_i give the same loss (the chapter-2 cheat does not pay)",
               l1, _l1_norm_invariance),
             P("batch_mean", "the loss is a mean over the batch: the batch repeated twice gives the same loss",
               l1, _l1_batch_mean),
             P("minisae", "loss = coef * mean_b sum_i f_bi ||W_dec[i]||: minisae's ReLU.loss_terms on the code with "
-              "the decoder norms folded in (fold_decoder_norm_)", l1, _l1_minisae)]),
-        "topk_activation": (3, [
+              "the decoder norms folded in (fold_decoder_norm_)", l1, _l1_minisae)],
+        "topk_activation": [
             P("shape", "f has the shape and dtype of pre", topk, _topk_shape),
             P("nonnegative", "f >= 0 (the ReLU after TopK)", topk, lambda fn, c: nonnegative(fn, c, ("pre", "k"))),
             P("at_most_k", "at most k entries of each row are nonzero", topk, _topk_at_most_k),
             P("kept_unshrunk", "each entry of f is 0 or its own pre-activation", topk, _topk_kept_unshrunk),
             P("largest", "each row keeps its largest positive pre-activations, min(k, #positive) of them "
               "(a per-row sort loop)", topk, _topk_largest),
-            P("minisae", "f equals minisae's TopK.forward", topk, _topk_minisae)]),
-        "gated_forward": (3, [
+            P("minisae", "f equals minisae's TopK.forward", topk, _topk_minisae)],
+        "gated_forward": [
             P("shape", "f is a (B, F) float64 tensor for x (B, D) and W_gate (F, D)", gated, _gated_shape),
             P("nonnegative", "f >= 0", gated, lambda fn, c: nonnegative(fn, c, GATED)),
-            P("gate_closed", "f = 0 wherever the gate pi_gate = W_gate (x - b_dec) + b_gate is <= 0", gated, _gated_closed),
+            P("gate_closed", "f = 0 wherever the gate pi_gate = W_gate (x - b_dec) + b_gate is <= 0",
+              gated, _gated_closed),
             P("no_gate_gradient", "no gradient reaches b_gate through f (the step 1[pi_gate > 0] passes none, "
               "and W_mag (x - b_dec) + b_mag does not contain b_gate)", gated, _gated_no_gate_gradient),
             P("tied", "with r_mag = 0 and b_mag = b_gate, f = ReLU(pi_gate) (W_mag = exp(r_mag) W_gate)",
               gated, _gated_tied),
-            P("minisae", "f equals minisae's Gated SAE encode", gated, _gated_minisae)]),
-        "JumpReLUFn": (3, [
-            P("forward", "JumpReLUFn.apply(z, theta, eps) = z where z > theta, 0 elsewhere", _jump_cases, _jump_forward),
-            P("z_gradient", "dL/dz = G * 1[z > theta] (the true gradient; L = sum(f * G))", _jump_cases, _jump_z_gradient),
+            P("minisae", "f equals minisae's Gated SAE encode", gated, _gated_minisae)],
+        "JumpReLUFn": [
+            P("forward", "JumpReLUFn.apply(z, theta, eps) = z where z > theta, 0 elsewhere",
+              _jump_cases, _jump_forward),
+            P("z_gradient", "dL/dz = G * 1[z > theta] (the true gradient; L = sum(f * G))",
+              _jump_cases, _jump_z_gradient),
             P("window", "theta gets a gradient only from entries with |z - theta| < eps/2 (the rectangle kernel)",
               _jump_cases, _jump_window),
             P("eq11", "dL/dtheta_i = -(theta_i / eps) sum_b 1[|z_bi - theta_i| < eps/2] G_bi (Jumping Ahead eq. 11; "
               "a naive loop)", _jump_cases, _jump_eq11),
-            P("minisae", "f and both gradients equal minisae's _JumpReLUFn", _jump_cases, _jump_minisae)]),
-        "auxk_loss": (3, [
+            P("minisae", "f and both gradients equal minisae's _JumpReLUFn", _jump_cases, _jump_minisae)],
+        "auxk_loss": [
             P("scalar", "the loss is one number for the batch (a 0-dim float64 tensor)", _aux_cases, _aux_scalar),
             P("none_dead", "the loss is 0 when no latent is dead", lambda: _aux_cases(all_live=True), _aux_none_dead),
             P("detached", "x_hat gets no gradient: the error e = x - x_hat is detached", _aux_cases, _aux_detached),
-            P("live_no_grad", "live latents get no gradient (pre[:, live], W_dec[live])", _aux_cases, _aux_live_no_grad),
+            P("live_no_grad", "live latents get no gradient (pre[:, live], W_dec[live])",
+              _aux_cases, _aux_live_no_grad),
             P("naive", "loss = aux_coef * mean_b ||e_b - W_dec^T ReLU(TopK_k_aux(pre_b[dead]))||^2, no b_dec "
               "(a loop over samples)", _aux_cases, _aux_naive),
-            P("minisae", "the loss and its gradients equal minisae's variants.auxk_loss", _aux_cases, _aux_minisae)]),
+            P("minisae", "the loss and its gradients equal minisae's variants.auxk_loss", _aux_cases, _aux_minisae)],
     }
 
 
@@ -455,8 +468,9 @@ def check_property(fn, prop: Property, max_examples: int = MAX_EXAMPLES, shrink:
     seen = {}
     phases = list(Phase) if shrink else [Phase.explicit, Phase.generate]
 
-    @settings(max_examples=max_examples, deadline=None, derandomize=True, database=None, print_blob=False, phases=phases,
-              report_multiple_bugs=False, suppress_health_check=list(HealthCheck), verbosity=Verbosity.quiet)
+    @settings(max_examples=max_examples, phases=phases, deadline=None, derandomize=True, database=None,
+              print_blob=False, report_multiple_bugs=False, suppress_health_check=list(HealthCheck),
+              verbosity=Verbosity.quiet)
     @given(prop.cases())
     def run(case):
         seen["case"] = case  # Hypothesis replays the shrunk failing input last
@@ -475,7 +489,7 @@ def check_property(fn, prop: Property, max_examples: int = MAX_EXAMPLES, shrink:
 
 
 def check_exercise(name: str, fn, max_examples: int = MAX_EXAMPLES, shrink: bool = True) -> Result:
-    props = exercises()[name][1]
+    props = exercises()[name]
     if check_property(fn, props[0], max_examples=1, shrink=False) == "todo":  # one input tells
         return Result(name, "SKIP", why="still raises NotImplementedError")
     for prop in props:
@@ -491,7 +505,7 @@ def load(path) -> object:
     """The learner's file, imported as a module. ValueError for a missing or broken file."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: no such file (give the path of your copy of exercises/ch2_sae.py or ch3_variants.py)")
+        raise ValueError(f"{path}: no such file (give your copy of exercises/ch2_sae.py or ch3_variants.py)")
     spec = importlib.util.spec_from_file_location(f"minisae_exercises_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -516,6 +530,9 @@ def main(path) -> int:
     """Check every exercise defined in the file at `path`; print one line per exercise
     (and for a failure the property, why, and the input). 0 if nothing failed, 1 if an
     exercise failed, 2 if the file cannot be read or defines no exercise."""
+    if importlib.util.find_spec("hypothesis") is None:
+        print("minisae check: the checker draws its inputs with Hypothesis: pip install hypothesis", file=sys.stderr)
+        return 2
     try:
         module = load(path)
     except ValueError as e:

@@ -142,6 +142,15 @@ def _norms(W):
     return W.norm(dim=-1)  # (F,)
 
 
+def _keep(pre, idx):
+    """ReLU(pre) at the indices idx (B, K) of each row, 0 elsewhere."""
+    return torch.zeros_like(pre).scatter(-1, idx, F.relu(pre.gather(-1, idx)))
+
+
+def _pi(x, W, b, b_dec):
+    return (x - b_dec) @ W.T + b  # (B, F)
+
+
 def _auxk(x, pre, x_hat, W_dec, dead, k_aux, aux_coef, detach=True, relu=True, only_dead=True, zero_if_none=True):
     """AuxK with one of its steps switchable off, for the wrong implementations below."""
     if zero_if_none and not dead.any():
@@ -176,21 +185,21 @@ WRONG = [
     ("topk_activation", "threshold at the k-th value with >= (keeps ties)",
      lambda pre, k: F.relu(pre) * (pre >= pre.topk(k).values[:, -1:]), "at_most_k"),
     ("topk_activation", "TopK of |pre|",
-     lambda pre, k: torch.zeros_like(pre).scatter(-1, i := pre.abs().topk(k).indices, F.relu(pre.gather(-1, i))), "largest"),
+     lambda pre, k: _keep(pre, pre.abs().topk(k).indices), "largest"),
     ("topk_activation", "the k smallest",
-     lambda pre, k: torch.zeros_like(pre).scatter(-1, i := pre.topk(k, largest=False).indices, F.relu(pre.gather(-1, i))),
-     "largest"),
+     lambda pre, k: _keep(pre, pre.topk(k, largest=False).indices), "largest"),
     ("topk_activation", "the k-th value subtracted (a soft threshold)",
      lambda pre, k: F.relu(pre - pre.topk(min(k + 1, pre.shape[1])).values[:, -1:]), "kept_unshrunk"),
     ("gated_forward", "no gate: f = ReLU(pi_mag)",
-     lambda x, W, bg, r, bm, bd: F.relu(r.exp() * ((x - bd) @ W.T) + bm), "gate_closed"),
+     lambda x, W, bg, r, bm, bd: F.relu(r.exp() * _pi(x, W, 0, bd) + bm), "gate_closed"),
     ("gated_forward", "ReLU(pi_gate) as the gate, multiplied in",
-     lambda x, W, bg, r, bm, bd: F.relu((x - bd) @ W.T + bg) * F.relu(r.exp() * ((x - bd) @ W.T) + bm), "no_gate_gradient"),
+     lambda x, W, bg, r, bm, bd: F.relu(_pi(x, W, bg, bd)) * F.relu(r.exp() * _pi(x, W, 0, bd) + bm),
+     "no_gate_gradient"),
     ("gated_forward", "b_gate left in the magnitude path (exp(r_mag) * pi_gate + b_mag)",
-     lambda x, W, bg, r, bm, bd: ((x - bd) @ W.T + bg > 0) * F.relu(r.exp() * ((x - bd) @ W.T + bg) + bm),
+     lambda x, W, bg, r, bm, bd: (_pi(x, W, bg, bd) > 0) * F.relu(r.exp() * _pi(x, W, bg, bd) + bm),
      "no_gate_gradient"),
     ("gated_forward", "r_mag used as the scale itself, no exp",
-     lambda x, W, bg, r, bm, bd: ((x - bd) @ W.T + bg > 0) * F.relu(r * ((x - bd) @ W.T) + bm), "tied"),
+     lambda x, W, bg, r, bm, bd: (_pi(x, W, bg, bd) > 0) * F.relu(r * _pi(x, W, 0, bd) + bm), "tied"),
     ("JumpReLUFn", "forward returns the step H(z - theta)", JumpForwardIsStep, "forward"),
     ("JumpReLUFn", "straight-through gradient for z as well", JumpStraightThroughZ, "z_gradient"),
     ("JumpReLUFn", "window |z - theta| < eps instead of eps/2", JumpWindowTooWide, "window"),
