@@ -67,6 +67,8 @@ def lm_flags(p, cls):
     g.add_argument("--text", nargs="+", type=Path, default=d("text"),
                    help="your own text files instead of the offline corpus")
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the LM and the SAE forward")
+    g.add_argument("--device", default=d("device"), help="auto (CUDA if available, else MPS, else CPU), cpu, "
+                   "cuda, cuda:N, mps; under torchrun each rank takes the GPU of its LOCAL_RANK")
     g = p.add_argument_group("SAE training")
     g.add_argument("--tokens", type=int, default=d("tokens"), help="training tokens per SAE")
     g.add_argument("--expansion", type=int, default=d("expansion"), help="latents = expansion x d_model")
@@ -76,13 +78,18 @@ def lm_flags(p, cls):
     g.add_argument("--out", type=Path, default=d("out"), help="run folder: activations, SAEs, results, figures")
 
 
+SAE_HELP = ("an SAE: a directory in SAELens's layout (cfg.json + sae_weights.safetensors, as `lm` and `layers` "
+            "write them) or sparsify's (cfg.json + sae.safetensors), an old minisae .pt file, or "
+            "hf:OWNER/REPO/PATH[@REVISION], a folder of a Hugging Face hub repository in either layout")
+
+
 def sae_source_flags(p, sae_flag="--sae", tokens_flag="--tokens", tokens_default=65_536, site_checks=True):
     """The flags of a command that runs an SAE file over text (`features`, `steer`, `links`): C.SAESource."""
     d = lambda name: default(C.SAESource, name)
     g = p.add_argument_group("SAE, model and text")
-    g.add_argument(sae_flag, dest="sae", type=Path, required=True,
-                   help="an SAE file written by `python -m minisae lm` or `layers`")
-    g.add_argument("--model", default=d("model"), help="only a check: the SAE's own model is the one loaded")
+    g.add_argument(sae_flag, dest="sae", required=True, help=SAE_HELP)
+    g.add_argument("--model", default=d("model"), help="a check: the SAE's own model is the one loaded; "
+                   "for a file that does not name its model (sparsify's), the model to load")
     if site_checks:
         g.add_argument("--layer", type=int, default=d("layer"), help="check that the SAE was trained at this layer")
         g.add_argument("--site", default=d("site"), help="check that the SAE was trained at this site")
@@ -94,6 +101,8 @@ def sae_source_flags(p, sae_flag="--sae", tokens_flag="--tokens", tokens_default
                    help="your own text files instead of the offline corpus")
     g.add_argument("--ctx-len", type=int, default=d("ctx_len"), help="tokens per context, BOS included")
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the model")
+    g.add_argument("--device", default=d("device"), help="auto (CUDA if available, else MPS, else CPU), cpu, "
+                   "cuda, cuda:N, mps")
 
 
 def sae_source(args) -> C.SAESource:
@@ -123,6 +132,9 @@ def lm_cmd_flags(p):
                    help="comma-separated, from relu,gated,topk,jumprelu,batchtopk")
     g.add_argument("--sweep", action="append", default=[],
                    help="VARIANT:KNOB=V1,V2,... e.g. topk:k=16,32,64 (repeatable); default: minisae.sweep.SWEEPS")
+    g.add_argument("--distribute", default=default(C.SweepConfig, "distribute"), choices=("data", "sweep"),
+                   help="under torchrun: data (each SAE trained by all ranks, each on its share of every "
+                        "batch, DistributedDataParallel) or sweep (different SAEs on different ranks)")
 
 
 def lm_run(args):
@@ -190,7 +202,7 @@ def steer_run(args):
 
 def links_flags(p):
     d = lambda name: default(C.LinksConfig, name)
-    p.add_argument("--sae-b", type=Path, required=True, help="SAE at a later hook of the same model")
+    p.add_argument("--sae-b", required=True, help="SAE B, at a later hook of the same model: " + SAE_HELP)
     p.add_argument("--latents", default=d("latents"),
                    help="source latents of A (comma-separated); None: the --top most active")
     p.add_argument("--top", type=int, default=d("top"), help="without --latents: this many source latents")
@@ -206,6 +218,48 @@ def links_run(args):
     return links.run(from_args(C.LinksConfig, args, source=sae_source(args)))
 
 
+def explain_flags(p):
+    from minisae.explain import ExplainConfig
+    d = lambda name: default(ExplainConfig, name)
+    p.add_argument("--latents", default=d("latents"), help="comma-separated latent indices (None: a random sample)")
+    p.add_argument("--n-latents", type=int, default=d("n_latents"), help="size of the seeded sample of live latents")
+    p.add_argument("--seed", type=int, default=d("seed"), help="latent sample, silent windows, control, sampling")
+    p.add_argument("--n-explain", type=int, default=d("n_explain"), help="windows shown to the explainer")
+    p.add_argument("--n-score", type=int, default=d("n_score"), help="held-out firing windows scored (+ as many silent)")
+    p.add_argument("--window", type=int, default=d("window"), help="tokens per window")
+    p.add_argument("--lens", action="store_true", help="also show the explainer the logit-lens tokens")
+    p.add_argument("--methods", type=comma_list, default=",".join(d("methods")), help="detection,simulation")
+    p.add_argument("--endpoint", default=d("endpoint"), help="an OpenAI-compatible URL, e.g. http://localhost:8080/v1 "
+                   "(None: SmolLM2-135M-Instruct, offline)")
+    p.add_argument("--api-model", default=d("api_model"), help="with --endpoint: the model name it expects")
+    p.add_argument("--api-key-env", default=d("api_key_env"), help="environment variable holding the API key")
+    p.add_argument("--chat-weights", type=Path, default=d("chat_weights"), help="a local chat GGUF instead of SmolLM2's")
+    p.add_argument("--max-new-tokens", type=int, default=d("max_new_tokens"), help="explanation length cap")
+    p.add_argument("--temperature", type=float, default=d("temperature"), help="0: greedy; > 0: seeded sampling")
+    p.add_argument("--timeout", type=float, default=d("timeout"), help="seconds per HTTP request")
+    p.add_argument("--retries", type=int, default=d("retries"), help="HTTP retries, with back-off")
+    p.add_argument("--out", type=Path, default=d("out"), help="folder of explanations-*.json and .html")
+    p.add_argument("--figures", type=Path, default=d("figures"), help="folder of the comparison figure (None: --out)")
+    sae_source_flags(p, tokens_default=32_768)  # --sae RUN (an lm run folder): every SAE in RUN/saes, compared
+
+
+def explain_run(args):
+    from minisae import explain
+    return explain.run(from_args(explain.ExplainConfig, args, source=sae_source(args)))
+
+
+def convert_flags(p):
+    p.add_argument("src", help=SAE_HELP)
+    p.add_argument("dst", type=Path, help="the directory to write (replaced if it exists)")
+    p.add_argument("--to", default="saelens", choices=("saelens", "sparsify"),
+                   help="the layout to write: saelens (every variant), sparsify (TopK only)")
+
+
+def convert_run(args):
+    from minisae import formats
+    return formats.convert(args.src, args.dst, args.to)
+
+
 # name: (help, flags, run)
 COMMANDS = {
     "toy": ("every SAE variant on synthetic features + the superposition figures", toy_flags, toy_run),
@@ -216,6 +270,10 @@ COMMANDS = {
     "steer": ("generate text while adding a latent's decoder direction at the SAE's hook", steer_flags,
               steer_run),
     "links": ("cross-layer feature links: decoder cosines and ablation edges", links_flags, links_run),
+    "explain": ("explain latents with a language model and score the explanations (detection, simulation)",
+                explain_flags, explain_run),
+    "convert": ("rewrite an SAE in SAELens's or sparsify's layout (from either, a hub folder or an old .pt)",
+                convert_flags, convert_run),
 }
 
 

@@ -34,6 +34,8 @@ class LMConfig:
     text: Optional[list] = None  # your own text files instead of the offline corpus
     seed: int = 0  # data order, SAE initialisation, the activation file's shuffle
     out: Path = Path("runs/lm")  # the run folder: activations, SAEs, results, figures
+    device: str = "auto"  # auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps
+    distribute: str = "data"  # under torchrun: data (every SAE split over the ranks) or sweep (SAEs to ranks)
 
     def check(self):
         """ValueError for settings that cannot work, before any model is loaded."""
@@ -49,6 +51,8 @@ class LMConfig:
             raise ValueError(f"--collect-tokens must be positive, got {self.collect_tokens}")
         if not 0 < self.lr < float("inf"):
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        if self.distribute not in ("data", "sweep"):
+            raise ValueError(f"--distribute must be data or sweep, got {self.distribute!r}")
         return self
 
 
@@ -92,6 +96,7 @@ class SAESource:
     text: Optional[list] = None  # your own text files instead of the offline corpus
     ctx_len: int = 128
     bf16: bool = False  # bfloat16 autocast for the model
+    device: str = "auto"  # auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps
 
     def check(self):
         if not self.text_tokens > 0:

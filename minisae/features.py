@@ -131,6 +131,7 @@ def scan(model, hsae, contexts, latents=(), k: int = 10, ids=None, batch_size: i
         idx = contexts[s:s + batch_size]  # (B, T)
         x = hook_acts(model, idx, hsae.hook, bf16)  # (B, T-1, D), raw units, BOS dropped
         f, keep = hsae.encode_positions(x, bos=False)  # (B, T-1, F), (B, T-1)
+        f, keep = f.cpu(), keep.cpu()  # the statistics are kept on the CPU
         stats.add(f[keep])
         if top.latents:
             top.add(idx, f[..., top.latents], ids[s:s + batch_size])  # (B, T-1, L)
@@ -169,6 +170,11 @@ def load_text(src, tokenizer, model_name):
                          max_tokens=src.text_tokens, text_paths=src.text)
 
 
+def device(src):
+    from minisae.distributed import resolve_device
+    return resolve_device(src.device)
+
+
 def run(cfg) -> list:
     """`python -m minisae features` (cfg: minisae.configs.FeaturesConfig): the chosen
     latents' statistics, logit lens and max-activating examples, in the terminal and as
@@ -176,7 +182,7 @@ def run(cfg) -> list:
     from minisae import feature_page
     from minisae.hooked_sae import load_with_model
     src = cfg.source
-    hsae, model, tok = load_with_model(src.sae, src.model, src.layer, src.site, src.weights)
+    hsae, model, tok = load_with_model(src.sae, src.model, src.layer, src.site, src.weights, device(src))
     latents = parse_latents(cfg.latents, hsae.n_latents) if cfg.latents else None
     contexts = load_text(src, tok, hsae.model_name)
     if latents is None:  # a first pass ranks all latents; the second keeps the examples

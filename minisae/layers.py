@@ -31,6 +31,7 @@ dominates the cost on a CPU: keep --eval-tokens modest.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -61,6 +62,7 @@ def run(cfg) -> list:
     """`python -m minisae layers` (cfg: minisae.configs.LayersConfig): returns the rows of
     layers_results.json, one per layer."""
     from minisae import activations, data, evaluate, plots
+    from minisae.distributed import resolve_device
     from minisae.models import load_model, weights_identity
     from minisae.models.hooks import hook_name
 
@@ -74,10 +76,13 @@ def run(cfg) -> list:
     if len(values) != 1:
         raise ValueError(f"--setting {setting!r} gives {len(values)} values; the layers command takes one")
     value = values[0]
+    device = resolve_device(cfg.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("`layers` runs in one process; under torchrun use `lm` (one hook point per call)")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(cfg.model, weights=cfg.weights)
-    model.eval()
+    model.to(device).eval()
     layers = parse_layers(cfg.layers, model.n_layer)
     check_sae_settings({variant: (knob, [value])}, cfg, model.d_model)  # before the activation pass
     for p in activations.remove_stale_temporaries(out):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from minisae.features import load_text, scan
+from minisae.features import device, load_text, scan
 from minisae.hooked_sae import check_latents, parse_latents
 from minisae.metrics import cosine_matrix
 from minisae.utils import Progress, atomic_write_text, model_device
@@ -117,8 +117,9 @@ def run(cfg) -> dict:
     from minisae.feature_page import format_example
     from minisae.hooked_sae import HookedSAE, load_with_model
     src = cfg.source
-    hsae_a, model, tok = load_with_model(src.sae, src.model, weights=src.weights)
+    hsae_a, model, tok = load_with_model(src.sae, src.model, weights=src.weights, device=device(src))
     hsae_b = HookedSAE.load(cfg.sae_b).check_site(hsae_a.model_name).check_model(model)
+    hsae_b.sae.to(model_device(model))
     check_order(model, hsae_a.hook, hsae_b.hook)
     contexts = load_text(src, tok, hsae_a.model_name)
     stats_a, _ = scan(model, hsae_a, contexts, bf16=src.bf16)

@@ -52,53 +52,88 @@ def collect(model, tokenizer, cfg, want: dict, path):
 
 def run(cfg) -> list:
     """`python -m minisae lm` (cfg: minisae.configs.SweepConfig): returns the rows of
-    lm_results.json, one per SAE."""
-    from minisae import activations, data, evaluate, plots
+    lm_results.json, one per SAE. Under torchrun (minisae.distributed) rank 0 collects
+    the activations, evaluates, writes and returns the rows; with cfg.distribute 'data'
+    all ranks train every SAE together, with 'sweep' each rank trains its own SAEs."""
+    from minisae import activations, data, distributed, evaluate, plots
     from minisae.models import load_model
     from minisae.models.hooks import hook_name
 
     cfg.check()
+    device = distributed.resolve_device(cfg.device)
     sweeps = {**{v: SWEEPS[v] for v in cfg.variants if v in SWEEPS}, **parse_sweep(cfg.sweep)}
     bad = [v for v in list(cfg.variants) if v not in SWEEPS]
     if bad:
         raise ValueError(f"unknown variant(s) {bad}; valid variants: {', '.join(SWEEPS)}")
+    group = distributed.from_env(device)
+    if group:
+        device = group.device
+        if cfg.distribute == "data":
+            distributed.check_batch(cfg.batch_size, group.world)
+    main = group is None or group.main
     out = Path(cfg.out)
     (out / "saes").mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(cfg.model, weights=cfg.weights)
-    model.eval()
+    model.to(device).eval()
     hook = hook_name(cfg.layer, cfg.site, model.n_layer)
     check_sae_settings(sweeps, cfg, model.d_model)  # a bad k or setting fails before the activation pass
     acts_path = out / f"acts-{cfg.model}-{hook}.npy"
-    for p in activations.remove_stale_temporaries(out):
-        print(f"removed {p}, left by a killed run", file=sys.stderr)
-    collect(model, tokenizer, cfg, producer(cfg, hook), acts_path)
+    if main:  # one process collects; the others wait for its file
+        for p in activations.remove_stale_temporaries(out):
+            print(f"removed {p}, left by a killed run", file=sys.stderr)
+        collect(model, tokenizer, cfg, producer(cfg, hook), acts_path)
+    distributed.barrier(group)
     acts, meta = activations.load_activations(acts_path, model_name=cfg.model, hook=hook)
     heldout = data.load_contexts(tokenizer, name=cfg.model, split="heldout", ctx_len=cfg.ctx_len,
-                                 max_tokens=cfg.eval_tokens, text_paths=cfg.text)
-    print(f"{meta['n_tokens']:,} stored tokens at {hook}, scale {meta['scale']:.4g}; each SAE trains on "
-          f"{cfg.tokens:,} tokens ({cfg.tokens / meta['n_tokens']:.2f} passes); evaluation on "
-          f"{heldout.numel():,} held-out tokens", file=sys.stderr)
+                                 max_tokens=cfg.eval_tokens, text_paths=cfg.text, verbose=main)
+    if main:
+        print(f"{meta['n_tokens']:,} stored tokens at {hook}, scale {meta['scale']:.4g}; each SAE trains on "
+              f"{cfg.tokens:,} tokens ({cfg.tokens / meta['n_tokens']:.2f} passes); evaluation on "
+              f"{heldout.numel():,} held-out tokens; {device}"
+              + (f", {group.world} processes ({cfg.distribute})" if group else ""), file=sys.stderr)
 
-    rows = []
-    base = evaluate.baselines(model, heldout, hook, meta["mean"], bf16=cfg.bf16, max_norm=meta["max_norm"])
+    evaluates = main or cfg.distribute == "sweep"
+    base = evaluate.baselines(model, heldout, hook, meta["mean"], bf16=cfg.bf16, max_norm=meta["max_norm"],
+                              verbose=main) if evaluates else None
     results_path = out / "lm_results.json"
-    done = finished_rows(results_path, cfg, meta, heldout.numel())
-    for variant in cfg.variants:
-        knob, values = sweeps[variant]
-        for value in values:
-            key = (variant, knob, value)
-            if key in done:
-                print(f"{variant} {knob}={value}: reusing the finished row in {results_path}", file=sys.stderr)
-                rows.append(done[key])
-            else:
-                rows.append(train_and_evaluate(cfg, model, acts, meta, heldout, base, variant, knob, value,
-                                               name=f"{variant}-{knob}{value}"))
-            results = {"model": cfg.model, "hook": hook, "activations": {k: meta.get(k) for k in
-                       ("n_tokens", "d", "scale", "max_norm", "n_sinks_dropped", "compute_dtype", "ctx_len",
-                        "weights")},
-                       "heldout_tokens": heldout.numel(), "bf16": cfg.bf16, "lr": cfg.lr,
-                       "batch_size": cfg.batch_size, "expansion": cfg.expansion, "seed": cfg.seed,
-                       "config": config_dict(cfg), "rows": rows}
-            atomic_write_text(results_path, json.dumps(results, indent=1))  # after every SAE: nothing lost
+    done = finished_rows(results_path, cfg, meta, heldout.numel()) if main else {}
+    keys = [(v, sweeps[v][0], value) for v in cfg.variants for value in sweeps[v][1]]
+    todo = [k for k in keys if k not in done]
+    if group:  # every rank must agree on what is left to train
+        todo = distributed.from_main(todo)
+    results = {"model": cfg.model, "hook": hook, "activations": {k: meta.get(k) for k in
+               ("n_tokens", "d", "scale", "max_norm", "n_sinks_dropped", "compute_dtype", "ctx_len", "weights")},
+               "heldout_tokens": heldout.numel(), "bf16": cfg.bf16, "lr": cfg.lr,
+               "batch_size": cfg.batch_size, "expansion": cfg.expansion, "seed": cfg.seed,
+               "device": str(device), "dtype": "bfloat16 autocast" if cfg.bf16 else "float32",
+               "world_size": group.world if group else 1, "config": config_dict(cfg), "rows": []}
+
+    def train_one(key, group):
+        variant, knob, value = key
+        return train_and_evaluate(cfg, model, acts, meta, heldout, base, variant, knob, value,
+                                  name=f"{variant}-{knob}{value}", group=group)
+
+    def write(rows_by_key):  # in sweep order, after every SAE: nothing lost
+        results["rows"] = [rows_by_key[k] for k in keys if k in rows_by_key]
+        atomic_write_text(results_path, json.dumps(results, indent=1))
+
+    rows_by_key = dict(done)
+    for key in keys:
+        if key in done:
+            print(f"{key[0]} {key[1]}={key[2]}: reusing the finished row in {results_path}", file=sys.stderr)
+    if group and cfg.distribute == "sweep":  # SAEs handed out round-robin; rows gathered on rank 0
+        mine = {k: train_one(k, None) for k in todo[group.rank::group.world]}
+        for part in distributed.gather_objects(mine):
+            rows_by_key.update(part or {})
+    else:
+        for key in todo:
+            row = train_one(key, group)
+            if main:
+                rows_by_key[key] = row
+                write(rows_by_key)
+    distributed.barrier(group)
+    if not main:
+        return []
+    write(rows_by_key)
     plots.lm_figures(results, out)
-    return rows
+    return results["rows"]

@@ -5,7 +5,8 @@ step every SAE of `lm` and `layers` goes through.
         SAE  = make_sae(variant, D, expansion x D, BASE[variant] + {knob: value})
         train it on the stored activations `acts` (as many passes as cfg.tokens needs)
         evaluate it spliced into the model at meta['hook'] on the held-out contexts
-        save it as out/saes/NAME.pt (a HookedSAE: scale, sinks, mean come along)
+        save it as out/saes/NAME/, SAELens's layout (minisae/formats.py: scale folded in;
+        hook, sinks, mean and the training config in cfg.json)
         -> one row of lm_results.json / layers_results.json
 
 The SAE code does not know which model it is looking at: activations are scaled to
@@ -25,6 +26,7 @@ import torch
 from minisae.hooked_sae import HookedSAE
 from minisae.sae import make_sae
 from minisae.train import TrainConfig, train
+from minisae.utils import model_device
 
 # Sweep values per variant (activations scaled to E||x|| = sqrt(D)). Together they span
 # L0 from about 10 to 200 on SmolLM2's layer 15 after 4M tokens (4x expansion, batch
@@ -58,48 +60,63 @@ def parse_sweep(specs) -> dict:
     return out
 
 
-def activation_batches(acts, batch_size: int, seed: int):
-    """Endless batches from stored activations: epoch after epoch, a new order each."""
-    from minisae.activations import iter_batches
+def activation_batches(acts, batch_size: int, seed: int, device="cpu", group=None):
+    """Endless batches from stored activations: epoch after epoch, a new order each, read
+    ahead by a background thread; with a process group, this rank's share of each."""
+    from minisae.activations import iter_batches, prefetch
     from minisae.utils import crash_point
-    epoch, n = 0, 0
-    while True:
-        for batch in iter_batches(acts, batch_size, seed=seed + epoch, drop_last=True):
-            yield batch
-            n += 1
-            if n == 3:
-                crash_point("train")  # the kill tests stop here, a few steps into training
-        epoch += 1
+
+    def epochs():
+        epoch, n = 0, 0
+        while True:
+            for batch in iter_batches(acts, batch_size, seed=seed + epoch, device=device, drop_last=True,
+                                      rank=group.rank if group else 0, world=group.world if group else 1):
+                yield batch
+                n += 1
+                if n == 3:
+                    crash_point("train")  # the kill tests stop here, a few steps into training
+            epoch += 1
+
+    return prefetch(epochs())
 
 
-def train_and_evaluate(cfg, model, acts, meta, heldout, base, variant, knob, value, name, seed=None) -> dict:
+def train_and_evaluate(cfg, model, acts, meta, heldout, base, variant, knob, value, name, seed=None,
+                       group=None):
     """Train one SAE on stored activations `acts` (sidecar `meta`) with the settings of
-    `cfg` (minisae.configs.LMConfig), evaluate it spliced in at meta['hook'] on the
-    held-out contexts (`base`: evaluate.baselines on them), save it as
-    cfg.out/saes/{name}.pt; return its row of lm_results.json."""
+    `cfg` (minisae.configs.LMConfig), on the model's device, evaluate it spliced in at
+    meta['hook'] on the held-out contexts (`base`: evaluate.baselines on them), save it
+    as cfg.out/saes/{name}/ (SAELens's layout); return its row of lm_results.json. With a process group
+    (torchrun) every rank trains its share of each batch and rank 0 alone evaluates,
+    saves and returns the row (the others return None)."""
     from minisae import evaluate
     from minisae.metrics import density_histogram
 
     seed = cfg.seed if seed is None else seed
     settings = {**BASE[variant], knob: value}
-    sae = make_sae(variant, meta["d"], cfg.expansion * meta["d"], seed=seed, **settings)
-    sae.init_b_dec_(torch.from_numpy(acts[:8192].copy()))
+    device = model_device(model)
+    sae = make_sae(variant, meta["d"], cfg.expansion * meta["d"], seed=seed, **settings).to(device)
+    sae.init_b_dec_(torch.from_numpy(acts[:8192].copy()).to(device))
     batch_size = cfg.batch_size
     tcfg = TrainConfig(n_samples=cfg.tokens, batch_size=batch_size, lr=cfg.lr, seed=seed, bf16=cfg.bf16,
                        resample_every=0 if variant in ("topk", "batchtopk") else 2_000_000 // batch_size,
                        dead_after=1_000_000, log_every=50)
-    print(f"{variant} {knob}={value}", file=sys.stderr)
-    result = train(sae, activation_batches(acts, batch_size, seed), tcfg)
+    if group is None or group.main:
+        print(f"{variant} {knob}={value}", file=sys.stderr)
+    result = train(sae, activation_batches(acts, batch_size, seed, device, group), tcfg, group=group)
+    if group is not None and not group.main:
+        return None
     hsae = HookedSAE(sae, meta["model"], meta["hook"], meta["scale"], meta["max_norm"], meta["mean"])
     t0 = time.perf_counter()
     ev = evaluate.evaluate_spliced(model, hsae, heldout, bf16=cfg.bf16, baselines=base)
     ev["eval_seconds"] = time.perf_counter() - t0
     counts, edges = density_histogram(ev.pop("log10_density"))
-    hsae.save(Path(cfg.out) / "saes" / f"{name}.pt")
+    hsae.extra = {"training": config_dict(cfg), "sweep": {"variant": variant, knob: value},
+                  "corpus": meta.get("corpus"), "train_tokens": result["train_samples"]}
+    hsae.save(Path(cfg.out) / "saes" / name)
     row = {"variant": variant, "knob": knob, "value": value, **ev,
            "train_tokens_asked": cfg.tokens, "train_tokens": result["train_samples"],
            "train_seconds": result["train_seconds"], "n_passes": result["train_samples"] / meta["n_tokens"],
-           "n_latents": sae.n_latents, "density_hist": {"counts": counts, "edges": edges}, "sae": f"saes/{name}.pt"}
+           "n_latents": sae.n_latents, "density_hist": {"counts": counts, "edges": edges}, "sae": f"saes/{name}"}
     print(f"  -> L0 {row['l0']:.1f}  FVU {row['fvu']:.3f}  loss recovered mean {row['loss_recovered_mean']:.3f}"
           f" zero {row['loss_recovered_zero']:.3f}  ({row['train_seconds']:.0f}s)", file=sys.stderr)
     return row
@@ -107,7 +124,8 @@ def train_and_evaluate(cfg, model, acts, meta, heldout, base, variant, knob, val
 
 # Fields of a run's config that do not change what one SAE of it is: where the run is
 # written, and which other SAEs it trains.
-NOT_PER_SAE = ("out", "variants", "sweep", "layers", "variant", "setting", "max_disk_gb", "keep_acts")
+NOT_PER_SAE = ("out", "variants", "sweep", "layers", "variant", "setting", "max_disk_gb", "keep_acts",
+               "device", "distribute")
 
 
 def same_sae_settings(cfg_a: dict, cfg_b: dict) -> bool:

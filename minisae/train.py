@@ -69,13 +69,22 @@ def lr_at(step: int, n_steps: int, cfg: TrainConfig) -> float:
     return cfg.lr
 
 
-def train(sae, batches, cfg: TrainConfig, log=True) -> dict:
+def train(sae, batches, cfg: TrainConfig, log=True, group=None) -> dict:
     """Train `sae` in place on an iterator of batches (B, D); returns the history.
+
+    group: a minisae.distributed.Group when several processes train one SAE (torchrun):
+    then `batches` gives this rank's share (B / world, D) of each global batch of
+    cfg.batch_size, and the five marked lines keep the ranks one SAE (see distributed.py).
 
     Nothing in a step waits for a result (on a GPU: no host-device sync; on a CPU: no
     pass over the data that only feeds a Python `if`) except AuxK's count of dead
     latents; the checks that do (finite data and loss) and the progress line's numbers
     run every `log_every` steps and before a resampling, over the steps since the last."""
+    from minisae import distributed
+    world = group.world if group else 1
+    distributed.check_batch(cfg.batch_size, world)
+    ddp = distributed.wrap(sae, group) if group else None  # [dist] gradients averaged in backward
+    log = log and (group is None or group.main)  # only rank 0 prints
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, fused=True)  # one kernel for all parameters
     gen = torch.Generator().manual_seed(cfg.seed)
     n_steps = cfg.n_samples // cfg.batch_size
@@ -84,19 +93,23 @@ def train(sae, batches, cfg: TrainConfig, log=True) -> dict:
     finite = torch.ones(cfg.log_every, dtype=torch.bool)  # and whether each batch was finite
     pool = collections.deque(maxlen=cfg.resample_pool)  # recent batches, for resampling
     bar = Progress("  training", total=n_steps * cfg.batch_size, unit="samples") if log else None
-    history, t0, seen, first, terms = [], time.time(), 0, 0, ""
+    history, t0, seen, first, terms, start_loss = [], time.time(), 0, 0, "", None
     sae.train()
     for step in range(n_steps):
-        x = next(batches)  # (B, D)
-        if x.shape[0] != cfg.batch_size:
-            raise ValueError(f"data gave a batch of {x.shape[0]}, config says {cfg.batch_size}")
+        x = next(batches, None)  # (B / world, D)
+        if x is None:
+            raise ValueError(f"the data ran out after {step} of {n_steps} steps; give an endless iterator or "
+                             f"at least {n_steps} batches")
+        if x.shape[0] * world != cfg.batch_size:
+            raise ValueError(f"data gave a batch of {x.shape[0]} on each of {world} process(es), "
+                             f"config says {cfg.batch_size} in all")
         # learning rate and sparsity coefficient for this step
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, n_steps, cfg)
+        for param_group in opt.param_groups:
+            param_group["lr"] = lr_at(step, n_steps, cfg)
         coef_scale = min(1.0, (step + 1) / coef_warm)
         # forward and loss
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss, parts = sae.loss(x, coef_scale)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss, parts = ddp(x, coef_scale) if ddp else sae.loss(x, coef_scale)
         losses[step - first] = loss.detach()
         finite[step - first] = torch.isfinite(x).all()
         # backward, decoder constraint, step
@@ -107,18 +120,28 @@ def train(sae, batches, cfg: TrainConfig, log=True) -> dict:
         sae.unit_norm_decoder_()
         # dead latents: which latents fired in this batch
         with torch.no_grad():
-            sae.samples_since_fired += x.shape[0]
-            sae.samples_since_fired.masked_fill_(fired_latents(parts["f"]), 0)
-        seen += x.shape[0]
+            fired = fired_latents(parts["f"])  # (F,)
+            if group:
+                fired = distributed.fired_anywhere(fired)  # [dist] fired on any rank's share
+                if hasattr(sae.activation, "threshold"):
+                    distributed.average_buffer_(sae.activation.threshold)  # [dist] one BatchTopK threshold
+            sae.samples_since_fired += cfg.batch_size
+            sae.samples_since_fired.masked_fill_(fired, 0)
+        seen += cfg.batch_size
         resample = (cfg.resample_every and step < cfg.resample_until_frac * n_steps
                     and (step + 1) % cfg.resample_every == 0)
         if cfg.resample_every and -(step + 1) % cfg.resample_every < cfg.resample_pool:
-            pool.append(x)  # steps to the next resampling < pool size: this batch is in its pool
+            pool.append(distributed.gather_rows(x) if group else x)  # [dist] the global batch; in the pool
         # check and log: the window's losses and data at once (here the step waits for them)
         if resample or (step + 1) % cfg.log_every == 0 or step == n_steps - 1:
-            check_finite_(losses[:step + 1 - first], finite[:step + 1 - first], first, group["lr"])
+            check_finite_(losses[:step + 1 - first], finite[:step + 1 - first], first, opt.param_groups[0]["lr"],
+                          all_ranks=group is not None)
+            start_loss = start_loss if start_loss is not None else losses[:step + 1 - first].mean().item()
+            check_diverging_(sae, losses[:step + 1 - first], start_loss, step, cfg)
         if resample:
-            n = resample_dead_(sae, opt, torch.cat(list(pool)), cfg, gen)
+            n = resample_dead_(sae, opt, torch.cat(list(pool)), cfg, gen) if not group or group.main else 0
+            if group:
+                distributed.broadcast_from_main_(sae, opt)  # [dist] rank 0's resampled latents to all
             if log and n:
                 print(f"\n  step {step + 1}: resampled {n} dead latents", file=sys.stderr)
         if (step + 1) % cfg.log_every == 0 or step == n_steps - 1:
@@ -140,9 +163,16 @@ def train(sae, batches, cfg: TrainConfig, log=True) -> dict:
             "config": dataclasses.asdict(cfg)}
 
 
-def check_finite_(losses, finite, first: int, lr: float):
+def check_finite_(losses, finite, first: int, lr: float, all_ranks: bool = False):
     """Raise if a batch of the window that started at step `first` had NaN/Inf values,
-    or if the loss stopped being finite (naming the first such step)."""
+    or if the loss stopped being finite (naming the first such step). all_ranks: every
+    process raises if any does (a lone rank's error would leave the others waiting)."""
+    if all_ranks:
+        import torch.distributed as dist
+        bad = torch.tensor([int(not finite.all() or not torch.isfinite(losses).all())])
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item() and finite.all() and torch.isfinite(losses).all():
+            raise FloatingPointError(f"another process saw NaN or Inf data or loss in the steps from {first}")
     if not finite.all():
         step = first + int((~finite).nonzero()[0])
         raise ValueError(f"the batch of step {step} contains NaN or Inf values")
@@ -151,6 +181,24 @@ def check_finite_(losses, finite, first: int, lr: float):
         step = first + int(bad.nonzero()[0])
         raise FloatingPointError(f"loss became {losses[step - first].item()} at step {step} (lr {lr:.2e}); "
                                  "try a lower learning rate or sparsity coefficient")
+
+
+def check_diverging_(sae, losses, start_loss: float, step: int, cfg: TrainConfig):
+    """Stop a run that cannot be going anywhere, with the likely cause: the loss far above
+    its value at the start (a learning rate too high; a finite loss of 1e7 is no success),
+    or every latent dead (nothing encodes anything: sparsity coefficient or lr too high)."""
+    now = losses.mean().item()
+    if start_loss > 0 and now > DIVERGED * start_loss:
+        raise FloatingPointError(f"training diverged: loss {now:.3g} at step {step + 1} is {now / start_loss:.0f}x "
+                                 f"its value at the start ({start_loss:.3g}); the learning rate ({cfg.lr:g}) is "
+                                 "likely too high")
+    if bool((sae.samples_since_fired >= cfg.dead_after).all()):
+        raise FloatingPointError(f"every latent is dead at step {step + 1} (none fired in {cfg.dead_after:,} "
+                                 f"samples): the sparsity coefficient or the learning rate ({cfg.lr:g}) is likely "
+                                 "too high")
+
+
+DIVERGED = 100.0  # a loss this many times its first window's mean means the run diverged
 
 
 def fired_latents(f):
@@ -180,12 +228,14 @@ def resample_dead_(sae, opt, x, cfg: TrainConfig, gen) -> int:
     sae.eval()  # BatchTopK must not update its threshold on the pool
     sq_loss = (sae(x) - x).pow(2).sum(-1)  # (N,)
     sae.train(was_training)
-    pick = torch.multinomial(sq_loss.pow(2) + 1e-12, dead.numel(), replacement=True, generator=gen)
+    # drawn on the CPU with the CPU generator `gen`: a seed means the same on every device
+    pick = torch.multinomial(sq_loss.pow(2).cpu() + 1e-12, dead.numel(), replacement=True,
+                             generator=gen).to(x.device)
     v = x[pick] - sae.b_dec  # (n_dead, D)
     v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-    alive = torch.ones(sae.n_latents, dtype=torch.bool)
+    alive = torch.ones(sae.n_latents, dtype=torch.bool, device=x.device)
     alive[dead] = False
-    enc_norm = sae.W_enc[alive].norm(dim=-1).mean() if alive.any() else torch.tensor(1.0)
+    enc_norm = sae.W_enc[alive].norm(dim=-1).mean() if alive.any() else x.new_tensor(1.0)
     sae.W_dec[dead] = v
     sae.W_enc[dead] = v * 0.2 * enc_norm
     sae.b_enc[dead] = 0.0
