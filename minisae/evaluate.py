@@ -22,6 +22,18 @@ would dominate. The fraction left clean is reported as `sink_frac`.
              predictions made at positions t = 1..T-2 (targets idx[:, 2:])
     KL     = same mean of  sum_V p_clean log(p_clean / p_sae)
     loss recovered (vs ablation a) = (CE_a - CE_sae) / (CE_a - CE_clean)
+    KL_a   = the same KL for ablation a (kl_zero, kl_mean)
+
+SAEBench / SAELens names, beside ours (SAELens evals.py get_downstream_reconstruction_metrics
+and get_sparsity_and_variance_metrics, which SAEBench's core evaluation reports):
+
+    ce_loss_score = (CE_zero - CE_sae) / (CE_zero - CE_clean)   = loss_recovered_zero
+    kl_div_score  = (KL_zero - KL_sae) / KL_zero                 KL recovered vs zero-ablation
+    explained_variance, l2_ratio, cossim                         minisae.metrics (on the SAE's
+                                                                 positions, raw units)
+
+SAELens splices every position, BOS included, unless told to ignore tokens; minisae leaves
+BOS and the sinks clean (below), so the two agree only up to those positions.
 
 The prediction made at position 0 (target idx[:, 1]) sees only position 0, which no
 variant changes, so it is the same in all four and is left out; loss recovered would not
@@ -76,8 +88,10 @@ def _check(model, contexts, hook, mean_act=None):
 
 def _cross_entropies(model, contexts, hook, replace: dict, batch_size, bf16, verbose, max_norm=None) -> dict:
     """Mean CE of the clean model and of each splice in `replace` (name -> function of
-    the (N, D) rows the SAE reads), and KL(clean || the 'sae' splice) if there is one."""
-    totals = dict.fromkeys(["clean", *replace, "kl"], 0.0)
+    the (N, D) rows the SAE reads), and KL(clean || splice) of each: kl (the 'sae'
+    splice), kl_zero, kl_mean."""
+    kl_name = lambda v: "kl" if v == "sae" else f"kl_{v}"
+    totals = dict.fromkeys(["clean", *replace, *map(kl_name, replace)], 0.0)
     n_pred = 0
     was_training = model.training
     model.eval()
@@ -90,8 +104,8 @@ def _cross_entropies(model, contexts, hook, replace: dict, batch_size, bf16, ver
         for v, fn in replace.items():
             logp = _log_probs(model, idx, {hook: splice_hook(fn, max_norm)}, bf16)  # (B, T-2, V)
             totals[v] += F.nll_loss(logp.flatten(0, 1), targets, reduction="sum").item()
-            if v == "sae":  # KL(clean || sae) = sum_V p_clean (log p_clean - log p_sae)
-                totals["kl"] += F.kl_div(logp, logp_clean, log_target=True, reduction="sum").item()
+            # KL(clean || splice) = sum_V p_clean (log p_clean - log p_splice)
+            totals[kl_name(v)] += F.kl_div(logp, logp_clean, log_target=True, reduction="sum").item()
         n_pred += len(targets)
         if bar:
             bar.update(start + len(idx))
@@ -99,8 +113,7 @@ def _cross_entropies(model, contexts, hook, replace: dict, batch_size, bf16, ver
         bar.close(len(contexts))
     model.train(was_training)
     out = {f"ce_{v}": totals[v] / n_pred for v in ("clean", *replace)}
-    if "sae" in replace:
-        out["kl"] = totals["kl"] / n_pred
+    out.update({kl_name(v): totals[kl_name(v)] / n_pred for v in replace})
     out["n_predictions"] = n_pred
     return out
 
@@ -108,7 +121,7 @@ def _cross_entropies(model, contexts, hook, replace: dict, batch_size, bf16, ver
 @torch.no_grad()
 def baselines(model, contexts, hook: str, mean_act, batch_size: int = 8, bf16: bool = False,
               verbose: bool = True, max_norm=None) -> dict:
-    """ce_clean, ce_zero, ce_mean (and n_predictions): the part of `evaluate` that does not
+    """ce_clean, ce_zero, ce_mean, kl_zero, kl_mean (and n_predictions): the part of `evaluate` that does not
     depend on the SAE. A sweep computes it once and passes it to every `evaluate`."""
     mean_act = _check(model, contexts, hook, mean_act)
     out = _cross_entropies(model, contexts, hook, {"zero": torch.zeros_like,
@@ -126,8 +139,9 @@ def evaluate_spliced(model, hsae, contexts, batch_size: int = 8, bf16: bool = Fa
 
     baselines: the output of `baselines(...)` on the same contexts, to skip the zero and
     mean forwards (2 forward passes per batch instead of 4).
-    Returns ce_clean, ce_sae, ce_zero, ce_mean, kl, loss_recovered_zero,
-    loss_recovered_mean, l0, fvu, mse, shrinkage_gamma, dead_frac, dense_frac,
+    Returns ce_clean, ce_sae, ce_zero, ce_mean, kl, kl_zero, kl_mean, loss_recovered_zero,
+    loss_recovered_mean, ce_loss_score, kl_div_score, l0, fvu, explained_variance, mse,
+    l2_ratio, cossim, shrinkage_gamma, dead_frac, dense_frac,
     log10_density (per latent, None if it never fired), n_predictions, n_tokens (the
     positions the SAE replaced), sink_frac (positions >= 1 left clean as sinks).
     """
@@ -164,10 +178,13 @@ def evaluate_spliced(model, hsae, contexts, batch_size: int = 8, bf16: bool = Fa
                 not math.isclose(baselines["ce_clean"], out["ce_clean"], rel_tol=1e-6):
             raise ValueError("baselines were computed on other contexts (or another model or max_norm): "
                              f"ce_clean {baselines['ce_clean']} vs {out['ce_clean']} here")
-        out.update(ce_zero=baselines["ce_zero"], ce_mean=baselines["ce_mean"])
+        out.update(ce_zero=baselines["ce_zero"], ce_mean=baselines["ce_mean"],
+                   kl_zero=baselines.get("kl_zero", float("nan")), kl_mean=baselines.get("kl_mean", float("nan")))
     for a in ("zero", "mean"):
         gap = out[f"ce_{a}"] - out["ce_clean"]
         out[f"loss_recovered_{a}"] = (out[f"ce_{a}"] - out["ce_sae"]) / gap if gap != 0 else float("nan")
+    out["ce_loss_score"] = out["loss_recovered_zero"]
+    out["kl_div_score"] = (out["kl_zero"] - out["kl"]) / out["kl_zero"] if out["kl_zero"] > 0 else float("nan")
     out.update(acc.result(dense_threshold))
     out["n_tokens"] = acc.n
     out["sink_frac"] = 1 - acc.n / (len(contexts) * (contexts.shape[1] - 1))

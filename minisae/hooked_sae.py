@@ -30,7 +30,7 @@ from minisae.activations import sae_positions
 @dataclass
 class HookedSAE:
     sae: torch.nn.Module  # the dictionary: encode / decode in its own (scaled) units
-    model_name: str  # e.g. "gpt2", "smollm2"
+    model_name: Optional[str]  # e.g. "gpt2", "smollm2"; None if the file does not say
     hook: str  # e.g. "blocks.15.hook_resid_post"
     scale: float = 1.0  # x_sae = scale * x_raw
     max_norm: Optional[float] = None  # raw-unit sink threshold; positions above it are not read
@@ -48,7 +48,7 @@ class HookedSAE:
 
     def encode_raw(self, x):
         """x (N, D) raw -> codes f (N, F), run in float32."""
-        return self.sae.encode(x.float() * self.scale)
+        return self.sae.encode(x.to(self.sae.W_dec.device, torch.float32) * self.scale)
 
     def decode_raw(self, f):
         """codes f (N, F) -> reconstruction (N, D) in raw units."""
@@ -77,7 +77,7 @@ class HookedSAE:
     # -- does it belong to this model? ---------------------------------------------------
     def check_site(self, model_name=None, layer=None, site=None):
         """ValueError if the caller asks for another model, layer or site than the SAE's."""
-        if model_name is not None and model_name != self.model_name:
+        if model_name is not None and self.model_name is not None and model_name != self.model_name:
             raise ValueError(f"this SAE was trained on model {self.model_name!r}, not {model_name!r}")
         m = re.fullmatch(r"blocks\.(\d+)\.hook_(\w+)", self.hook)
         if m and ((layer is not None and layer != int(m[1])) or (site is not None and site != m[2])):
@@ -96,33 +96,44 @@ class HookedSAE:
         return self
 
     # -- files ---------------------------------------------------------------------------
-    def save(self, path):
-        from minisae.sae import part_settings
-        self.sae.save(path, model=self.model_name, hook=self.hook, scale=self.scale, max_norm=self.max_norm,
-                      mean=self.mean, settings=part_settings(self.sae.activation), **self.extra)
+    def save(self, path, layout: str = "saelens"):
+        """Write a directory (minisae/formats.py): SAELens's layout, or sparsify's for TopK.
+        The scale is folded into the weights, so the file reads raw activations and loads
+        back with scale 1; model, hook, max_norm, mean and `extra` go into cfg.json."""
+        return self.sae.save(path, layout, model=self.model_name, hook=self.hook, scale=self.scale,
+                             max_norm=self.max_norm, mean=self.mean, **self.extra)
 
     @classmethod
     def load(cls, path):
+        """From a directory in either layout, hf:OWNER/REPO/PATH[@REVISION] on the hub, or
+        an old minisae .pt file: the one entry point, whatever wrote the file."""
         from minisae.sae import SAE
         sae, meta = SAE.load(path)
         return cls.from_meta(sae.float(), meta, path)
 
     @classmethod
     def from_meta(cls, sae, meta: dict, path="the SAE file"):
-        if not all(k in meta for k in ("model", "hook", "scale")):
-            raise ValueError(f"{path} has no model/hook/scale metadata; save it with HookedSAE(...).save(path) "
-                             "as `python -m minisae lm` does")
-        extra = {k: v for k, v in meta.items() if k not in ("model", "hook", "scale", "max_norm", "mean", "settings")}
-        return cls(sae, meta["model"], meta["hook"], meta["scale"], meta.get("max_norm"), meta.get("mean"), extra)
+        if meta.get("hook") is None or meta.get("scale") is None:
+            raise ValueError(f"{path} has no hook/scale metadata: it does not say which hook point it reads; "
+                             "save it with HookedSAE(...).save(path) as `python -m minisae lm` does")
+        extra = {k: v for k, v in meta.items() if k not in ("model", "hook", "scale", "max_norm", "mean", "settings",
+                                                            "variant", "layout", "source")}
+        return cls(sae, meta.get("model"), meta["hook"], meta["scale"], meta.get("max_norm"), meta.get("mean"), extra)
 
 
-def load_with_model(path, model_name=None, layer=None, site=None, weights=None):
-    """(hooked SAE, model, tokenizer): an SAE file and the model it was trained on, checked."""
+def load_with_model(path, model_name=None, layer=None, site=None, weights=None, device="cpu"):
+    """(hooked SAE, model, tokenizer): an SAE and the model it was trained on, checked.
+    An SAE file that does not name its model (sparsify's) runs on `model_name`."""
     from minisae.models import load_model
     hsae = HookedSAE.load(path).check_site(model_name, layer, site)
+    if hsae.model_name is None:
+        if model_name is None:
+            raise ValueError(f"{path} does not say which model it was trained on: name it with --model")
+        hsae.model_name = model_name
     model, tokenizer = load_model(hsae.model_name, weights=weights)
     hsae.check_model(model)
-    return hsae, model.eval(), tokenizer
+    hsae.sae.to(device)
+    return hsae, model.to(device).eval(), tokenizer
 
 
 def parse_latents(text: str, n_latents: int) -> list:

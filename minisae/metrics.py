@@ -14,6 +14,14 @@
     gamma     relative reconstruction bias (Gated SAE paper, sec. 5.1):
               gamma = argmin_g E||x_hat / g - x||^2 = E||x_hat||^2 / E[x_hat . x];
               gamma < 1: reconstructions are shrunk; 1: unbiased
+
+The same quantities under the names SAEBench and SAELens report (SAELens evals.py,
+get_sparsity_and_variance_metrics, used by SAEBench's core evaluation):
+
+    explained_variance   1 - FVU, FVU over the whole dataset as above (SAELens's
+                         ExplainedVarianceCalculator: 1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2))
+    l2_ratio             E_x ||x_hat|| / ||x||, per sample then averaged (||x|| < 1e-4 divides by 1)
+    cossim               E_x cos(x, x_hat), per sample then averaged
 """
 
 import math
@@ -72,6 +80,7 @@ class Accumulator:
         self.n, self.active, self.sse = 0, 0.0, 0.0
         self.sum_x = self.sum_xx = None
         self.hat_sq, self.hat_dot = 0.0, 0.0
+        self.l2_ratio, self.cossim = 0.0, 0.0  # sums over samples
         self.fired = torch.zeros(n_latents, dtype=torch.long)  # (F,)
 
     @torch.no_grad()
@@ -85,6 +94,9 @@ class Accumulator:
         self.sum_xx = sxx if self.sum_xx is None else self.sum_xx + sxx
         self.hat_sq += x_hat.pow(2).sum().item()
         self.hat_dot += (x_hat * x).sum().item()
+        norm_x, norm_hat = x.norm(dim=-1), x_hat.norm(dim=-1)  # (B,)
+        self.l2_ratio += (norm_hat / torch.where(norm_x < 1e-4, 1.0, norm_x)).sum().item()
+        self.cossim += ((x * x_hat).sum(-1) / (norm_x * norm_hat).clamp_min(1e-12)).sum().item()
         self.fired += (f != 0).sum(0).cpu()
 
     def result(self, dense_threshold: float = 0.1) -> dict:
@@ -97,6 +109,9 @@ class Accumulator:
             "l0": self.active / self.n,
             "mse": self.sse / self.n,
             "fvu": self.sse / var if var > 0 else float("nan"),  # undefined without variance
+            "explained_variance": 1 - self.sse / var if var > 0 else float("nan"),
+            "l2_ratio": self.l2_ratio / self.n,
+            "cossim": self.cossim / self.n,
             "shrinkage_gamma": self.hat_sq / self.hat_dot if self.hat_dot != 0 else float("nan"),
             "dead_frac": (self.fired == 0).float().mean().item(),
             "dense_frac": (freq > dense_threshold).float().mean().item(),

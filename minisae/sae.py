@@ -168,29 +168,19 @@ class SAE(nn.Module):
             raise ValueError("input contains NaN or Inf values")
 
     # -- saving -----------------------------------------------------------------------
-    def save(self, path, **meta):
-        """One file: the variant's name and settings, the weights, and any metadata
-        (e.g. model, hook point, activation scale) that tools reading the SAE need."""
-        torch.save({"variant": variant_name(self.activation), "d": self.d, "n_latents": self.n_latents,
-                    "settings": part_settings(self.activation), "state_dict": self.state_dict(), "meta": meta}, path)
+    def save(self, path, layout: str = "saelens", **meta):
+        """Write the SAE as a directory in SAELens's layout (minisae/saelens_format.py) or
+        sparsify's (TopK only). meta: model, hook, scale (folded into the weights, so the
+        file reads raw activations), max_norm, mean, and anything else to keep in cfg.json."""
+        from minisae import formats
+        return formats.save(self, path, layout, **meta)
 
     @staticmethod
     def load(path):
-        """(sae, meta) from a file written by `save`."""
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises many kinds for a damaged file
-            raise ValueError(f"cannot read SAE file {path}: {e}") from e
-        if not isinstance(ckpt, dict) or not {"variant", "d", "n_latents", "state_dict"} <= ckpt.keys():
-            raise ValueError(f"{path} is not an SAE file written by minisae")
-        settings = {k: v for k, v in ckpt.get("settings", {}).items() if k != "n_latents"}  # make_sae passes it
-        sae = make_sae(ckpt["variant"], ckpt["d"], ckpt["n_latents"], **settings)
-        sae.to(ckpt["state_dict"]["W_enc"].dtype)
-        try:
-            sae.load_state_dict(ckpt["state_dict"])
-        except RuntimeError as e:
-            raise ValueError(f"{path}: weights do not match the saved configuration: {e}") from e
-        return sae.eval(), ckpt.get("meta", {})  # ready for inference, as train() leaves it
+        """(sae, meta) from a directory in either layout, a hub reference hf:OWNER/REPO/PATH,
+        or an old minisae .pt file (minisae/formats.py detects which)."""
+        from minisae import formats
+        return formats.load(path)
 
 
 def part_settings(part: nn.Module) -> dict:

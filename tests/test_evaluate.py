@@ -94,6 +94,9 @@ def test_identity_recovers_everything_exactly(lm):
     assert r["ce_sae"] == r["ce_clean"] and r["kl"] == 0.0
     assert r["loss_recovered_zero"] == 1.0 and r["loss_recovered_mean"] == 1.0
     assert r["fvu"] == 0.0 and r["ce_zero"] != r["ce_clean"] and r["ce_mean"] != r["ce_clean"]
+    # SAEBench / SAELens names: a perfect splice scores 1 on each
+    assert (r["ce_loss_score"], r["kl_div_score"], r["explained_variance"]) == (1.0, 1.0, 1.0)
+    assert math.isclose(r["l2_ratio"], 1.0, rel_tol=1e-12) and math.isclose(r["cossim"], 1.0, rel_tol=1e-12)
     assert r["n_tokens"] == 10 * 11 and r["n_predictions"] == 10 * 10
 
 
@@ -102,6 +105,7 @@ def test_ablation_sae_recovers_nothing_exactly(lm):
     zero = run(model, Constant(torch.zeros(16)), contexts, mean, scale=4.0)
     assert zero["ce_sae"] == zero["ce_zero"] and zero["loss_recovered_zero"] == 0.0
     assert zero["l0"] == 0.0 and zero["dead_frac"] == 1.0 and zero["kl"] > 0
+    assert zero["kl"] == zero["kl_zero"] and zero["kl_div_score"] == 0.0 and zero["ce_loss_score"] == 0.0
     # the SAE works in scaled units: outputting mean * scale splices in the mean
     avg = run(model, Constant(mean * 4.0), contexts, mean, scale=4.0)
     assert avg["ce_sae"] == avg["ce_mean"] and avg["loss_recovered_mean"] == 0.0
@@ -206,7 +210,7 @@ def test_precomputed_baselines_give_the_same_numbers(lm):
     model, contexts, mean = lm
     sae = ReluSAE()
     base = E.baselines(model, contexts, HOOK, mean, batch_size=4, verbose=False)
-    assert set(base) == {"ce_clean", "ce_zero", "ce_mean", "n_predictions", "max_norm"}
+    assert set(base) == {"ce_clean", "ce_zero", "ce_mean", "kl_zero", "kl_mean", "n_predictions", "max_norm"}
     full = run(model, sae, contexts, mean, 0.37)
     fast = E.evaluate_spliced(model, hooked(sae, mean, 0.37), contexts, batch_size=4, baselines=base, verbose=False)
     assert fast == full

@@ -91,7 +91,7 @@ def test_layers_gpt2_random(tmp_path):
         assert LM_KEYS <= set(r) and r["hook"] == hook
         assert r["l0"] == 8.0  # TopK: exactly k active per token
         sae, meta = SAE.load(tmp_path / r["sae"])
-        assert meta["hook"] == hook and meta["scale"] == r["scale"] and sae.n_latents == 128
+        assert meta["hook"] == hook and meta["folded_scale"] == r["scale"] and sae.n_latents == 128
         # each layer's own activations: its sidecar's scale, and a mean of its own
         side = json.loads(sidecar_path(tmp_path / f"acts-gpt2-random-{hook}.npy").read_text())
         assert side["hook"] == hook and side["scale"] == r["scale"] and side["n_tokens"] == 16 * 127
@@ -106,4 +106,4 @@ def test_layers_deletes_activations_by_default(tmp_path):
           "--eval-tokens", "256", "--expansion", "2", "--batch-size", "512", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "layers_results.json").read_text())
     assert [r["layer"] for r in res["rows"]] == [1, 3] and res["site"] == "resid_post"
-    assert not list(tmp_path.glob("acts-*")) and len(list((tmp_path / "saes").glob("*.pt"))) == 2
+    assert not list(tmp_path.glob("acts-*")) and len(list((tmp_path / "saes").glob("*/cfg.json"))) == 2

@@ -181,3 +181,21 @@ def test_density_histogram_counts_the_latents_that_fired():
     assert sum(counts) == 4 and len(edges) == 5
     assert edges[0] == -2.5 and edges[-1] == -0.2
     assert metrics.density_histogram([None, None]) == ([], [])
+
+
+def test_saebench_names_against_per_sample_loops():
+    """explained_variance = 1 - FVU; l2_ratio and cossim averaged per sample, as SAELens's
+    evals.py computes them (a tiny ||x|| divides by 1), against plain Python loops."""
+    g = torch.Generator().manual_seed(0)
+    x, x_hat = torch.randn(40, 6, generator=g, dtype=torch.float64), torch.randn(40, 6, generator=g, dtype=torch.float64)
+    x[3] = 1e-6  # below SAELens's 1e-4 guard
+    acc = metrics.Accumulator(5)
+    for i in range(0, 40, 16):
+        acc.add(x[i:i + 16], x_hat[i:i + 16], torch.ones(len(x[i:i + 16]), 5))
+    r = acc.result()
+    norm = lambda v: math.sqrt(sum(t * t for t in v.tolist()))
+    ratios = [norm(b) / (norm(a) if norm(a) >= 1e-4 else 1.0) for a, b in zip(x, x_hat)]
+    cosines = [float(a @ b) / (norm(a) * norm(b)) for a, b in zip(x, x_hat)]
+    assert math.isclose(r["explained_variance"], 1 - metrics.fvu(x, x_hat), rel_tol=1e-12)
+    assert math.isclose(r["l2_ratio"], sum(ratios) / 40, rel_tol=1e-12)
+    assert math.isclose(r["cossim"], sum(cosines) / 40, rel_tol=1e-12)

@@ -337,12 +337,15 @@ NON_DEFAULT = {"relu": {"sparsity_coef": 0.123}, "gated": {"sparsity_coef": 0.2}
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_save_load_round_trip(random_sae, variant, tmp_path):
     """A loaded SAE is the saved one: same class, settings, weights and outputs, ready for
-    inference as `train` leaves it (BatchTopK's batch-independent threshold mode)."""
+    inference as `train` leaves it (BatchTopK's batch-independent threshold mode). The
+    file is a directory in SAELens's layout (tests/test_formats.py tests the layouts)."""
     sae = random_sae(variant, 5, 12, seed=3, dtype=torch.float32, **NON_DEFAULT[variant]).eval()
     x = torch.randn(7, 5, generator=torch.Generator().manual_seed(0))
-    sae.save(tmp_path / "sae.pt", hook="blocks.3.hook_resid_post", scale=2.5)
-    loaded, meta = SAE.load(tmp_path / "sae.pt")
-    assert meta == {"hook": "blocks.3.hook_resid_post", "scale": 2.5}
+    sae.save(tmp_path / "sae", hook="blocks.3.hook_resid_post")
+    assert sorted(p.name for p in (tmp_path / "sae").iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+    loaded, meta = SAE.load(tmp_path / "sae")
+    assert (meta["hook"], meta["scale"], meta["folded_scale"], meta["layout"]) == ("blocks.3.hook_resid_post", 1.0,
+                                                                                  1.0, "saelens")
     assert type(loaded.activation) is type(sae.activation)
     for k, value in NON_DEFAULT[variant].items():
         assert getattr(loaded.activation, k) == value, k
@@ -355,12 +358,28 @@ def test_save_load_round_trip(random_sae, variant, tmp_path):
         assert torch.equal(v, before[k]), k
 
 
+def legacy_file(sae, path):
+    """The single torch.save file minisae wrote before it used SAELens's layout."""
+    from minisae.sae import part_settings, variant_name
+    torch.save({"variant": variant_name(sae.activation), "d": sae.d, "n_latents": sae.n_latents,
+                "settings": part_settings(sae.activation), "state_dict": sae.state_dict(), "meta": {}}, path)
+
+
+def test_legacy_file_loads(random_sae, tmp_path):
+    sae = random_sae("batchtopk", 5, 12, dtype=torch.float32, **NON_DEFAULT["batchtopk"]).eval()
+    legacy_file(sae, tmp_path / "sae.pt")
+    loaded, meta = SAE.load(tmp_path / "sae.pt")
+    assert meta["layout"] == "pt" and type(loaded.activation) is type(sae.activation)
+    x = torch.randn(7, 5)
+    assert torch.equal(loaded(x), sae(x))
+
+
 def test_load_corrupt_file(tmp_path):
     path = tmp_path / "bad.pt"
     path.write_bytes(b"this is not a torch file")
     with pytest.raises(ValueError, match="cannot read SAE file"):
         SAE.load(path)
-    with pytest.raises(ValueError, match="cannot read SAE file"):
+    with pytest.raises(ValueError, match="no such SAE file or directory"):
         SAE.load(tmp_path / "missing.pt")
 
 
@@ -374,7 +393,7 @@ def test_load_not_an_sae_file(tmp_path):
 @pytest.mark.parametrize("tamper", ["n_latents", "shape", "missing"])
 def test_load_mismatched_weights(tmp_path, tamper):
     path = tmp_path / "sae.pt"
-    make_sae("gated", 4, 6).save(path)
+    legacy_file(make_sae("gated", 4, 6), path)
     ckpt = torch.load(path, weights_only=True)
     if tamper == "n_latents":
         ckpt["n_latents"] = 7
@@ -389,7 +408,7 @@ def test_load_mismatched_weights(tmp_path, tamper):
 
 def test_load_unknown_variant(tmp_path):
     path = tmp_path / "sae.pt"
-    make_sae("relu", 4, 6).save(path)
+    legacy_file(make_sae("relu", 4, 6), path)
     ckpt = torch.load(path, weights_only=True)
     ckpt["variant"] = "mystery"
     torch.save(ckpt, path)

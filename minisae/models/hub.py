@@ -1,6 +1,8 @@
 """Download a file once, check it, keep it in a local cache.
 
     cached_path(url) -> local path:  <cache>/<host>/<url path>, downloaded on first use
+    hub_file(repo, path, revision)   the same for a file of a Hugging Face hub repository,
+                                     checked against the sha256 the hub states for it
 
 The cache is `~/.cache/minisae` (override with the MINISAE_CACHE environment variable or
 the `cache_dir` argument). A download streams into a temporary file next to its final
@@ -12,7 +14,9 @@ is not hashed again, since only verified (or unpinned) downloads are ever rename
 
 import hashlib
 import os
+import re
 import tempfile
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -72,11 +76,73 @@ def download(url: str, dest, sha256=None, progress: bool = True, timeout: float 
 def cached_path(url: str, cache_dir=None, sha256=None, progress: bool = True) -> str:
     """Local path of `url` in the cache, downloading it first if absent. `sha256` defaults
     to the pinned hash for known URLs."""
+    dest = cache_location(url, cache_dir)
+    if not os.path.isfile(dest):
+        download(url, dest, sha256=sha256 or PINNED_SHA256.get(url), progress=progress)
+    return dest
+
+
+def cache_location(url: str, cache_dir=None) -> str:
+    """Where `url` is kept: <cache>/<host>/<url path>."""
     parts = urllib.parse.urlsplit(url)
     segments = [s for s in parts.path.split("/") if s]
     if not segments or any(s in (".", "..") for s in segments) or parts.netloc in (".", ".."):
         raise ValueError(f"cannot cache {url!r}: its path must name a file, without '.' or '..'")
-    dest = os.path.join(cache_dir or default_cache_dir(), parts.netloc or "local", *segments)
+    return os.path.join(cache_dir or default_cache_dir(), parts.netloc or "local", *segments)
+
+
+# ---------------------------------------------------------------- files of a hub repository
+#
+#   {endpoint}/{owner}/{name}/resolve/{revision}/{path}      endpoint: $HF_ENDPOINT or https://huggingface.co
+#
+# The hub answers that URL with a redirect to its storage; for a large (LFS) file the
+# answer carries X-Linked-Etag, the file's sha256, which we check the download against.
+# Small files kept in git get a git hash there instead (not a sha256): those are unchecked.
+# A revision that is a branch ("main") is cached under its name: pass a commit to pin one.
+
+def parse_hub_ref(ref: str) -> tuple:
+    """'OWNER/NAME/PATH/IN/REPO@REVISION' -> (repo 'OWNER/NAME', path, revision ('main'
+    if absent)); the path may be empty (files at the repository root)."""
+    body, _, revision = ref.partition("@")
+    parts = [p for p in body.split("/") if p]
+    ok = len(parts) >= 2 and all(re.fullmatch(r"[\w.-]+", p) and p not in (".", "..") for p in parts) and \
+        re.fullmatch(r"[\w.-]+", revision or "main")
+    if not ok:
+        raise ValueError(f"bad hub reference {ref!r}; expected OWNER/REPO/PATH[@REVISION], "
+                         "e.g. jbloom/GPT2-Small-SAEs-Reformatted/blocks.8.hook_resid_pre")
+    return "/".join(parts[:2]), "/".join(parts[2:]), revision or "main"
+
+
+def hub_url(repo: str, path: str, revision: str = "main") -> str:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    return f"{endpoint}/{repo}/resolve/{urllib.parse.quote(revision, safe='')}/{urllib.parse.quote(path)}"
+
+
+def hub_sha256(url: str, timeout: float = 60):
+    """The sha256 the hub states for the file at `url` (its X-Linked-Etag, read from the
+    first answer, before any redirect), or None if it states none. ValueError for a file
+    that is not there."""
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None  # keep the hub's own answer: the storage host does not repeat the header
+
+    try:
+        response = urllib.request.build_opener(NoRedirect).open(urllib.request.Request(url, method="HEAD"),
+                                                                timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code not in (301, 302, 303, 307, 308):
+            raise ValueError(f"{url}: HTTP {e.code} {e.reason} (no such repository, revision or file?)") from None
+        response = e
+    etag = (response.headers.get("X-Linked-Etag") or response.headers.get("ETag") or "").removeprefix("W/")
+    etag = etag.strip('"').lower()
+    return etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None
+
+
+def hub_file(repo: str, path: str, revision: str = "main", cache_dir=None, progress: bool = True) -> str:
+    """Local path of one file of a hub repository, downloaded into the cache on first use
+    and checked against the sha256 the hub states for it."""
+    url = hub_url(repo, path, revision)
+    dest = cache_location(url, cache_dir)
     if not os.path.isfile(dest):
-        download(url, dest, sha256=sha256 or PINNED_SHA256.get(url), progress=progress)
+        download(url, dest, sha256=hub_sha256(url), progress=progress)
     return dest
