@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("hypothesis", reason="the exercise checker draws its inputs with Hypothesis")
 
-from minisae.check import check_exercise, exercises, main, report  # noqa: E402
+from minisae.check import check_exercise, main, report  # noqa: E402
+from minisae.exercise_checks import exercises  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EXERCISES = Path(__file__).resolve().parents[1] / "exercises"
