@@ -2,7 +2,7 @@
 
 The explainer and the scorers of minisae.explain / minisae.scoring only ever ask three things:
 
-    chat.complete(messages, max_tokens)   -> str          the assistant's reply (the explanation)
+    chat.complete(messages, max_tokens, stop=())  -> str  the assistant's reply (the explanation)
     chat.yes_prob(conversations)          -> [p]          per conversation, for the first answer token
     chat.line_probs(items)                -> [[p, ...]]   per (messages, lines): one answer per line
 
@@ -13,8 +13,9 @@ messages are OpenAI-style [{"role": "system" | "user" | "assistant", "content": 
 LocalChat runs a Llama GGUF (SmolLM2-135M-Instruct, the chapter-5 file) through minisae's
 own Llama, offline. The prompt is the GGUF's own `tokenizer.chat_template` (a Jinja
 template, rendered in jinja2's sandbox as Hugging Face does), so the model sees the turn
-markers it was fine-tuned with. Generation re-runs the whole sequence at each new token
-(no KV cache, as minisae.steer): greedy, or sampled with a seeded torch.Generator.
+markers it was fine-tuned with. Generation uses a key/value cache (minisae.kv_cache,
+checked against the plain forward): greedy, or sampled with a seeded torch.Generator.
+A prefix shared by a batch of prompts (system prompt and explanation) runs once.
 line_probs is the cheap "all at once" simulation of Bills et al. (2023): the assistant
 turn is filled in with every line followed by a placeholder answer (" unknown"), and ONE
 forward pass reads the yes/no log-probabilities at each line's answer slot.
@@ -68,11 +69,12 @@ class LocalChat:
     """A chat model run by minisae itself: model(idx) -> logits (B, T, V) and a BPE tokenizer."""
 
     def __init__(self, model, tokenizer, template: str, stop_ids, temperature: float = 0.0, seed: int = 0,
-                 batch_size: int = 8):
+                 batch_size: int = 8, bf16: bool = False):
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
         self.model, self.tok, self.template = model.eval(), tokenizer, template
         self.stop_ids, self.temperature, self.seed, self.batch_size = set(stop_ids), temperature, seed, batch_size
+        self.bf16 = bf16  # bfloat16 autocast for the forward passes (the log-softmax stays float32)
         self.yes_ids, self.no_ids = self._single_tokens(YES), self._single_tokens(NO)
         if not self.yes_ids or not self.no_ids:
             raise ValueError("the tokenizer has no single token for 'yes' or 'no'")
@@ -102,16 +104,23 @@ class LocalChat:
 
     # ------------------------------------------------------------ generation
 
+    def _autocast(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
+
     @torch.no_grad()
-    def generate(self, ids: list, max_tokens: int, seed=None):
-        """(new ids, their log-probs (n, V)) continuing `ids` until a stop token or max_tokens.
-        No KV cache: the whole sequence runs again for each new token."""
+    def generate(self, ids: list, max_tokens: int, seed=None, until=None):
+        """(new ids, their log-probs (n, V)) continuing `ids` until a stop token, until(new ids)
+        or max_tokens,
+        with a key/value cache (minisae.kv_cache): the prompt runs once, then one position per token."""
+        from minisae.kv_cache import forward_cached
         if len(ids) + max_tokens > self.model.n_ctx:
             raise ValueError(f"{len(ids)} prompt + {max_tokens} new tokens exceed the context of {self.model.n_ctx}")
         g = torch.Generator().manual_seed(self.seed if seed is None else seed)
-        idx, new, logps = torch.tensor([ids]), [], []  # idx (1, T)
+        new, logps, nxt_ids, cache = [], [], torch.tensor([ids]), None  # nxt_ids (1, S)
         for _ in range(max_tokens):
-            logits = self.model(idx)[0, -1].float()  # (V,)
+            with self._autocast():
+                resid, cache = forward_cached(self.model, nxt_ids, cache)  # (1, S, D)
+                logits = self.model.unembed(resid[:, -1]).float()[0]  # (V,)
             logp = torch.log_softmax(logits, -1)  # (V,)
             if self.temperature > 0:
                 nxt = torch.multinomial(torch.softmax(logits / self.temperature, -1), 1, generator=g).item()
@@ -121,27 +130,45 @@ class LocalChat:
                 break
             new.append(nxt)
             logps.append(logp)
-            idx = torch.cat([idx, torch.tensor([[nxt]])], dim=1)  # (1, T+1)
-        return new, (torch.stack(logps) if logps else torch.zeros(0, logits.shape[-1]))
+            if until is not None and until(new):
+                break
+            nxt_ids = torch.tensor([[nxt]])
+        return new, (torch.stack(logps) if logps else torch.zeros(0, self.tok.vocab_size))
 
-    def complete(self, messages, max_tokens: int = 48, seed=None) -> str:
-        new, _ = self.generate(self.encode_chat(messages), max_tokens, seed)
-        return self.tok.decode(new).strip()
+    def complete(self, messages, max_tokens: int = 48, seed=None, stop=()) -> str:
+        """The reply, cut before the first of the `stop` strings (OpenAI's `stop`), where
+        generation also ends: a one-sentence answer does not pay for a second sentence."""
+        stop = tuple(stop)
+        until = (lambda new: any(s in self.tok.decode(new) for s in stop)) if stop else None
+        new, _ = self.generate(self.encode_chat(messages), max_tokens, seed, until)
+        text = self.tok.decode(new)
+        for s in stop:
+            text = text.split(s)[0]
+        return text.strip()
 
     # ------------------------------------------------------------ yes / no log-probabilities
 
     @torch.no_grad()
     def _logprobs_at(self, seqs, positions):
-        """Per sequence, the next-token log-probs (len(pos), V) at its positions; sequences
-        right-padded into batches (causal attention: padding after a position cannot reach it)."""
+        """Per sequence, the next-token log-probs (len(pos), V) at its positions. The prefix
+        all sequences share (system prompt, explanation) runs once and is cached; the rest
+        is right-padded into batches (causal attention: padding after a position cannot reach it)."""
+        from minisae.kv_cache import forward_cached
+        P = min(min(p) for p in positions)  # every asked position stays after the cached prefix
+        for q in seqs[1:]:
+            P = next((j for j, (a, b) in enumerate(zip(seqs[0][:P], q)) if a != b), P)
+        with self._autocast():
+            _, cache = forward_cached(self.model, torch.tensor([seqs[0][:P]])) if P else (None, None)
         out = []
         for s in range(0, len(seqs), self.batch_size):
-            chunk = seqs[s:s + self.batch_size]
+            chunk = [q[P:] for q in seqs[s:s + self.batch_size]]
             T = max(len(q) for q in chunk)
-            idx = torch.tensor([q + [0] * (T - len(q)) for q in chunk])  # (B, T)
-            logits = self.model(idx).float()  # (B, T, V)
-            for b, pos in enumerate(positions[s:s + self.batch_size]):
-                out.append(torch.log_softmax(logits[b, pos], -1))  # (len(pos), V)
+            idx = torch.tensor([q + [0] * (T - len(q)) for q in chunk])  # (B, T-P)
+            with self._autocast():
+                resid, _ = forward_cached(self.model, idx, cache)  # (B, T-P, D)
+                for b, pos in enumerate(positions[s:s + self.batch_size]):
+                    logits = self.model.unembed(resid[b, [p - P for p in pos]]).float()  # (len(pos), V)
+                    out.append(torch.log_softmax(logits, -1))
         return out
 
     def _p_yes(self, logp):  # logp (n, V) -> [p] * n
@@ -220,15 +247,20 @@ class OpenAIChat:
             raise EndpointError(f"{self.url} answered something that is not a chat completion "
                                 f"(malformed JSON or no choices[0].message): {raw[:200]!r}") from None
 
-    def _ask(self, messages, max_tokens: int, logprobs: bool) -> dict:
+    def _ask(self, messages, max_tokens: int, logprobs: bool, stop=()) -> dict:
         payload = {"messages": list(messages), "max_tokens": max_tokens, "temperature": self.temperature,
                    "seed": self.seed}
+        if stop:
+            payload["stop"] = list(stop)
         if logprobs:
             payload.update(logprobs=True, top_logprobs=self.top_logprobs)
         return self.post(payload)["choices"][0]
 
-    def complete(self, messages, max_tokens: int = 48, seed=None) -> str:
-        return (self._ask(messages, max_tokens, False)["message"].get("content") or "").strip()
+    def complete(self, messages, max_tokens: int = 48, seed=None, stop=()) -> str:
+        text = self._ask(messages, max_tokens, False, stop)["message"].get("content") or ""
+        for s in stop:  # servers stop before a stop string; cut here too for those that do not
+            text = text.split(s)[0]
+        return text.strip()
 
     def _answer_p(self, entry) -> float:
         """P(yes) from one generated token's top_logprobs (the alternatives at that position)."""
@@ -261,6 +293,8 @@ class OpenAIChat:
         in order. Lines it skipped get NaN (the scorer leaves them out and counts them)."""
         out = []
         for messages, lines in items:
+            *head, last = messages  # the lines go at the end of the last (user) message
+            messages = [*head, {"role": last["role"], "content": last["content"] + "\n\n" + "\n".join(lines)}]
             choice = self._ask(messages, 12 * len(lines) + 16, True)
             content = ((choice.get("logprobs") or {}).get("content")) or []
             if content:

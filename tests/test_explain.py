@@ -120,7 +120,7 @@ class ScriptedChat:
     def __init__(self):
         self.calls = 0
 
-    def complete(self, messages, max_tokens, seed=None):
+    def complete(self, messages, max_tokens, seed=None, stop=()):
         self.calls += 1
         user = messages[-1]["content"]
         return f"The token{user.split('<<')[1].split('>>')[0]}. And more."

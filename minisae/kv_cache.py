@@ -1,0 +1,63 @@
+"""A key/value cache for minisae's Llama: the fast path of minisae.chat (the plain path is
+Llama.forward, which re-runs every position; tests/test_chat.py checks the two agree).
+
+Causal attention never lets a position see later ones, so the keys and values of a prefix
+do not change when tokens are appended. Keep them per layer and run only the new tokens:
+
+    q_new = RoPE(W_q x_new, positions P..P+S-1)                          (B, H, S, hd)
+    k_all = [k_prefix ; RoPE(W_k x_new, P..P+S-1)],  v_all likewise       (B, Hkv, P+S, hd)
+    y     = softmax(q_new k_all^T / sqrt(hd) + mask) v_all                new token s sees
+                                                                          all P + its own s' <= s
+
+Two uses: generation (append one token at a time: each step costs one position, not the
+whole sequence) and a prefix shared by a batch (the system prompt and the explanation,
+run once, then every window appended; the prefix's cache has batch 1 and broadcasts).
+Right padding in the batch is harmless for the same causal reason.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from minisae.models.llama import rotary_cos_sin, rotate_half
+
+
+def _attend(attn, x, cos, sin, past):
+    """One attention layer on new positions x (B, S, D) after the cached (k, v) of P positions."""
+    B, S, _ = x.shape
+    q = attn.q_proj(x).view(B, S, attn.n_head, attn.head_dim).transpose(1, 2)     # (B, H, S, hd)
+    k = attn.k_proj(x).view(B, S, attn.n_kv_head, attn.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
+    v = attn.v_proj(x).view(B, S, attn.n_kv_head, attn.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
+    cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    if past is not None:
+        pk, pv = past
+        k = torch.cat([pk.expand(B, -1, -1, -1).to(k.dtype), k], dim=2)  # (B, Hkv, P+S, hd)
+        v = torch.cat([pv.expand(B, -1, -1, -1).to(v.dtype), v], dim=2)
+    P = k.shape[2] - S
+    rep = attn.n_head // attn.n_kv_head
+    mask = torch.ones(S, P + S, dtype=torch.bool, device=x.device).tril(P)  # (S, P+S): prefix + causal
+    y = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                       attn_mask=mask)                        # (B, H, S, hd)
+    return attn.o_proj(y.transpose(1, 2).reshape(B, S, -1)), (k, v)
+
+
+@torch.no_grad()
+def forward_cached(model, idx, cache=None):
+    """(final residual stream of the new tokens (B, S, D), the cache extended by them).
+    idx (B, S) new token ids; cache: None or a list of per-layer (k, v) for P earlier positions.
+    Logits: model.unembed(resid[..., positions, :]), only where they are needed."""
+    B, S = idx.shape
+    P = 0 if cache is None else cache[0][0].shape[2]
+    if P + S > model.n_ctx:
+        raise ValueError(f"{P} cached + {S} new positions exceed the context of {model.n_ctx}")
+    cos, sin = rotary_cos_sin(P + S, model.cfg.head_dim, model.cfg.rope_base, idx.device)
+    cos, sin = cos[P:], sin[P:]  # (S, hd): the new tokens sit at positions P..P+S-1
+    x = model.embed_tokens(idx)  # (B, S, D)
+    new_cache = []
+    for L, block in enumerate(model.layers):
+        a, kv = _attend(block.self_attn, block.input_layernorm(x), cos, sin, None if cache is None else cache[L])
+        x = x + a
+        x = x + block.mlp(block.post_attention_layernorm(x))
+        new_cache.append(kv)
+    return x, new_cache
