@@ -260,6 +260,18 @@ def convert_run(args):
     return formats.convert(args.src, args.dst, args.to)
 
 
+def check_flags(p):
+    p.add_argument("file", type=Path, help="your copy of exercises/ch2_sae.py or exercises/ch3_variants.py")
+
+
+def check_run(args):
+    from minisae import check
+    code = check.main(args.file)
+    if code:
+        raise SystemExit(code)
+    return code
+
+
 # name: (help, flags, run)
 COMMANDS = {
     "toy": ("every SAE variant on synthetic features + the superposition figures", toy_flags, toy_run),
@@ -272,6 +284,8 @@ COMMANDS = {
     "links": ("cross-layer feature links: decoder cosines and ablation edges", links_flags, links_run),
     "explain": ("explain latents with a language model and score the explanations (detection, simulation)",
                 explain_flags, explain_run),
+    "check": ("grade your exercises (chapters 2 and 3) by Hypothesis properties and minisae's own code",
+              check_flags, check_run),
     "convert": ("rewrite an SAE in SAELens's or sparsify's layout (from either, a hub folder or an old .pt)",
                 convert_flags, convert_run),
 }

@@ -109,3 +109,38 @@ def test_batch_must_divide_and_devices_resolve():
     if not torch.backends.mps.is_available():
         with pytest.raises(ValueError, match="MPS"):
             distributed.resolve_device("mps")
+
+
+LM = ["lm", "--model", "gpt2-random", "--layer", "1", "--site", "resid_post", "--tokens", "4096",
+      "--collect-tokens", "2048", "--variants", "relu,topk", "--sweep", "relu:sparsity_coef=1", "--sweep",
+      "topk:k=4", "--expansion", "2", "--batch-size", "256", "--eval-tokens", "1024", "--device", "cpu"]
+
+
+def lm_rows(out):
+    import json
+    rows = json.loads((out / "lm_results.json").read_text())["rows"]
+    return [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in rows]
+
+
+@pytest.mark.skipif(not os.environ.get("MINISAE_GPT2_TOKENIZER_DIR"),
+                    reason="set MINISAE_GPT2_TOKENIZER_DIR to a folder with GPT-2's encoder.json + vocab.bpe")
+def test_torchrun_lm_equals_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 -m minisae lm` in both modes writes the rows one process
+    writes (ReLU and TopK: their losses are means over samples, so the split is exact)."""
+    import subprocess
+    import sys
+    env = {**os.environ, "MINISAE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "minisae", *LM, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    for mode in ("data", "sweep"):
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                              "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "minisae",
+                              *LM, "--distribute", mode, "--out", str(tmp_path / mode)], env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        got, want = lm_rows(tmp_path / mode), lm_rows(tmp_path / "one")
+        assert [r["variant"] for r in got] == ["relu", "topk"]
+        for g, w in zip(got, want):
+            for key in ("l0", "fvu", "ce_sae", "dead_frac"):
+                assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-6), (mode, g["variant"], key)
