@@ -111,7 +111,8 @@ def run(cfg) -> list:
             acts, meta = activations.load_activations(path, model_name=cfg.model, hook=hooks[L])
             print(f"layer {L} ({hooks[L]}), scale {meta['scale']:.4g}, {meta['n_sinks_dropped']:,} sink "
                   f"positions dropped", file=sys.stderr)
-            base = evaluate.baselines(model, heldout, hooks[L], meta["mean"], bf16=cfg.bf16, max_norm=meta["max_norm"])
+            base = evaluate.baselines(model, heldout, hooks[L], meta["mean"], bf16=cfg.bf16, max_norm=meta["max_norm"],
+                                      with_sinks=True)
             row = train_and_evaluate(cfg, model, acts, meta, heldout, base, variant, knob, value,
                                      name=f"{hooks[L]}-{variant}-{knob}{value}", seed=cfg.seed + L)
             rows.append({"layer": L, "hook": hooks[L], "scale": meta["scale"], "max_norm": meta["max_norm"],

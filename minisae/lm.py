@@ -94,7 +94,7 @@ def run(cfg) -> list:
 
     evaluates = main or cfg.distribute == "sweep"
     base = evaluate.baselines(model, heldout, hook, meta["mean"], bf16=cfg.bf16, max_norm=meta["max_norm"],
-                              verbose=main) if evaluates else None
+                              verbose=main, with_sinks=True) if evaluates else None
     results_path = out / "lm_results.json"
     done = finished_rows(results_path, cfg, meta, heldout.numel()) if main else {}
     keys = [(v, sweeps[v][0], value) for v in cfg.variants for value in sweeps[v][1]]

@@ -107,7 +107,7 @@ def train_and_evaluate(cfg, model, acts, meta, heldout, base, variant, knob, val
         return None
     hsae = HookedSAE(sae, meta["model"], meta["hook"], meta["scale"], meta["max_norm"], meta["mean"])
     t0 = time.perf_counter()
-    ev = evaluate.evaluate_spliced(model, hsae, heldout, bf16=cfg.bf16, baselines=base)
+    ev = evaluate.evaluate_spliced(model, hsae, heldout, bf16=cfg.bf16, baselines=base, with_sinks=True)
     ev["eval_seconds"] = time.perf_counter() - t0
     counts, edges = density_histogram(ev.pop("log10_density"))
     hsae.extra = {"training": config_dict(cfg), "sweep": {"variant": variant, knob: value},

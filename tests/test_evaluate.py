@@ -210,7 +210,8 @@ def test_precomputed_baselines_give_the_same_numbers(lm):
     model, contexts, mean = lm
     sae = ReluSAE()
     base = E.baselines(model, contexts, HOOK, mean, batch_size=4, verbose=False)
-    assert set(base) == {"ce_clean", "ce_zero", "ce_mean", "kl_zero", "kl_mean", "n_predictions", "max_norm"}
+    assert set(base) == {"ce_clean", "ce_zero", "ce_mean", "kl_zero", "kl_mean", "n_predictions", "max_norm",
+                         "ce_diff_se_zero", "ce_diff_se_mean"}
     full = run(model, sae, contexts, mean, 0.37)
     fast = E.evaluate_spliced(model, hooked(sae, mean, 0.37), contexts, batch_size=4, baselines=base, verbose=False)
     assert fast == full
