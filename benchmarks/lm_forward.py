@@ -10,7 +10,7 @@ difference as a check. Median of a few repeats after a warm-up; on a shared mach
 single timings vary by up to 2x, so compare the ratios from one run, not across runs.
 Needs `transformers`.
 
-    python benchmarks/lm_forward.py [--batch 8] [--ctx 128] [--repeats 5]
+    python benchmarks/lm_forward.py [--batch 8] [--ctx 128] [--repeats 5] [--device auto]
 """
 
 import argparse
@@ -31,7 +31,10 @@ def main():
     parser.add_argument("--ctx", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--stop-at", default="blocks.6.hook_resid_pre")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     args = parser.parse_args()
+    from minisae.distributed import resolve_device
+    device = resolve_device(args.device)
     import transformers
 
     cfg = CONFIGS["gpt2"]
@@ -42,11 +45,13 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:  # same weights for both, via an HF-layout checkpoint
         path = os.path.join(tmp, "model.safetensors")
         save_safetensors(path, {k: v.clone() for k, v in hf.state_dict().items()})
-        ours = load_weights_(GPT2(cfg), path).eval()
+        ours = load_weights_(GPT2(cfg), path).eval().to(device)
+    hf = hf.to(device)
 
     idx = torch.randint(0, cfg.vocab_size, (args.batch, args.ctx), generator=torch.Generator().manual_seed(0))
+    idx = idx.to(device)
     n_tokens = idx.numel()
-    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    bf16 = lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     runs = {  # label -> (function, precision context)
         "minisae full forward": (lambda: ours(idx), nullcontext),
         f"minisae stop at {args.stop_at}": (lambda: ours(idx, stop_at=args.stop_at), nullcontext),
@@ -62,9 +67,11 @@ def main():
             def timed(fn=fn, precision=precision):
                 with precision():
                     fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()  # the work, not just its launch
             results[label] = tokens_per_second(timed, n_tokens, args.repeats)
 
-    print(f"GPT-2 small (random weights), batch {args.batch} x {args.ctx} tokens, "
+    print(f"GPT-2 small (random weights) on {device}, batch {args.batch} x {args.ctx} tokens, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"max |logit difference| minisae vs transformers (fp32): {diff:.2e}\n")
     print(f"| {'run':<48} | {'tokens/s':>9} |")

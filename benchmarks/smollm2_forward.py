@@ -11,7 +11,7 @@ a check that bf16 autocast changes speed, not the answer. Median of a few repeat
 warm-up; on a shared machine single timings vary by up to 2x, so compare ratios from one
 run, not across runs.
 
-    python benchmarks/smollm2_forward.py [--batch 8] [--ctx 128] [--repeats 3]
+    python benchmarks/smollm2_forward.py [--batch 8] [--ctx 128] [--repeats 3] [--device auto]
 """
 
 import argparse
@@ -30,23 +30,27 @@ def main():
     parser.add_argument("--ctx", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--stop-at", default="blocks.15.hook_resid_pre")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     args = parser.parse_args()
+    from minisae.distributed import resolve_device
+    device = resolve_device(args.device)
     import pydoc_data.topics
 
     model, tok = load_smollm2()
+    model.to(device)
     text = "\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
     ids = tok.encode(text[: 8 * args.batch * args.ctx])  # ~4 characters per token: enough
     n = args.ctx - 1
     if len(ids) < args.batch * n:
         raise ValueError(f"not enough text for {args.batch} contexts of {args.ctx} tokens")
-    idx = torch.tensor([[tok.bos_id] + ids[b * n:(b + 1) * n] for b in range(args.batch)])  # (B, T)
+    idx = torch.tensor([[tok.bos_id] + ids[b * n:(b + 1) * n] for b in range(args.batch)], device=device)  # (B, T)
     n_tokens = idx.numel()
 
     def loss():
         logits = model(idx)                                                   # (B, T, V)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten())
 
-    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    bf16 = lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     runs = {  # label -> (function, precision context)
         f"stop at {args.stop_at}": (lambda: model(idx, stop_at=args.stop_at), nullcontext),
         "full forward + CE": (loss, nullcontext),
@@ -62,9 +66,11 @@ def main():
             def timed(fn=fn, precision=precision):
                 with precision():
                     fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()  # the work, not just its launch
             results[label] = tokens_per_second(timed, n_tokens, args.repeats)
 
-    print(f"SmolLM2-135M (GGUF Q4_1 dequantized to fp32), batch {args.batch} x {args.ctx} tokens, "
+    print(f"SmolLM2-135M (GGUF Q4_1 dequantized to fp32) on {device}, batch {args.batch} x {args.ctx} tokens, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"cross-entropy: fp32 {ce_fp32:.3f}, bf16 autocast {ce_bf16:.3f} nats/token\n")
     print(f"| {'run':<48} | {'tokens/s':>9} |")

@@ -143,8 +143,14 @@ def wrap(sae, group: Group):
     """sae.loss inside DistributedDataParallel. Buffers (dead-latent counters, BatchTopK's
     threshold) are not broadcast from rank 0 at every forward: the trainer agrees on them
     explicitly (below), which is what keeps them right, not merely equal."""
+    import inspect
     ids = [group.device.index] if group.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(LossModule(sae), device_ids=ids, broadcast_buffers=False)
+    DDP = torch.nn.parallel.DistributedDataParallel
+    # newer torch names the switch forward_sync_buffers (it still syncs once at init, where
+    # the ranks' buffers are equal anyway)
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+        else {"broadcast_buffers": False}
+    return DDP(LossModule(sae), device_ids=ids, **no_sync)
 
 
 def fired_anywhere(fired):

@@ -60,3 +60,20 @@ def gpt2():
     """A small randomly initialised GPT-2 (no download)."""
     from minisae.models.gpt2 import CONFIGS, GPT2
     return GPT2(CONFIGS["gpt2-random"]).eval()
+
+
+@pytest.fixture(scope="session")
+def device():
+    """The accelerator the device tests run on: $MINISAE_TEST_DEVICE (e.g. cuda, cuda:1,
+    mps, or cpu to run them on the CPU), else CUDA when there is a GPU; without either
+    they skip with the reason."""
+    from minisae.distributed import resolve_device
+    spec = os.environ.get("MINISAE_TEST_DEVICE")
+    if spec is None:
+        if not torch.cuda.is_available():
+            pytest.skip("no GPU here (set MINISAE_TEST_DEVICE=cpu to run the device tests on the CPU)")
+        spec = "cuda"
+    try:
+        return resolve_device(spec)
+    except ValueError as e:
+        pytest.skip(str(e))
