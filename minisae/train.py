@@ -136,7 +136,7 @@ def train(sae, batches, cfg: TrainConfig, log=True, group=None) -> dict:
         if resample or (step + 1) % cfg.log_every == 0 or step == n_steps - 1:
             check_finite_(losses[:step + 1 - first], finite[:step + 1 - first], first, opt.param_groups[0]["lr"],
                           all_ranks=group is not None)
-            start_loss = start_loss if start_loss is not None else losses[:step + 1 - first].mean().item()
+            start_loss = start_loss if start_loss is not None else losses[0].item()  # step 0: before any update
             check_diverging_(sae, losses[:step + 1 - first], start_loss, step, cfg)
         if resample:
             n = resample_dead_(sae, opt, torch.cat(list(pool)), cfg, gen) if not group or group.main else 0
@@ -198,7 +198,7 @@ def check_diverging_(sae, losses, start_loss: float, step: int, cfg: TrainConfig
                                  "too high")
 
 
-DIVERGED = 100.0  # a loss this many times its first window's mean means the run diverged
+DIVERGED = 100.0  # a loss this many times the first step's means the run diverged
 
 
 def fired_latents(f):

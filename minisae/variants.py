@@ -13,6 +13,8 @@ strongly they fire:
     BatchTopK  keep the k*B largest across the batch, a fixed threshold at inference
 """
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -144,6 +146,8 @@ class BatchTopK(nn.Module):
         super().__init__()
         _check_k(k, n_latents, k_aux, aux_coef, dead_after)
         self.n_latents, self.k, self.k_aux, self.aux_coef, self.dead_after = n_latents, k, k_aux, aux_coef, dead_after
+        if not 0 < threshold_momentum <= 1:  # NaN fails this too
+            raise ValueError(f"threshold_momentum must be in (0, 1], got {threshold_momentum}")
         self.threshold_momentum = threshold_momentum
         self.register_buffer("threshold", torch.tensor(-1.0))  # -1: not yet estimated
 
@@ -218,7 +222,7 @@ class _StepFn(torch.autograd.Function):
     def backward(ctx, g):
         z, theta = ctx.saved_tensors
         in_window = ((z - theta).abs() < ctx.eps / 2).to(g.dtype)
-        return torch.zeros_like(z), (-(1.0 / ctx.eps) * in_window * g).sum(0), None
+        return None, (-(1.0 / ctx.eps) * in_window * g).sum(0), None  # None: no gradient for z (no (B, F) zeros)
 
 
 class JumpReLU(nn.Module):
@@ -240,8 +244,10 @@ class JumpReLU(nn.Module):
 
     def __init__(self, n_latents: int, sparsity_coef: float = 1e-3, bandwidth: float = 0.01, theta_init: float = 0.001):
         super().__init__()
-        if not sparsity_coef >= 0 or not bandwidth > 0:
-            raise ValueError(f"need sparsity_coef >= 0 and bandwidth > 0, got {sparsity_coef}, {bandwidth}")
+        if not 0 <= sparsity_coef < math.inf or not 0 < bandwidth < math.inf:
+            raise ValueError(f"need finite sparsity_coef >= 0 and bandwidth > 0, got {sparsity_coef}, {bandwidth}")
+        if not 0 < theta_init < math.inf:
+            raise ValueError(f"theta_init (the initial threshold) must be a positive number, got {theta_init}")
         self.n_latents, self.sparsity_coef, self.bandwidth, self.theta_init = n_latents, sparsity_coef, bandwidth, theta_init
         self.theta = nn.Parameter(torch.full((n_latents,), float(theta_init)))  # (F,)
 
