@@ -40,8 +40,9 @@ def toy_figures(results: dict, extras: dict, probs: list, out_dir: Path):
     for x, a, b in zip(xs, mm, rf):
         ax.text(x - 0.2, a, f"{a:.3f}", ha="center", va="bottom", fontsize=7)
         ax.text(x + 0.2, b, f"{b:.3f}", ha="center", va="bottom", fontsize=7)
-    ax.set(xticks=list(xs), xticklabels=variants, ylim=(min(mm + rf) - 0.05, 1.02), title="Ground-truth recovery")
-    ax.legend(loc="lower right")
+    ax.set(xticks=list(xs), xticklabels=variants, ylim=(min(mm + rf) - 0.05, 1.02), title="Ground-truth recovery",
+           ylabel="score (1 = every true feature found)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "toy_recovery.png", dpi=120)
     plt.close(fig)
@@ -60,23 +61,25 @@ def toy_figures(results: dict, extras: dict, probs: list, out_dir: Path):
     fig.savefig(out_dir / "toy_recovery_by_frequency.png", dpi=120)
     plt.close(fig)
 
-    # (c) shrinkage: gamma per variant, and true vs recovered magnitudes
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    # (c) shrinkage: gamma per variant, and true vs recovered magnitudes, one panel per
+    # variant so that neither cloud hides the other
+    shown = [v for v in ("relu", "topk") if v in extras]
+    fig, axes = plt.subplots(1, 1 + len(shown), figsize=(4.2 * (1 + len(shown)), 4))
+    a1 = axes[0]
     gam = [results["variants"][v]["shrinkage_gamma"] for v in variants]
     a1.bar(list(xs), gam, color=[COLORS[v] for v in variants])
     a1.axhline(1.0, color="k", lw=1)
     for x, g in zip(xs, gam):
         a1.text(x, g, f"{g:.3f}", ha="center", va="bottom", fontsize=8)
     a1.set(xticks=list(xs), xticklabels=variants, ylim=(min(gam) - 0.05, max(gam) + 0.03),
-           title="relative reconstruction bias gamma (1 = unbiased)")
-    for v in ("topk", "relu"):  # relu drawn last, on top
-        if v in extras:
-            c, f = extras[v]["magnitudes"]
-            a2.plot(c, f, ".", ms=1.5, alpha=0.25, color=COLORS[v], label=v)
-    a2.plot([0, 1], [0, 1], "k--", lw=1)
-    a2.set(xlabel="true coefficient c_i", ylabel="code of the matching latent",
-           title="L1 shrinks active features", xlim=(0, 1), ylim=(0, 1.1))
-    a2.legend(markerscale=5)
+           ylabel="gamma", title="reconstruction bias gamma (1 = unbiased)")
+    for ax, v in zip(axes[1:], shown):
+        c, f = extras[v]["magnitudes"]
+        ax.plot(c, f, ".", ms=1.5, alpha=0.25, color=COLORS[v])
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="code = true coefficient")
+        ax.set(xlabel="true coefficient c_i", ylabel="code of the matching latent", xlim=(0, 1), ylim=(0, 1.1),
+               title=f"{v}: " + ("L1 shrinks codes below the line" if v == "relu" else "codes on the line"))
+        ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "toy_shrinkage.png", dpi=120)
     plt.close(fig)
@@ -89,34 +92,89 @@ def _by_variant(rows):
     return {v: sorted(rs, key=lambda r: r["l0"]) for v, rs in out.items()}
 
 
+def _l0_axis(ax, l0s):
+    """A log L0 axis with plain tick labels (10, 20, 50, ...) that do not collide."""
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+    ax.set_xscale("log")
+    lo, hi = min(l0s), max(l0s)
+    ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000) if lo / 1.5 <= t <= hi * 1.5]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlim(lo / 1.25, hi * 1.25)
+    ax.set_xlabel("L0 (active latents per token, log scale)")
+
+
+def _log_y_plain(ax):
+    """Log y axis labelled 0.05, 0.1, 0.2, ... instead of 5 x 10^-2."""
+    from matplotlib.ticker import FormatStrFormatter, LogLocator
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 3.0, 5.0)))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+
+
+BAND = (30, 60)  # L0 where the variants are compared at matched sparsity (docs/05_smollm2.md)
+
+
+def _band(ax):
+    ax.axvspan(*BAND, color="0.92", zorder=0, label=f"L0 {BAND[0]}-{BAND[1]}: compared at matched L0")
+
+
 def lm_figures(results: dict, out_dir: Path):
-    """L0 vs loss recovered (the Gated SAE paper's figure; upper-left is better), FVU vs
-    L0, and the density histograms, from lm_results.json's content."""
+    """L0 vs loss recovered against both ablations and KL vs L0 side by side (the Gated
+    SAE paper's figure; upper-left is better for loss recovered, lower-left for KL), FVU
+    vs L0, and the density histograms, from lm_results.json's content. Error bars: one
+    standard error of CE_sae - CE_clean (rows that have it); open markers: loss recovered
+    with the sinks replaced too (rows that have it)."""
     plt = _plt()
     groups = _by_variant(results["rows"])
+    l0s = [r["l0"] for r in results["rows"]]
     title = f"{results['model']} {results['hook']}"
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     for ax, base in zip(axes, ("mean", "zero")):
-        ax.axvspan(30, 60, color="0.9", zorder=0)  # where the issue compares variants at matched L0
+        _band(ax)
+        ax.axhline(1.0, color="k", lw=0.8, ls=":", label="1 = as good as the clean model")
         for v, rs in groups.items():
-            ax.plot([r["l0"] for r in rs], [r[f"loss_recovered_{base}"] for r in rs], "o-",
-                    color=COLORS.get(v), label=v)
-        ax.set(xscale="log", xlabel="L0 (active latents per token)",
-               ylabel=f"loss recovered ({base}-ablation)", title=f"{title}: vs {base}-ablation")
+            ys = [r[f"loss_recovered_{base}"] for r in rs]
+            se = [r.get(f"loss_recovered_{base}_se") for r in rs]
+            ax.errorbar([r["l0"] for r in rs], ys, yerr=None if None in se else se, fmt="o-",
+                        color=COLORS.get(v), label=v, capsize=3)
+            sinks = [(r["l0"], r[f"loss_recovered_{base}_with_sinks"]) for r in rs
+                     if r.get(f"loss_recovered_{base}_with_sinks") is not None]
+            if sinks:
+                ax.plot(*zip(*sinks), "o", mfc="none", color=COLORS.get(v))
+        if any(r.get(f"loss_recovered_{base}_with_sinks") is not None for r in results["rows"]):
+            ax.plot([], [], "o", mfc="none", color="0.3", label="open: sinks replaced too")
+        _l0_axis(ax, l0s)
+        ax.set(ylabel=f"loss recovered vs {base}-ablation", title=f"loss recovered ({base}-ablation)")
         ax.grid(alpha=0.3)
-        ax.legend()
+    axes[0].legend(fontsize=7, loc="lower right")
+    ax = axes[2]
+    _band(ax)
+    for v, rs in groups.items():
+        ax.plot([r["l0"] for r in rs], [r["kl"] for r in rs], "o-", color=COLORS.get(v), label=v)
+    _l0_axis(ax, l0s)
+    _log_y_plain(ax)
+    ax.set(ylabel="KL(clean || SAE spliced in), nats/token", title="KL to the clean model (lower is better)")
+    ax.grid(alpha=0.3, which="both")
+    fig.suptitle(f"{title}: splicing each SAE into the model")
     fig.tight_layout()
     fig.savefig(out_dir / "lm_l0_loss_recovered.png", dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = plt.subplots(figsize=(6, 4.4))
+    _band(ax)
     for v, rs in groups.items():
         ax.plot([r["l0"] for r in rs], [r["fvu"] for r in rs], "o-", color=COLORS.get(v), label=v)
-    ax.set(xscale="log", yscale="log", xlabel="L0 (active latents per token)", ylabel="FVU",
-           title=f"{title}: reconstruction (lower-left is better)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    _l0_axis(ax, l0s)
+    _log_y_plain(ax)
+    ax.set(ylabel="FVU (fraction of variance unexplained)",
+           title="reconstruction (lower-left is better)")
+    fig.suptitle(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_dir / "lm_fvu_l0.png", dpi=120)
     plt.close(fig)
