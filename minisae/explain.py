@@ -405,10 +405,13 @@ def print_table(summaries, file=None):
 
 
 def write_comparison(summaries, cfg: ExplainConfig):
-    """run_dir/autointerp_results.json, and the figure: per SAE, the mean detection and
-    simulation scores of the explanations beside the token-set baseline and the control."""
+    """autointerp_results.json and autointerp_scores.png in cfg.figures (default cfg.out):
+    per SAE, the mean detection and simulation scores of the explanations beside the
+    token-set baseline and the control. summaries: explain_sae's, or read back from its
+    files with `[json.load(open(f))["summary"] for f in files]`."""
     from minisae.utils import pyplot
-    atomic_write_text(Path(cfg.run_dir) / "autointerp_results.json",
+    figures = Path(cfg.figures or cfg.out)
+    atomic_write_text(figures / "autointerp_results.json",
                       json.dumps({"config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
                                   "rows": summaries}, indent=1))
     plt = pyplot()
@@ -429,8 +432,6 @@ def write_comparison(summaries, cfg: ExplainConfig):
     fig.suptitle(f"Automated interpretability, scorer = explainer = {cfg.api_model or 'SmolLM2-135M (local)'}, "
                  f">= {n} latents per SAE", fontsize=10)
     fig.tight_layout()
-    figures = Path(cfg.figures or cfg.out)
-    figures.mkdir(parents=True, exist_ok=True)
     fig.savefig(figures / "autointerp_scores.png", dpi=120)
     plt.close(fig)
-    print(f"wrote {Path(cfg.run_dir) / 'autointerp_results.json'} and {figures / 'autointerp_scores.png'}")
+    print(f"wrote {figures / 'autointerp_results.json'} and {figures / 'autointerp_scores.png'}")

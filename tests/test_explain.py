@@ -212,3 +212,38 @@ def test_comparison_table_and_figure(tmp_path):
     assert [r["sae"] for r in rows] == ["topk-k32", "relu"]
     md = E.table_markdown([s])
     assert md.splitlines()[2].startswith("| topk-k32 | 31.6 | 50 | 0.600 | 0.700 | 0.100 |")
+
+
+def test_explain_command_end_to_end(gpt2, tmp_path, monkeypatch, capsys):
+    """`python -m minisae explain` through cli.py: one SAE file, then an lm run folder
+    (--sae RUN) compared; the model loader, the text and the chat model are stand-ins."""
+    from minisae import features, hooked_sae
+    from minisae.cli import main
+    from minisae.hooked_sae import HookedSAE
+    from minisae.sae import make_sae
+    run = tmp_path / "run"
+    for name, bias in (("relu-a", -1.0), ("relu-b", -1.2)):
+        sae = make_sae("relu", 64, 32, seed=0)
+        with torch.no_grad():
+            sae.b_enc.fill_(bias)
+        (run / "saes").mkdir(parents=True, exist_ok=True)
+        HookedSAE(sae.eval(), "gpt2-random", "blocks.1.hook_resid_post", 30.0).save(run / "saes" / f"{name}.pt")
+    contexts = torch.randint(8, 500, (24, 32), generator=torch.Generator().manual_seed(1))
+    contexts[:, 0] = 50256
+    monkeypatch.setattr(hooked_sae, "load_with_model",
+                        lambda path, *a, **k: (HookedSAE.load(path), gpt2, ToyTokenizer()))
+    monkeypatch.setattr(features, "load_text", lambda src, tok, name: contexts)
+    monkeypatch.setattr(E, "make_chat", lambda cfg: ScriptedChat())
+    flags = ["--n-latents", "3", "--n-explain", "4", "--n-score", "2", "--window", "8", "--out", str(tmp_path / "out")]
+    main(["explain", "--sae", str(run / "saes" / "relu-a.pt"), *flags])
+    out = capsys.readouterr().out
+    assert "=== latent" in out and "explanation" in out and "token-set" in out  # report, scores, table
+    assert (tmp_path / "out" / "explanations-relu-a.json").exists()
+    summaries = main(["explain", "--sae", str(run), *flags, "--figures", str(tmp_path / "fig")])
+    assert [s["sae"] for s in summaries] == ["relu-a", "relu-b"]
+    assert (tmp_path / "fig" / "autointerp_scores.png").exists()
+    saved = json.loads((tmp_path / "fig" / "autointerp_results.json").read_text())["rows"]
+    assert [(r["sae"], r["l0"], r["n_latents"]) for r in saved] == [(s["sae"], s["l0"], s["n_latents"]) for s in summaries]
+    with pytest.raises(ValueError, match="holds no SAE"):
+        (tmp_path / "empty" / "saes").mkdir(parents=True)
+        main(["explain", "--sae", str(tmp_path / "empty"), *flags])
