@@ -57,6 +57,18 @@ class SparseCode(NamedTuple):
         return (self.vals > 0).sum() / self.shape[0]  # mean active latents per sample
 
 
+def sum_by_latent(rows_of, g, rows, cols, n_latents: int):
+    """out[i] = sum_{j: cols_j = i} g_j rows_of[rows_j]   (F, D)
+
+    For each latent, the g-weighted sum of the rows of rows_of (B, D) of the samples that
+    selected it: the gradient of a weight matrix indexed by latent. One embedding_bag with
+    a bag per latent (the entries sorted by latent), so nothing of size (N, D) is built."""
+    cols_sorted, order = cols.sort(stable=True)  # (N,)
+    offsets = torch.searchsorted(cols_sorted, torch.arange(n_latents, device=cols.device))  # (F,)
+    return F.embedding_bag(rows.index_select(0, order), rows_of, offsets, mode="sum",
+                           per_sample_weights=g.index_select(0, order))  # (F, D)
+
+
 class SelectedPre(torch.autograd.Function):
     """vals_j = pre[rows_j, cols_j] = W_enc[cols_j] . (x[rows_j] - b_dec) + b_enc[cols_j],
     read from a `pre` computed without autograd, with a backward over the N entries only
@@ -71,15 +83,15 @@ class SelectedPre(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pre, rows, cols, x, W_enc, b_enc, b_dec):
         ctx.save_for_backward(rows, cols, x, W_enc, b_dec)
-        return pre[rows, cols]  # (N,)
+        return pre.flatten().index_select(0, rows * pre.shape[1] + cols)  # (N,)
 
     @staticmethod
     def backward(ctx, g):
         rows, cols, x, W_enc, b_dec = ctx.saved_tensors
         g = g.to(W_enc.dtype)  # (N,)
-        x_c = x.to(W_enc.dtype) - b_dec  # (B, D)
-        grad_W_enc = torch.zeros_like(W_enc).index_add_(0, cols, g[:, None] * x_c[rows])  # (F, D)
-        grad_b_enc = torch.zeros(W_enc.shape[0], dtype=W_enc.dtype, device=g.device).index_add_(0, cols, g)  # (F,)
+        n_latents = W_enc.shape[0]
+        grad_W_enc = sum_by_latent(x.to(W_enc.dtype) - b_dec, g, rows, cols, n_latents)  # (F, D)
+        grad_b_enc = torch.zeros(n_latents, dtype=g.dtype, device=g.device).index_add_(0, cols, g)  # (F,)
         grad_b_dec = -(grad_b_enc @ W_enc)  # (D,)
         return None, None, None, None, grad_W_enc, grad_b_enc, grad_b_dec
 
@@ -88,11 +100,35 @@ def selected_pre(pre, rows, cols, x, sae):
     return SelectedPre.apply(pre, rows, cols, x, sae.W_enc, sae.b_enc, sae.b_dec)  # (N,)
 
 
+class DecodeRows(torch.autograd.Function):
+    """out[b] = sum_{j: rows_j = b} vals_j W_dec[cols_j]   (B, D), rows sorted, with the backward
+
+        dL/dvals_j   = g[rows_j] . W_dec[cols_j]
+        dL/dW_dec[i] = sum_{j: cols_j = i} vals_j g[rows_j]
+    """
+
+    @staticmethod
+    def forward(ctx, vals, rows, cols, W_dec, n_rows: int):
+        offsets = torch.searchsorted(rows, torch.arange(n_rows, device=rows.device))  # (B,) start of each row
+        ctx.save_for_backward(vals, rows, cols, W_dec, offsets)
+        return F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=vals)  # (B, D)
+
+    @staticmethod
+    def backward(ctx, g):
+        vals, rows, cols, W_dec, offsets = ctx.saved_tensors
+        # the N dot products are what embedding_bag's own backward computes for its
+        # per-sample weights (without building the (N, D) gathered rows): let it
+        with torch.enable_grad():
+            v = vals.detach().requires_grad_()
+            out = F.embedding_bag(cols, W_dec.detach(), offsets, mode="sum", per_sample_weights=v)  # (B, D)
+            grad_vals, = torch.autograd.grad(out, v, g)  # (N,)
+        grad_W_dec = sum_by_latent(g, vals, rows, cols, W_dec.shape[0])  # (F, D)
+        return grad_vals, None, None, grad_W_dec, None
+
+
 def decode_rows(vals, rows, cols, W_dec, n_rows: int):
-    """sum_{j: rows_j = b} vals_j W_dec[cols_j] for each b (rows sorted), as one
-    embedding_bag: its backward also touches only the N rows of W_dec."""
-    offsets = torch.searchsorted(rows, torch.arange(n_rows, device=rows.device))  # (B,) start of each row
-    return F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=vals.to(W_dec.dtype))  # (B, D)
+    """sum_{j: rows_j = b} vals_j W_dec[cols_j] for each b < n_rows (rows sorted) (B, D)."""
+    return DecodeRows.apply(vals.to(W_dec.dtype), rows, cols, W_dec, n_rows)
 
 
 def auxk_loss_sparse(x, pre, x_hat, sae, k_aux: int, aux_coef: float, dead_after: int):
@@ -116,8 +152,8 @@ def sparse_loss(sae, x, coef_scale: float = 1.0):
     """SAE.loss for an activation with `select` (TopK, BatchTopK), on the sparse path:
     the same total and parts, with the code as a SparseCode."""
     part = sae.activation
-    with torch.no_grad():
-        pre = sae.pre_activation(x)  # (B, F), the one dense product
+    with torch.no_grad():  # the one dense product; addmm adds b_enc inside it, not in a pass of its own
+        pre = torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc.T)  # (B, F) = SAE.pre_activation(x)
         rows, cols = part.select(pre)  # (N,) each
     vals = F.relu(selected_pre(pre, rows, cols, x, sae))  # (N,)
     x_hat = decode_rows(vals, rows, cols, sae.W_dec, x.shape[0]) + sae.b_dec  # (B, D)

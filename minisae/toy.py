@@ -2,12 +2,14 @@
 features we know, plus the toy-model-of-superposition figures.
 
 Scope, honestly: one synthetic dataset (toy_models/sparse_features.py defaults: 512
-features in 256 dimensions, about 5 active per sample), one training budget per run, one
-seed. Every variant sees the same data stream and the same number of samples. The
-settings below were tuned by hand on this dataset (see docs/03_variants.md); they are
-not a claim about the best settings elsewhere.
+features in 256 dimensions, about 5 active per sample; --features/--dim change the
+first two, e.g. 512 in 64, 8x overcomplete), one training budget per run, one seed.
+Every variant sees the same data stream and the same number of samples. Coefficients
+are stated for inputs scaled to E||x|| = sqrt(D), as for language models. The settings
+below were tuned by hand on the default dataset (see docs/03_variants.md); they are not
+a claim about the best settings elsewhere.
 
-Writes into --out (default figures/):
+Writes into --out (`python -m minisae toy --out figures` regenerates the committed ones):
     toy_results.json            one entry per variant (relu, gated, topk, jumprelu,
                                 batchtopk) with l0, fvu, mmcs, recovered_frac, dead_frac,
                                 shrinkage_gamma, mmcs_by_frequency_quartile,
@@ -23,57 +25,94 @@ Writes into --out (default figures/):
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from minisae import metrics
 from minisae.sae import make_sae
+from minisae.utils import atomic_write_text
 from minisae.train import TrainConfig, sample_stream, train
 from toy_models.sparse_features import SparseFeatures, SparseFeaturesConfig
 
 VARIANTS = ("relu", "gated", "topk", "jumprelu", "batchtopk")
 
-# The main run's settings per variant, and the knob the frontier sweep turns.
+# The main run's settings per variant, and the knob the frontier sweep turns. Penalties
+# and thresholds are stated in the units of inputs scaled to E||x|| = sqrt(D), the
+# language-model pipeline's units (`make_data`); `in_data_units` converts them for the
+# data at hand. (On the default data, scale 13.1, they are the values tuned there by
+# hand on raw inputs: 0.02 -> 0.25 for ReLU's L1.)
 # dead_after (samples) matters for the rare features: the rarest fires ~3 times in
 # 10,000 samples, so a latent that learned it is silent for a few thousand samples.
 SETTINGS = {
-    "relu": dict(sparsity_coef=2e-2),
-    "gated": dict(sparsity_coef=2e-1),
+    "relu": dict(sparsity_coef=0.25),
+    "gated": dict(sparsity_coef=2.5),
     "topk": dict(k=6, dead_after=50_000),
-    "jumprelu": dict(sparsity_coef=2e-2, bandwidth=0.05, theta_init=0.05),
+    "jumprelu": dict(sparsity_coef=3.5, bandwidth=0.65, theta_init=0.65),
     "batchtopk": dict(k=6, dead_after=50_000),
 }
 SWEEP = {
-    "relu": ("sparsity_coef", [2e-2, 8e-2, 3.2e-1]),
-    "gated": ("sparsity_coef", [5e-2, 2e-1, 8e-1]),
+    "relu": ("sparsity_coef", [0.25, 1.0, 4.0]),
+    "gated": ("sparsity_coef", [0.65, 2.5, 10.0]),
     "topk": ("k", [3, 6, 12]),
-    "jumprelu": ("sparsity_coef", [1e-3, 1e-2, 1e-1]),
+    "jumprelu": ("sparsity_coef", [0.17, 1.7, 17.0]),
     "batchtopk": ("k", [3, 6, 12]),
 }
+# how each setting scales with the inputs (x -> s x): an L1 penalty on codes ~ s against a
+# squared error ~ s^2 scales as s; JumpReLU's L0 penalty (a count) as s^2; thresholds as s
+POWER = {("relu", "sparsity_coef"): 1, ("gated", "sparsity_coef"): 1, ("jumprelu", "sparsity_coef"): 2,
+         ("jumprelu", "bandwidth"): 1, ("jumprelu", "theta_init"): 1}
+
+
+def in_data_units(variant: str, settings: dict, scale: float) -> dict:
+    """Settings stated for inputs at E||x|| = sqrt(D), for the raw data, whose inputs are
+    that divided by `scale`: the same loss up to a constant factor, so the same optimum."""
+    return {k: v / scale ** POWER[variant, k] if (variant, k) in POWER else v for k, v in settings.items()}
 
 
 @dataclass
 class ToyConfig:
-    n_latents: int = 512  # F = G: one latent per ground-truth feature, no room for duplicates
+    n_features: int = 512  # G, ground-truth features of the synthetic data (--features)
+    dim: int = 256  # D, their dimension (--dim); 512 in 64 is the harder, 8x overcomplete case
+    n_latents: int = 512  # F = G by default: one latent per ground-truth feature, no room for duplicates
     batch_size: int = 1024
     lr: float = 1e-2
     n_samples: int = 500_000  # per main run
     sweep_samples: int = 150_000  # per frontier run
     resample_every: int = 250  # steps; for the penalty-based variants (relu, gated, jumprelu)
     eval_samples: int = 32_768
+    workers: int = 0  # processes training SAEs side by side, one thread each; 0 = one per CPU core
     seed: int = 0
 
     @classmethod
-    def quick(cls):
-        return cls(n_samples=60_000, sweep_samples=20_000, eval_samples=8192)
+    def quick(cls, **kw):
+        return cls(n_samples=60_000, sweep_samples=20_000, eval_samples=8192, **kw)
 
 
-def train_variant(variant, settings, data, cfg: ToyConfig, n_samples: int, log=True):
-    sae = make_sae(variant, data.cfg.d, cfg.n_latents, seed=cfg.seed, **settings)
+@lru_cache(maxsize=4)
+def make_data(n_features: int, dim: int, seed: int):
+    """The synthetic dataset and the scale s that would bring its inputs to E||x|| = sqrt(D).
+
+    minisae/activations.py scales language-model activations that way (Anthropic, April
+    2024 update) so that one coefficient means the same at every layer and model. Here the
+    SAEs train on the raw inputs (at scale ~1, where lr 1e-2 and ~500 steps were tuned)
+    and the settings are converted instead (`in_data_units`): the same rule. With it the
+    L1 coefficient follows the interference between features, ~ ||x|| / sqrt(D): twice
+    as strong in 64 dimensions as in 256 for the same features."""
+    data = SparseFeatures(SparseFeaturesConfig(n_features=n_features, d=dim, seed=seed))
+    x = data.sample(16_384, torch.Generator().manual_seed(seed + 4))[0]  # (N, D)
+    return data, math.sqrt(dim) / x.norm(dim=-1).mean().item()
+
+
+def train_variant(variant, settings, data, scale: float, cfg: ToyConfig, n_samples: int, log=True):
+    """settings in the units of inputs at E||x|| = sqrt(D); scale: the data's (`make_data`)."""
+    sae = make_sae(variant, data.cfg.d, cfg.n_latents, seed=cfg.seed, **in_data_units(variant, settings, scale))
     init = torch.Generator().manual_seed(cfg.seed + 1)
     sae.init_b_dec_(data.sample(4096, init)[0])
     uses_auxk = variant in ("topk", "batchtopk")  # these revive dead latents with AuxK instead
@@ -84,11 +123,16 @@ def train_variant(variant, settings, data, cfg: ToyConfig, n_samples: int, log=T
     return sae, out
 
 
+@lru_cache(maxsize=4)
+def held_out(data, n: int, seed: int) -> list:
+    """The evaluation batches, the same for every SAE (made once per process)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [data.sample(4096, gen)[0] for _ in range(n // 4096)]
+
+
 @torch.no_grad()
 def ground_truth_metrics(sae, data, cfg: ToyConfig) -> dict:
-    gen = torch.Generator().manual_seed(cfg.seed + 3)  # held-out samples, the same for all
-    xs = [data.sample(4096, gen)[0] for _ in range(cfg.eval_samples // 4096)]
-    ev = metrics.evaluate_sae(sae, xs)
+    ev = metrics.evaluate_sae(sae, held_out(data, cfg.eval_samples, cfg.seed + 3))
     W, gt = sae.W_dec.detach(), data.ground_truth
     return {"l0": ev["l0"], "fvu": ev["fvu"], "mmcs": metrics.mmcs(gt, W),
             "recovered_frac": metrics.recovered_frac(gt, W), "dead_frac": ev["dead_frac"],
@@ -106,6 +150,18 @@ def magnitudes(sae, data, n: int = 4096, seed: int = 7):
     f_matched = f[:, best]  # (n, G)
     on = c > 0
     return c[on].tolist(), f_matched[on].tolist()
+
+
+def run_one(cfg: ToyConfig, variant: str, settings: dict, n_samples: int, main: bool) -> dict:
+    """One SAE: train, evaluate; for a main run also the figures' data. Runs in a worker."""
+    data, scale = make_data(cfg.n_features, cfg.dim, cfg.seed)
+    sae, out = train_variant(variant, settings, data, scale, cfg, n_samples, log=False)
+    row = ground_truth_metrics(sae, data, cfg)
+    row.update(train_samples=out["train_samples"], train_seconds=out["train_seconds"],
+               settings_in_data_units=in_data_units(variant, settings, scale))
+    extras = {"magnitudes": magnitudes(sae, data),
+              "best_cos": metrics.max_cosines(data.ground_truth, sae.W_dec.detach()).tolist()} if main else None
+    return {"row": row, "extras": extras}
 
 
 def matched_l0(sweep) -> list:
@@ -127,42 +183,54 @@ def matched_l0(sweep) -> list:
     return out
 
 
-def run(out_dir: Path, seed: int = 0, quick: bool = False, variants=VARIANTS, superposition=True) -> dict:
-    torch.manual_seed(seed)
+def run(out_dir: Path, seed: int = 0, quick: bool = False, variants=VARIANTS, superposition=True,
+        n_features: int = None, dim: int = None) -> dict:
+    """The whole job. The SAEs (and the superposition figures) are independent, so they
+    are trained side by side in `cfg.workers` processes of one thread each: on small
+    matrices that beats one process with several threads, which mostly wait for each
+    other. Each run is seeded on its own, so the results do not depend on the order."""
     cfg = ToyConfig.quick() if quick else ToyConfig()
     cfg.seed = seed
+    if n_features:
+        cfg.n_features = cfg.n_latents = n_features  # one latent per ground-truth feature
+    cfg.dim = dim or cfg.dim
+    if cfg.n_features <= 0 or cfg.dim <= 0:
+        raise ValueError(f"--features and --dim must be positive, got {cfg.n_features}, {cfg.dim}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = SparseFeatures(SparseFeaturesConfig(seed=seed))
+    data, scale = make_data(cfg.n_features, cfg.dim, seed)  # checks the data settings here, not in a worker
     t_start = time.time()
-    results = {"config": dataclasses.asdict(cfg), "data": dataclasses.asdict(data.cfg), "variants": {}, "sweep": []}
-    if superposition:
-        from toy_models.superposition import make_figures
-        print("toy model of superposition: figures", file=sys.stderr)
-        results["superposition"] = make_figures(out_dir, seed=seed, quick=quick)
-    extras = {}  # per variant: data for the figures that is too long for the JSON
-    for v in variants:
-        print(f"{v}: main run, {cfg.n_samples:,} samples, {SETTINGS[v]}", file=sys.stderr)
-        sae, out = train_variant(v, SETTINGS[v], data, cfg, cfg.n_samples)
-        row = ground_truth_metrics(sae, data, cfg)
-        row.update(train_samples=out["train_samples"], train_seconds=out["train_seconds"], settings=SETTINGS[v],
-                   n_latents=cfg.n_latents, batch_size=cfg.batch_size, lr=cfg.lr)
-        results["variants"][v] = row
-        extras[v] = {"magnitudes": magnitudes(sae, data),
-                     "best_cos": metrics.max_cosines(data.ground_truth, sae.W_dec.detach()).tolist()}
-        print(f"  {v}: " + ", ".join(f"{k} {row[k]:.4g}" for k in ("l0", "fvu", "mmcs", "recovered_frac",
-                                                                     "shrinkage_gamma", "train_seconds")), file=sys.stderr)
-    for v in variants:
-        knob, values = SWEEP[v]
-        for val in values:
-            settings = {**SETTINGS[v], knob: val}
-            sae, out = train_variant(v, settings, data, cfg, cfg.sweep_samples, log=False)
-            row = ground_truth_metrics(sae, data, cfg)
-            results["sweep"].append({"variant": v, knob: val, **row, "train_samples": out["train_samples"]})
-            print(f"  sweep {v} {knob}={val}: l0 {row['l0']:.2f} fvu {row['fvu']:.4f}", file=sys.stderr)
+    results = {"config": dataclasses.asdict(cfg), "data": dataclasses.asdict(data.cfg), "input_scale": scale,
+               "variants": {}, "sweep": []}
+    jobs = [(v, SETTINGS[v], cfg.n_samples, True) for v in variants]  # main runs first: the longest
+    jobs += [(v, {**SETTINGS[v], SWEEP[v][0]: val}, cfg.sweep_samples, False) for v in variants for val in SWEEP[v][1]]
+    workers = cfg.workers or os.cpu_count() or 1
+    import multiprocessing
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        if superposition:
+            from toy_models.superposition import make_figures
+            print("toy model of superposition: figures (in a worker)", file=sys.stderr)
+            figures = pool.submit(make_figures, out_dir, seed=seed, quick=quick)
+        futures = [pool.submit(run_one, cfg, *job) for job in jobs]
+        extras = {}  # per variant: data for the figures that is too long for the JSON
+        for (v, settings, n, main), future in zip(jobs, futures):
+            done = future.result()
+            row = done["row"]
+            if main:
+                row.update(settings=settings, n_latents=cfg.n_latents, batch_size=cfg.batch_size, lr=cfg.lr)
+                results["variants"][v] = row
+                extras[v] = done["extras"]
+                print(f"  {v} {settings}: " + ", ".join(f"{k} {row[k]:.4g}" for k in (
+                    "l0", "fvu", "mmcs", "recovered_frac", "shrinkage_gamma", "train_seconds")), file=sys.stderr)
+            else:
+                knob = SWEEP[v][0]
+                results["sweep"].append({"variant": v, knob: settings[knob], **row})
+                print(f"  sweep {v} {knob}={settings[knob]}: l0 {row['l0']:.2f} fvu {row['fvu']:.4f}", file=sys.stderr)
+        if superposition:
+            results["superposition"] = figures.result()
     results["matched_l0_vs_relu"] = matched_l0(results["sweep"]) if "relu" in variants else []
     results["total_seconds"] = time.time() - t_start
-    with open(out_dir / "toy_results.json", "w") as fh:
-        json.dump(results, fh, indent=1)
+    atomic_write_text(out_dir / "toy_results.json", json.dumps(results, indent=1))
     from minisae import plots
     plots.toy_figures(results, extras, data.probs.tolist(), out_dir)
     print(f"wrote {out_dir / 'toy_results.json'} and figures in {results['total_seconds']:.0f}s", file=sys.stderr)

@@ -87,5 +87,10 @@ class SparseFeatures:
             rho = self.factors.pow(2).sum(-1)  # (G,) shared variance
             u = z @ self.factors.T + torch.randn(n, G, generator=generator) * (1 - rho).sqrt()  # (n, G) ~ N(0, 1)
             active = torch.special.ndtr(u) < self.probs  # (n, G)
-        c = active * torch.rand(n, G, generator=generator)  # (n, G)
-        return c @ self.dictionary, c  # (n, D), (n, G)
+        # ~mean_active of the G features are on per sample: draw coefficients for those
+        # only and sum their directions, rather than multiply a (n, G) matrix of zeros
+        rows, cols = active.nonzero(as_tuple=True)  # (nnz,) each
+        vals = torch.rand(rows.numel(), generator=generator)  # (nnz,) c_i ~ U[0, 1]
+        c = torch.zeros(n, G).index_put_((rows, cols), vals)  # (n, G)
+        x = torch.zeros(n, self.dictionary.shape[1]).index_add_(0, rows, vals[:, None] * self.dictionary[cols])  # (n, D)
+        return x, c  # (n, D), (n, G)
