@@ -260,6 +260,26 @@ def convert_run(args):
     return formats.convert(args.src, args.dst, args.to)
 
 
+def norms_flags(p):
+    from minisae.norms import NormsConfig
+    d = lambda name: default(NormsConfig, name)
+    p.add_argument("--model", default=d("model"), help="gpt2, gpt2-random, smollm2, ...")
+    p.add_argument("--layer", type=int, default=d("layer"), help="the hook point is blocks.LAYER.hook_SITE")
+    p.add_argument("--site", default=d("site"), help="resid_pre, attn_out, resid_mid, mlp_out, resid_post")
+    p.add_argument("--weights", type=Path, default=d("weights"), help="a local weights file for the model")
+    p.add_argument("--tokens", type=int, default=d("tokens"), help="tokens of text to scan")
+    p.add_argument("--split", default=d("split"), choices=("heldout", "train"), help="split of the offline corpus")
+    p.add_argument("--ctx-len", type=int, default=d("ctx_len"), help="tokens per context, BOS included")
+    p.add_argument("--bf16", action="store_true", help="also a bfloat16 autocast pass (ratios under both)")
+    p.add_argument("--device", default=d("device"), help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--out", type=Path, default=d("out"), help="folder of the histogram and its JSON")
+
+
+def norms_run(args):
+    from minisae import norms
+    return norms.run(from_args(norms.NormsConfig, args))
+
+
 def check_flags(p):
     p.add_argument("file", type=Path, help="your copy of exercises/ch2_sae.py or exercises/ch3_variants.py")
 
@@ -284,6 +304,8 @@ COMMANDS = {
     "links": ("cross-layer feature links: decoder cosines and ablation edges", links_flags, links_run),
     "explain": ("explain latents with a language model and score the explanations (detection, simulation)",
                 explain_flags, explain_run),
+    "norms": ("activation norms at a hook as multiples of the median: the histogram behind the sink rule",
+              norms_flags, norms_run),
     "check": ("grade your exercises (chapters 2 and 3) by Hypothesis properties and minisae's own code",
               check_flags, check_run),
     "convert": ("rewrite an SAE in SAELens's or sparsify's layout (from either, a hub folder or an old .pt)",
