@@ -187,9 +187,13 @@ def _plot_n5_m2(W, probs, path):
             ax.scatter([x], [y], color=colours[i], s=18, zorder=3)
         ax.set(xlim=(-1.5, 1.5), ylim=(-1.5, 1.5), xticks=[], yticks=[], aspect="equal")
         ax.set_title(f"1-S = {p:g}", fontsize=9)
+    # the key: one colour per feature, with its importance
+    handles = [plt.Line2D([], [], color=colours[i], lw=2, marker="o", ms=4,
+                          label=f"feature {i} (I = {0.9 ** i:.2f})") for i in range(W.shape[-1])]
+    fig.legend(handles=handles, loc="lower center", ncol=W.shape[-1], fontsize=8, frameon=False)
     fig.suptitle("n=5 features in m=2 dims, importance 0.9^i (dark = most important): "
                  "columns W_i of W as the feature probability 1-S falls", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -205,7 +209,7 @@ def _plot_n20_m5(W, probs, path):
     G = W.shape[-1]
     for k, p in enumerate(probs):
         top, bottom = axes[0, k], axes[1, k]
-        top.imshow((W[k].T @ W[k]).numpy(), cmap="RdBu", vmin=-1, vmax=1)
+        image = top.imshow((W[k].T @ W[k]).numpy(), cmap="RdBu", vmin=-1, vmax=1)
         top.set(xticks=[], yticks=[], title=f"1-S = {p:g}")
         bottom.barh(range(G), norms[k].numpy(), color=plt.cm.viridis(interf[k].numpy()))
         bottom.set(xlim=(0, 1.3), ylim=(G - 0.5, -0.5), yticks=[])
@@ -213,7 +217,14 @@ def _plot_n20_m5(W, probs, path):
     axes[1, 0].set_ylabel("||W_i||, feature 0 on top")
     fig.suptitle("n=20 features, m=5 dims, importance 0.7^i. Top: W^T W (blue +1, red -1). "
                  "Bottom: ||W_i||, coloured by interference (dark 0, yellow >= 1)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.93, 1))
+    # colour bars: W^T W entries (top row) and interference (bottom row)
+    for row, mappable, label in ((0, image, "(W^T W)_ij"),
+                                 (1, plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(0, 1)),
+                                  "interference, clipped at 1")):
+        box = axes[row, -1].get_position()
+        cax = fig.add_axes((0.945, box.y0, 0.012, box.height))
+        fig.colorbar(mappable, cax=cax).set_label(label, fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
