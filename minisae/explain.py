@@ -19,7 +19,8 @@ Three explanations of each latent are scored the same way: the explainer's; a to
 baseline with no language model (the latent's most frequent activating tokens in the
 explainer's examples: 'the tokens "x", "y", "z"'); and the control, another latent's
 explanation (a seeded derangement, minisae.scoring). An LLM explanation is worth
-something only where it beats both.
+something only where it beats both. The token set is also read by a rule (scoring.TokenRule:
+yes where one of its tokens appears), which separates the explanation from the scorer.
 """
 
 import dataclasses
@@ -138,7 +139,7 @@ def _window(contexts, a, c: int, start: int, width: int) -> dict:
 def split_examples(contexts, a, n_explain: int, n_score: int, window: int, after: int, seed: int = 0):
     """Latent examples from its codes a (N, T-1) on contexts (N, T): (explainer windows,
     scorer windows with labels) as described in the module docstring; None if the latent
-    fires in fewer than 2 contexts (nothing left to score)."""
+    fires in fewer than 2 contexts or nowhere stays silent for a whole window (nothing to score)."""
     import torch
     T1 = a.shape[1]
     width = min(window, T1)
@@ -154,12 +155,14 @@ def split_examples(contexts, a, n_explain: int, n_score: int, window: int, after
         return None
     start = lambda c: min(max(int(where[c]) - (width - 1 - after), 0), T1 - width)
     explain = [_window(contexts, a, c, start(c), width) for c in shown]
-    # silent windows: non-overlapping chunks with f_i = 0 on every token, outside the firing windows
+    # silent windows: non-overlapping chunks with f_i = 0 on every token, in contexts not already used
     taken = set(shown) | set(pos)
     silent = [(c, s) for c in range(len(a)) if c not in taken for s in range(0, T1 - width + 1, width)
               if a[c, s:s + width].max() <= 0]
     g = torch.Generator().manual_seed(seed)
-    n = min(len(pos), len(silent))
+    n = min(len(pos), len(silent))  # balanced classes: a dense latent may have few silent chunks
+    if n == 0:
+        return None
     neg = [silent[j] for j in torch.randperm(len(silent), generator=g)[:n].tolist()]
     held = [_window(contexts, a, c, start(c), width) for c in pos[:n]] + [_window(contexts, a, c, s, width) for c, s in neg]
     return explain, held, [1] * n + [0] * n
@@ -237,7 +240,7 @@ def _mean(values):
 def summarize(rows) -> dict:
     """Means over latents of every score of every explanation kind, and the times."""
     out = {"n_latents": len(rows)}
-    for kind in ("explanation", "baseline", "control"):
+    for kind in ("explanation", "baseline", "control", "baseline_rule"):
         for method, key in (("detection", "balanced_accuracy"), ("detection", "auroc"),
                             ("simulation", "correlation")):
             vals = [r["scores"][kind].get(method, {}).get(key) for r in rows]
@@ -250,7 +253,7 @@ def summarize(rows) -> dict:
 def explain_latents(chat, hsae, model, tokenizer, contexts, a, stats, latents, cfg: ExplainConfig) -> list:
     """Explain, then score (explanation, token-set baseline, shuffled control) each latent."""
     from minisae.lens import lens_tokens
-    from minisae.scoring import derangement, score
+    from minisae.scoring import TokenRule, derangement, score
     rows = []
     bar = Progress("explaining", len(latents), "latents")
     for j, i in enumerate(latents):  # 1) explanations
@@ -285,6 +288,7 @@ def explain_latents(chat, hsae, model, tokenizer, contexts, a, stats, latents, c
                        (("explanation", r["explanation"]), ("baseline", r["baseline"]),
                         ("control", scored[perm[j]]["explanation"]))}
         r["score_s"] = time.time() - t0
+        r["scores"]["baseline_rule"] = score(TokenRule(), r["baseline"], held, cfg.methods)  # no LLM: instant
         bar.update(j + 1, extra=f", {r['score_s']:.1f}s last")
     bar.close(len(scored))
     return scored
@@ -295,10 +299,10 @@ def print_scores(rows, file=None):
     f = lambda s, m, k: f"{s.get(m, {}).get(k, math.nan):.2f}"
     for r in rows:
         print(f"\nlatent {r['latent']}: {r['explanation']}", file=file)
-        for kind in ("explanation", "baseline", "control"):
+        for kind in ("explanation", "baseline", "control", "baseline_rule"):
             s = r["scores"][kind]
             what = r["baseline"] if kind == "baseline" else f"from latent {r['control_from']}" if kind == "control" else ""
-            print(f"  {kind:11s} detection bal.acc {f(s, 'detection', 'balanced_accuracy')} "
+            print(f"  {kind:13s} detection bal.acc {f(s, 'detection', 'balanced_accuracy')} "
                   f"AUROC {f(s, 'detection', 'auroc')}  simulation r {f(s, 'simulation', 'correlation')}  {what}",
                   file=file)
 
@@ -336,7 +340,7 @@ def explain_sae(chat, hsae, model, tokenizer, contexts, x, cfg: ExplainConfig, n
     summary = {"sae": name, "l0": l0, "n_tokens": stats["n_tokens"], "n_asked": len(latents), **summarize(rows)}
     result = {"config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)), "model": hsae.model_name,
               "hook": hsae.hook, "summary": summary,
-              "latents": [{k: v for k, v in r.items() if k not in ("hist", "held_out")} for r in rows]}
+              "latents": [{k: v for k, v in r.items() if k != "hist"} for r in rows]}
     out = Path(cfg.out)
     atomic_write_text(out / f"explanations-{name}.json", json.dumps(result, indent=1))
     atomic_write_text(out / f"explanations-{name}.html",
@@ -391,6 +395,8 @@ TABLE = [("sae", "SAE", "{}"), ("l0", "L0", "{:.1f}"), ("n_latents", "latents", 
          ("baseline_simulation_correlation", "token-set r", "{:.3f}"),
          ("control_detection_balanced_accuracy", "control det.", "{:.3f}"),
          ("control_simulation_correlation", "control r", "{:.3f}"),
+         ("baseline_rule_detection_balanced_accuracy", "token rule det.", "{:.3f}"),
+         ("baseline_rule_simulation_correlation", "token rule r", "{:.3f}"),
          ("explain_s_per_latent", "explain s/latent", "{:.1f}"), ("score_s_per_latent", "score s/latent", "{:.1f}")]
 
 
@@ -421,9 +427,11 @@ def write_comparison(summaries, cfg: ExplainConfig):
             ("simulation_correlation", "simulation: correlation r", 0.0)]
     xs = range(len(summaries))
     for ax, (key, title, chance) in zip(axes, keys):
-        for off, (kind, color) in enumerate((("explanation", "C0"), ("baseline", "C2"), ("control", "C7"))):
-            ax.bar([x + (off - 1) * 0.27 for x in xs], [s[f"{kind}_{key}"] for s in summaries], 0.27,
-                   color=color, label={"baseline": "token-set baseline", "control": "shuffled control"}.get(kind, "LLM explanation"))
+        kinds = (("explanation", "C0", "LLM explanation"), ("baseline", "C2", "token-set baseline"),
+                 ("control", "C7", "shuffled control"), ("baseline_rule", "C1", "token set, read by rule (no LLM)"))
+        for off, (kind, color, label) in enumerate(kinds):
+            ax.bar([x + (off - 1.5) * 0.2 for x in xs], [s.get(f"{kind}_{key}", math.nan) for s in summaries], 0.2,
+                   color=color, label=label)
         ax.axhline(chance, color="k", lw=0.8, ls="--")
         ax.set_xticks(list(xs), [f"{s['sae']}\nL0 {s['l0']:.0f}" for s in summaries], fontsize=7)
         ax.set_title(title, fontsize=9)

@@ -29,6 +29,7 @@ assumed: a scorer that rewards any fluent sentence scores the control just as we
 """
 
 import math
+import re
 
 import torch
 
@@ -111,6 +112,28 @@ def simulation_messages(explanation: str, tokens) -> tuple:
 
 
 # ---------------------------------------------------------------- the scorers
+
+class TokenRule:
+    """A scorer with no language model, for token-set explanations ('the tokens "a", "b"'):
+    yes where the window contains (detection) or the line is (simulation) one of the quoted
+    tokens. It reads the baseline literally, so it says what the token set predicts on
+    held-out text with a perfect reader, separating the explanation from the scorer."""
+
+    @staticmethod
+    def _tokens(messages) -> set:
+        first = messages[-1]["content"].split("\n")[0]  # "Neuron explanation: the tokens ..."
+        return set(re.findall(r'"((?:[^"\\]|\\.)*)"', first))
+
+    def yes_prob(self, conversations) -> list:
+        out = []
+        for m in conversations:
+            text = m[-1]["content"].split('Text: "', 1)[1].rsplit('"', 1)[0]
+            out.append(float(any(t.strip() and t in text for t in self._tokens(m))))
+        return out
+
+    def line_probs(self, items) -> list:
+        return [[float(line[1:-2] in self._tokens(m)) for line in lines] for m, lines in items]
+
 
 def detection_score(chat, explanation: str, texts, labels) -> dict:
     """Ask the scorer about each window text; labels 1 (fires) / 0 (silent)."""

@@ -202,7 +202,7 @@ def test_latent_codes_match_features_scan(gpt2):
 
 def test_comparison_table_and_figure(tmp_path):
     s = {"sae": "topk-k32", "l0": 31.6, "n_latents": 50, "explain_s_per_latent": 9.0, "score_s_per_latent": 4.0}
-    for kind in ("explanation", "baseline", "control"):
+    for kind in ("explanation", "baseline", "control", "baseline_rule"):
         s.update({f"{kind}_detection_balanced_accuracy": 0.6, f"{kind}_detection_auroc": 0.7,
                   f"{kind}_simulation_correlation": 0.1})
     cfg = E.ExplainConfig(SAESource(sae=Path("x")), run_dir=tmp_path, out=tmp_path)
@@ -247,3 +247,9 @@ def test_explain_command_end_to_end(gpt2, tmp_path, monkeypatch, capsys):
     with pytest.raises(ValueError, match="holds no SAE"):
         (tmp_path / "empty" / "saes").mkdir(parents=True)
         main(["explain", "--sae", str(tmp_path / "empty"), *flags])
+
+
+def test_split_examples_dense_latent_has_nothing_silent():
+    contexts, a = hand_latent()
+    a += 0.1  # fires everywhere: no silent window, no balanced test
+    assert E.split_examples(contexts, a, 4, 3, 8, 2) is None

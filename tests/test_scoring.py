@@ -164,3 +164,16 @@ def test_binary_prob_is_a_two_way_softmax():
     assert math.isnan(binary_prob(-math.inf, -math.inf))
     t = torch.tensor([math.log(0.3), math.log(0.1)])
     assert binary_prob(*t.tolist()) == pytest.approx(torch.softmax(t, 0)[0].item())
+
+
+def test_token_rule_reads_a_token_set_literally():
+    expl = 'the tokens " of", ",", "torch"'
+    rule = S.TokenRule()
+    texts = ["x of y", "nothing here", "a,b", "of"]  # "of" without its space is not " of"
+    assert rule.yes_prob([S.detection_messages(expl, t) for t in texts]) == [1.0, 0.0, 1.0, 0.0]
+    msgs, lines = S.simulation_messages(expl, [" of", "of", ",", "torch", " torch"])
+    assert rule.line_probs([(msgs, lines)]) == [[1.0, 0.0, 1.0, 1.0, 0.0]]
+    held = {"texts": ["x of y", "z"], "labels": [1, 0], "tokens": [["x", " of", " y"], ["z"]],
+            "acts": [[0.0, 3.0, 0.0], [0.0]]}
+    out = S.score(rule, expl, held)
+    assert out["detection"]["balanced_accuracy"] == 1.0 and out["simulation"]["correlation"] == pytest.approx(1.0)
