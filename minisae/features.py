@@ -193,7 +193,11 @@ def run(cfg) -> list:
     print(f"{hsae.model_name} {hsae.hook}, {stats['n_tokens']:,} tokens of the {src.split} split")
     feature_page.print_report(rows, tok)
     page = Path(cfg.out) / f"features-{Path(src.sae).stem}.html"
-    html = feature_page.render_html(f"{Path(src.sae).name}: {hsae.model_name} {hsae.hook}", rows, tok)
+    meta = {"SAE": str(src.sae), "model": hsae.model_name, "hook": hsae.hook, "latents in the SAE": hsae.n_latents,
+            "text": f"{stats['n_tokens']:,} tokens of the {src.split} split" + (" (your files)" if src.text else ""),
+            "latents shown": cfg.latents or f"{cfg.top} by {cfg.by}" + (f", seed {cfg.seed}" if cfg.by == "random" else ""),
+            "examples per latent": cfg.k, "command": "python -m minisae features"}
+    html = feature_page.render_html(f"{Path(src.sae).name}: {hsae.model_name} {hsae.hook}", rows, tok, meta)
     atomic_write_text(page, html)
     print(f"\nwrote {page}")
     return rows

@@ -232,7 +232,8 @@ class Balance(HTMLParser):
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
-        if tag in ("script", "link", "img", "iframe") or "src" in attrs or "href" in attrs:
+        if tag in ("script", "link", "img", "iframe") or "src" in attrs or \
+                not attrs.get("href", "#").startswith("#"):  # links within the page only
             self.bad.append(tag)  # no scripts, no external assets
         if tag == "section":
             self.sections.append(attrs["id"])
