@@ -16,6 +16,9 @@ pick the positions and undo the scale in the same way. `HookedSAE` does it once:
                                            what one unit of latent i's code adds to x_raw
 
 `mean` is the mean raw activation over the training data (for mean-ablation baselines).
+Saved (`save`, minisae/formats.py: SAELens's layout) the scale is folded into the weights,
+so the file reads raw activations and loads back with scale = 1; `load` also reads
+sparsify's layout, hub folders (hf:OWNER/REPO/PATH) and old minisae .pt files.
 """
 
 import re

@@ -70,10 +70,10 @@ def to_files(sae, scale: float = 1.0, model=None, hook=None, max_norm=None, mean
         raise ValueError(f"the activation scale must be positive, got {scale!r}")
     act, s = sae.activation, float(scale)
     with torch.no_grad():
-        t = {"W_enc": sae.W_enc.T / 1.0, "W_dec": sae.W_dec / 1.0, "b_dec": sae.b_dec / s}  # copies, (D, F) (F, D) (D,)
+        t = {"W_enc": sae.W_enc.T.clone(), "W_dec": sae.W_dec.clone(), "b_dec": sae.b_dec / s}  # (D, F) (F, D) (D,)
         bias = sae.b_enc / s  # (F,)
         if variant == "gated":
-            t.update(b_gate=bias, b_mag=act.b_mag / s, r_mag=act.r_mag / 1.0)
+            t.update(b_gate=bias, b_mag=act.b_mag / s, r_mag=act.r_mag.clone())
         else:
             t["b_enc"] = bias
         if variant == "jumprelu":
@@ -83,13 +83,18 @@ def to_files(sae, scale: float = 1.0, model=None, hook=None, max_norm=None, mean
                 raise ValueError("this BatchTopK SAE has no inference threshold yet: train it before saving")
             t["threshold"] = torch.full_like(bias, float(act.threshold) / s)
     t = {k: v.detach().contiguous() for k, v in t.items()}
-    ours = {"variant": variant, "settings": part_settings(act), "max_norm": max_norm, "mean": mean,
-            "folded_scale": s * float(extra.pop("folded_scale", 1.0)), "model": model, "hook": hook, **extra}
+    folded = s * float(extra.pop("folded_scale", 1.0))  # a file loaded from a fold has scale 1 and says what it folded
+    ours = {**{k: v for k, v in extra.items() if k not in ("variant", "settings")}, "variant": variant,
+            "settings": part_settings(act), "max_norm": max_norm, "mean": mean, "folded_scale": folded,
+            "model": model, "hook": hook}
     cfg = {"architecture": ARCHITECTURES[variant], "d_in": sae.d, "d_sae": sae.n_latents,
            "dtype": DTYPE_NAMES.get(sae.W_enc.dtype, "float32"), "device": "cpu", "apply_b_dec_to_input": True,
            "normalize_activations": "none", "reshape_activations": "none",
            "metadata": {"sae_lens_version": LAYOUT_VERSION, "model_name": EXPORT_NAMES.get(model, model),
                         "hook_name": hook, "hook_head_index": None, "prepend_bos": True, "minisae": ours}}
+    training = extra.get("training")
+    if isinstance(training, dict) and isinstance(training.get("ctx_len"), int):
+        cfg["metadata"]["context_size"] = training["ctx_len"]  # SAEBench runs its evaluations at this length
     if variant == "topk":
         cfg.update(k=act.k, rescale_acts_by_decoder_norm=False)
     if sae.W_enc.dtype not in DTYPE_NAMES:  # bf16 / f16 SAEs are written as float32

