@@ -97,7 +97,7 @@ def _l0_axis(ax, l0s):
     from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
     ax.set_xscale("log")
     lo, hi = min(l0s), max(l0s)
-    ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000) if lo / 1.5 <= t <= hi * 1.5]
+    ticks = [t for t in (1, 2, 3, 5, 10, 20, 30, 50, 100, 200, 300, 500, 1000, 2000) if lo / 1.25 <= t <= hi * 1.25]
     ax.xaxis.set_major_locator(FixedLocator(ticks))
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())
@@ -150,7 +150,8 @@ def lm_figures(results: dict, out_dir: Path):
         _l0_axis(ax, l0s)
         ax.set(ylabel=f"loss recovered vs {base}-ablation", title=f"loss recovered ({base}-ablation)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower right")
+    handles, labels = axes[0].get_legend_handles_labels()  # one key for all three panels, below them
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     ax = axes[2]
     _band(ax)
     for v, rs in groups.items():
@@ -160,7 +161,7 @@ def lm_figures(results: dict, out_dir: Path):
     ax.set(ylabel="KL(clean || SAE spliced in), nats/token", title="KL to the clean model (lower is better)")
     ax.grid(alpha=0.3, which="both")
     fig.suptitle(f"{title}: splicing each SAE into the model")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(out_dir / "lm_l0_loss_recovered.png", dpi=120)
     plt.close(fig)
 
