@@ -4,7 +4,7 @@
 
 starts N copies of the same command; each learns its rank r (0..N-1) from the
 environment. Each reads its own disjoint share of every global batch (rows
-r*B/N .. (r+1)*B/N, minisae.activations.iter_batches) and the SAE's loss runs inside
+r*B/N .. (r+1)*B/N, minisae.batches.iter_batches) and the SAE's loss runs inside
 `torch.nn.parallel.DistributedDataParallel`, which averages the gradients of all ranks
 during backward. The mean of N per-rank means over B/N samples is the mean over B, so
 for every loss that is a mean over samples (reconstruction, L1, AuxK) the step is the

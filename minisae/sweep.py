@@ -63,7 +63,7 @@ def parse_sweep(specs) -> dict:
 def activation_batches(acts, batch_size: int, seed: int, device="cpu", group=None):
     """Endless batches from stored activations: epoch after epoch, a new order each, read
     ahead by a background thread; with a process group, this rank's share of each."""
-    from minisae.activations import iter_batches, prefetch
+    from minisae.batches import iter_batches, prefetch
     from minisae.utils import crash_point
 
     def epochs():

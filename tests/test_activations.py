@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from minisae import activations as A
+from minisae import batches as B
 from minisae.models.hooks import StopForward, all_hook_names, check_hook_names, run_hook
 
 
@@ -126,15 +127,15 @@ def test_batches_cover_one_epoch_exactly_once(setup):
     model, contexts, _, tmp = setup
     A.collect_activations(model, contexts, HOOK, tmp / "acts.npy", verbose=False)
     acts, _ = A.load_activations(tmp / "acts.npy")
-    batches = list(A.iter_batches(acts, 32, seed=3, block_batches=4))
+    batches = list(B.iter_batches(acts, 32, seed=3, block_batches=4))
     assert all(b.dtype == torch.float32 and b.shape[1] == 16 for b in batches)
     assert [len(b) for b in batches].count(32) == len(batches) - 1  # one short batch: 440 % 32
     np.testing.assert_array_equal(sorted_rows(torch.cat(batches)), sorted_rows(acts))
-    again = list(A.iter_batches(acts, 32, seed=3, block_batches=4))
+    again = list(B.iter_batches(acts, 32, seed=3, block_batches=4))
     assert all(torch.equal(x, y) for x, y in zip(batches, again))
-    other = torch.cat(list(A.iter_batches(acts, 32, seed=4, block_batches=4)))
+    other = torch.cat(list(B.iter_batches(acts, 32, seed=4, block_batches=4)))
     assert not torch.equal(torch.cat(batches), other)
-    assert all(len(b) == 32 for b in A.iter_batches(acts, 32, drop_last=True))
+    assert all(len(b) == 32 for b in B.iter_batches(acts, 32, drop_last=True))
 
 
 def test_nan_activations_raise_and_leave_nothing(setup):
