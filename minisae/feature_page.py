@@ -80,7 +80,8 @@ def render_html(title: str, rows, tokenizer, meta: dict = None) -> str:
     index = "".join(f'<tr><td><a href="#latent-{r["latent"]}">latent {r["latent"]}</a></td>'
                     f'<td>density {r["density"]:.2e}</td><td>max {r["max"]:.3g}</td>'
                     f'<td>{e(" ".join(repr(t) for t, _ in r["lens"]["promoted"][:3]))}</td></tr>' for r in rows)
-    out.append(f"<h2>Index</h2><table>{index}</table>")
+    head = "<tr><th>latent</th><th>firing frequency</th><th>max activation</th><th>logit lens, top promoted</th></tr>"
+    out.append(f"<h2>Index</h2><table>{head}{index}</table>")
     for r in rows:
         peak = max(r["max"], 1e-12)
         out.append(f'<section id="latent-{r["latent"]}"><h2>latent {r["latent"]}</h2><table><tr>'
