@@ -192,7 +192,8 @@ def run(cfg) -> list:
     rows = report(model, tok, hsae, stats, top)
     print(f"{hsae.model_name} {hsae.hook}, {stats['n_tokens']:,} tokens of the {src.split} split")
     feature_page.print_report(rows, tok)
-    page = Path(cfg.out) / f"features-{Path(src.sae).stem}.html"
+    name = Path(src.sae).name.removesuffix(".pt")  # an SAE folder's name may hold dots: blocks.15.hook_...
+    page = Path(cfg.out) / f"features-{name}.html"
     meta = {"SAE": str(src.sae), "model": hsae.model_name, "hook": hsae.hook, "latents in the SAE": hsae.n_latents,
             "text": f"{stats['n_tokens']:,} tokens of the {src.split} split" + (" (your files)" if src.text else ""),
             "latents shown": cfg.latents or f"{cfg.top} by {cfg.by}" + (f", seed {cfg.seed}" if cfg.by == "random" else ""),
