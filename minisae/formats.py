@@ -128,6 +128,11 @@ def write_dir(path, cfg: dict, tensors: dict, weights_name: str) -> Path:
     to `path` (replacing an old SAE there): a reader sees the old SAE or the new one."""
     from minisae.models.safetensors import save_safetensors
     path = Path(path)
+    if path.is_dir() and not {p.name for p in path.iterdir()} <= {"cfg.json", "sae_weights.safetensors",
+                                                                   "sae.safetensors"}:
+        raise ValueError(f"{path} exists and holds more than an SAE: not replacing it; choose another name")
+    if path.exists() and not path.is_dir() and path.suffix != ".pt":
+        raise ValueError(f"{path} is a file, not an SAE: not replacing it; choose another name")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     old = path.with_name(f".{path.name}.{os.getpid()}.old")

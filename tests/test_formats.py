@@ -304,6 +304,18 @@ def test_a_killed_writer_leaves_no_sae_behind(random_sae, tmp_path, monkeypatch)
     torch.testing.assert_close(HookedSAE.load(tmp_path / "s").sae.W_enc, hsae.sae.W_enc)  # the old SAE intact
 
 
+def test_saving_never_replaces_what_is_not_an_sae(random_sae, tmp_path):
+    hsae = saved(random_sae, "relu", tmp_path / "s")
+    hsae.save(tmp_path / "s")  # an SAE directory is replaced
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    (tmp_path / "file.json").write_text("{}")
+    for target in ("run", "file.json"):
+        with pytest.raises(ValueError, match="not replacing it"):
+            hsae.save(tmp_path / target)
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine" and (tmp_path / "file.json").read_text() == "{}"
+
+
 # ---------------------------------------------------------------- fuzzing the SAE file parsers
 
 @functools.lru_cache(maxsize=1)
