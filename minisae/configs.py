@@ -86,7 +86,7 @@ class LayersConfig(LMConfig):
 @dataclass
 class SAESource:
     """An SAE file, the model it was trained on, and text to run it over."""
-    sae: Path  # an SAE file written by `python -m minisae lm` or `layers`
+    sae: str  # an SAE: a directory in SAELens's or sparsify's layout, an old .pt, or hf:OWNER/REPO/PATH
     model: Optional[str] = None  # only as a check: the SAE's own model is the one loaded
     layer: Optional[int] = None  # check that the SAE was trained at this layer
     site: Optional[str] = None  # ... and at this site
