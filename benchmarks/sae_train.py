@@ -239,7 +239,7 @@ def main():
             t = minisae_step(v, D, F, B, k, args.steps, args.warmup, bf16=dtype == "bf16", dead=dead)
             flop = (6 if v in SPARSE else 12) * D * F
             name = v + (f"+{dead} dead" if dead else "")
-            vs = f"{spf / t:>11.2f}x" if spf and v == "topk" else ""
+            vs = f"{spf / t:>11.2f}x" if spf and v == "topk" and dtype == "fp32" else ""  # sparsify: fp32
             print(f"{name:<14} {dtype:<5} {B / t:>10,.0f} {B / t / (rate[dtype] / flop):>11.0%} {vs}", flush=True)
         if args.breakdown:
             step = {v: minisae_step(v, D, F, B, k, args.steps, args.warmup, dead=dead) for v, dead in (("relu", 0), ("topk", F // 10))}
