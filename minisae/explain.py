@@ -100,7 +100,7 @@ def hook_activations(model, hook: str, contexts, bf16: bool = False, batch_size:
     out = []
     for s in range(0, len(contexts), batch_size):
         out.append(hook_acts(model, contexts[s:s + batch_size], hook, bf16))  # (B, T-1, D)
-        bar.update(s + batch_size)
+        bar.update(min(s + batch_size, len(contexts)))
     bar.close(len(contexts))
     return torch.cat(out)
 
@@ -254,12 +254,13 @@ def explain_latents(chat, hsae, model, tokenizer, contexts, a, stats, latents, c
     """Explain, then score (explanation, token-set baseline, shuffled control) each latent."""
     from minisae.lens import lens_tokens
     from minisae.scoring import TokenRule, derangement, score
+    from minisae.utils import model_device
     rows = []
     bar = Progress("explaining", len(latents), "latents")
     for j, i in enumerate(latents):  # 1) explanations
         t0 = time.time()
         split = split_examples(contexts, a[..., j], cfg.n_explain, cfg.n_score, cfg.window, cfg.after, cfg.seed + i)
-        lens = lens_tokens(model, tokenizer, hsae.sae.W_dec[i].detach(), 8)
+        lens = lens_tokens(model, tokenizer, hsae.sae.W_dec[i].detach().to(model_device(model)), 8)
         row = {"latent": i, "density": stats["density"][i], "mean_active": stats["mean_active"][i],
                "max": stats["max"][i], "hist": stats["hist"].get(i), "lens": lens}
         if split is None:
@@ -354,7 +355,7 @@ def run(cfg: ExplainConfig) -> list:
     """`python -m minisae explain`: one SAE (cfg.source.sae), or every SAE of cfg.run_dir
     with a comparison table and figure. Returns the per-SAE summaries."""
     from minisae.feature_page import print_report
-    from minisae.features import load_text
+    from minisae.features import device, load_text
     from minisae.hooked_sae import HookedSAE, load_with_model
     cfg.check()
     src = cfg.source.check()
@@ -366,7 +367,7 @@ def run(cfg: ExplainConfig) -> list:
             raise ValueError(f"{cfg.run_dir}/saes holds no SAE: give the folder of a `python -m minisae lm` run")
     else:
         paths = [src.sae]
-    hsae, model, tok = load_with_model(paths[0], src.model, src.layer, src.site, src.weights)
+    hsae, model, tok = load_with_model(paths[0], src.model, src.layer, src.site, src.weights, device(src))
     contexts = load_text(src, tok, hsae.model_name)
     x = hook_activations(model, hsae.hook, contexts, src.bf16)  # (N, T-1, D)
     chat = make_chat(cfg)
