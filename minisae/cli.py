@@ -116,11 +116,16 @@ def toy_flags(p):
                    help="where results and figures go (--out figures regenerates the committed ones)")
     p.add_argument("--seed", type=int, default=0, help="data, initialisation and data order")
     p.add_argument("--quick", action="store_true", help="a short run (~20 s; the tests use it)")
+    p.add_argument("--features", type=int, default=512, help="ground-truth features G of the synthetic data")
+    p.add_argument("--dim", type=int, default=256,
+                   help="their dimension D (--features 512 --dim 64: the harder, 8x overcomplete case)")
 
 
 def toy_run(args):
     from minisae import toy
-    return toy.run(args.out, seed=args.seed, quick=args.quick)
+    if not args.features > 0 or not args.dim > 0:
+        raise ValueError(f"--features and --dim must be positive, got {args.features} and {args.dim}")
+    return toy.run(args.out, seed=args.seed, quick=args.quick, n_features=args.features, dim=args.dim)
 
 
 def lm_cmd_flags(p):
