@@ -1,7 +1,7 @@
 """SAE training speed of minisae.train.train against the machine's matmul roofline and,
 where it is installed, against EleutherAI's sparsify, all measured in one run.
 
-Scope: CPU. The full training step of the real loop (data from memory, forward, loss,
+Scope: CPU (or --device cuda). The full training step of the real loop (data from memory, forward, loss,
 backward, decoder constraint, Adam, dead-latent bookkeeping; no resampling), per variant,
 at d = 768 x 6144 latents (batch 4096) and at two toy shapes (64 x 512, batch 4096;
 256 x 512, batch 1024, the shape of `python -m minisae toy`). Random Gaussian batches.
@@ -50,7 +50,13 @@ import torch
 from minisae.sae import make_sae
 from minisae.train import TrainConfig, train
 
+DEVICE = torch.device("cpu")  # --device
+
+
 def clock():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()  # the work, not just its launch
+        return time.perf_counter()
     return time.process_time() if torch.get_num_threads() == 1 else time.perf_counter()
 
 
@@ -63,7 +69,7 @@ SPARSE = ("topk", "batchtopk")
 def matmul_flops(D, F, B, dtype, repeats=7) -> float:
     """FLOP/s of one (B, D) x (D, F) product, the step's building block."""
     g = torch.Generator().manual_seed(0)
-    x, W = torch.randn(B, D, generator=g).to(dtype), torch.randn(F, D, generator=g).to(dtype)
+    x, W = torch.randn(B, D, generator=g).to(DEVICE, dtype), torch.randn(F, D, generator=g).to(DEVICE, dtype)
     x @ W.T
     times = []
     for _ in range(repeats):
@@ -89,12 +95,12 @@ class TimedBatches:
 
 def pool_of(D, B, n=3):
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(B, D, generator=g) for _ in range(n)]
+    return [torch.randn(B, D, generator=g).to(DEVICE) for _ in range(n)]
 
 
 def make(variant, D, F, k, dead=0, seed=0):
     settings = dict(SETTINGS[variant], **({"k": k, "dead_after": 10**9} if variant in SPARSE else {}))
-    sae = make_sae(variant, D, F, seed=seed, **settings)
+    sae = make_sae(variant, D, F, seed=seed, **settings).to(DEVICE)
     sae.samples_since_fired[:dead] = 10**9  # dead latents: AuxK runs (TopK, BatchTopK)
     return sae
 
@@ -213,15 +219,19 @@ def main():
     parser.add_argument("--bf16", action="store_true", help="also every variant under bf16 autocast")
     parser.add_argument("--breakdown", action="store_true", help="where the time goes, TopK and ReLU")
     parser.add_argument("--crossover", action="store_true", help="sparse vs dense TopK step for several k/F")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (sparsify: CPU only)")
     args = parser.parse_args()
+    global DEVICE
+    from minisae.distributed import resolve_device
+    DEVICE = resolve_device(args.device)
     variants, shapes = args.variants.split(","), args.shapes.split(",")
     bad = [v for v in variants if v not in SETTINGS] + [s for s in shapes if s not in SHAPES]
     if bad:
         raise ValueError(f"unknown variant(s)/shape(s) {bad}; valid: {', '.join(SETTINGS)}; {', '.join(SHAPES)}")
     if args.steps < 1 or args.warmup < 0:
         raise ValueError("--steps must be >= 1 and --warmup >= 0")
-    sparsify = load_sparsify()
-    print(f"SAE training step, fastest of {args.steps} steps after {args.warmup}; torch {torch.__version__}, "
+    sparsify = load_sparsify() if DEVICE.type == "cpu" else None
+    print(f"SAE training step on {DEVICE}, fastest of {args.steps} steps after {args.warmup}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; sparsify {'found' if sparsify else 'not installed'}")
     for shape in shapes:
         D, F, B, k = SHAPES[shape]
