@@ -15,7 +15,7 @@ checkpoint keys (`h.0.attn.c_attn`, `ln_f`, ...) so loading is a name-for-name c
 There is no dropout: this model is for reading activations, not for training.
 
 Speed: collecting activations in bfloat16 autocast is ~2-3x faster on CPUs with bf16
-units (see /work/shared/MEASURED.md); the activations then come back in bf16:
+units (benchmarks/lm_forward.py measures it); the activations then come back in bf16:
 
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         acts = model(idx, stop_at="blocks.6.hook_resid_pre").float()   # (B, T, D)
