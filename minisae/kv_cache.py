@@ -18,18 +18,13 @@ Right padding in the batch is harmless for the same causal reason.
 import torch
 import torch.nn.functional as F
 
-from minisae.models.llama import rotary_cos_sin, rotate_half
+from minisae.models.llama import rotary_cos_sin
 
 
 def _attend(attn, x, cos, sin, past):
     """One attention layer on new positions x (B, S, D) after the cached (k, v) of P positions."""
     B, S, _ = x.shape
-    q = attn.q_proj(x).view(B, S, attn.n_head, attn.head_dim).transpose(1, 2)     # (B, H, S, hd)
-    k = attn.k_proj(x).view(B, S, attn.n_kv_head, attn.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
-    v = attn.v_proj(x).view(B, S, attn.n_kv_head, attn.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
-    cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-    q = q * cos + rotate_half(q) * sin
-    k = k * cos + rotate_half(k) * sin
+    q, k, v = attn.qkv(x, cos, sin)  # (B, H, S, hd), (B, Hkv, S, hd) x 2: the plain forward's projections
     if past is not None:
         pk, pv = past
         k = torch.cat([pk.expand(B, -1, -1, -1).to(k.dtype), k], dim=2)  # (B, Hkv, P+S, hd)

@@ -167,14 +167,18 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin):
+    def qkv(self, x, cos, sin):
+        """Queries, keys and values of x (B, T, D), RoPE applied to q and k (cos, sin: (T, hd))."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, cos, sin)                                              # (B, H|Hkv, T, hd)
         # each kv head serves n_head // n_kv_head consecutive query heads
         k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)                 # (B, H, T, hd)
         v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)                 # (B, H, T, hd)
