@@ -19,26 +19,6 @@ import random
 import time
 
 
-def gpt2_merge_loop(ranks: dict, word: str) -> list:
-    """GPT-2's encoder.py merge loop: the lowest-ranked adjacent pair, all its occurrences
-    left to right, until no pair has a rank. O(len(word)) per rule applied."""
-    parts = list(word)
-    while len(parts) > 1:
-        best = min(set(zip(parts, parts[1:])), key=lambda p: ranks.get(p, float("inf")))
-        if best not in ranks:
-            break
-        merged, i = [], 0
-        while i < len(parts):
-            if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
-                merged.append(parts[i] + parts[i + 1])
-                i += 2
-            else:
-                merged.append(parts[i])
-                i += 1
-        parts = merged
-    return parts
-
-
 def cjk_word(n: int, seed: int) -> str:
     rng = random.Random(seed)
     return "".join(chr(rng.randrange(0x4E00, 0x9FA6)) for _ in range(n))  # CJK Unified Ideographs
@@ -69,13 +49,14 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 1_000_000])
     parser.add_argument("--old-max", type=int, default=100_000, help="longest word to time GPT-2's loop on")
     args = parser.parse_args()
+    from minisae.models.bpe import merge_reference
     from minisae.models.gguf import GGUFFile
     from minisae.models.llama import gguf_tokenizer, smollm2_path
 
     meta = GGUFFile(smollm2_path()).metadata
     ours = gguf_tokenizer(meta, bos_id=0)
     old = gguf_tokenizer(meta, bos_id=0)
-    old.bpe = lambda word: gpt2_merge_loop(old.bpe_ranks, word)  # the same tokenizer with the old merge
+    old.bpe = lambda word: merge_reference(old.bpe_ranks, word)  # the same tokenizer with the old merge
     hf = hf_tokenizer(meta)
     for tok in (ours, old):
         tok.encode(cjk_word(100, seed=0))  # warm-up: builds the pre-tokenizer's regex

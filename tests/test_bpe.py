@@ -13,7 +13,7 @@ import unicodedata
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from minisae.models.bpe import BPETokenizer, bytes_to_unicode, gpt2_pattern
+from minisae.models.bpe import BPETokenizer, bytes_to_unicode, gpt2_pattern, merge_reference
 
 TOKENIZER_DIR = os.environ.get("MINISAE_GPT2_TOKENIZER_DIR")
 needs_vocab = pytest.mark.skipif(
@@ -68,24 +68,6 @@ def test_merge_order_is_by_rank():
     assert tiny_tokenizer([("a", "a")]).bpe("aaaaa") == ["aa", "aa", "a"]
 
 
-def naive_bpe(ranks: dict, word: str) -> list:
-    """GPT-2's encoder.py merge loop, the definition: merge the lowest-ranked adjacent pair,
-    all its occurrences left to right, until no pair has a rank (O(n) per rule used)."""
-    parts = list(word)
-    while len(parts) > 1:
-        best = min(set(zip(parts, parts[1:])), key=lambda p: ranks.get(p, float("inf")))
-        if best not in ranks:
-            break
-        merged, i = [], 0
-        while i < len(parts):
-            if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
-                merged.append(parts[i] + parts[i + 1])
-                i += 2
-            else:
-                merged.append(parts[i])
-                i += 1
-        parts = merged
-    return parts
 
 
 short_token = st.text("abc", min_size=1, max_size=3)
@@ -98,14 +80,14 @@ def test_heap_merge_equals_naive_loop(word, merges):
     does): the heap merge of BPETokenizer.bpe gives exactly the loop's tokens."""
     vocab = sorted({"a", "b", "c"} | {t for a, b in merges for t in (a, b, a + b)})
     tok = BPETokenizer({t: i for i, t in enumerate(vocab)}, merges)
-    assert tok.bpe(word) == naive_bpe(tok.bpe_ranks, word)
+    assert tok.bpe(word) == merge_reference(tok.bpe_ranks, word)
 
 
 def test_heap_merge_on_long_repetitive_words():
     # runs of one pair and overlapping occurrences, long enough for many sweeps
     tok = tiny_tokenizer([("a", "a"), ("aa", "aa"), ("aaaa", "a"), ("a", "b"), ("ab", "ab"), ("b", "a")])
     for word in ["a" * 1001, "ab" * 777 + "a", "aab" * 333, "ba" * 500 + "a" * 7]:
-        assert tok.bpe(word) == naive_bpe(tok.bpe_ranks, word)
+        assert tok.bpe(word) == merge_reference(tok.bpe_ranks, word)
 
 
 def test_tiny_tokenizer_by_hand():

@@ -84,6 +84,26 @@ def _digit_splitter() -> re.Pattern:
     return re.compile(f"([{_char_class('N')}])")
 
 
+def merge_reference(ranks: dict, word: str) -> list:
+    """GPT-2's encoder.py merge loop, the definition: merge the lowest-ranked adjacent pair,
+    all its occurrences left to right, until no pair has a rank (O(n) per rule used)."""
+    parts = list(word)
+    while len(parts) > 1:
+        best = min(set(zip(parts, parts[1:])), key=lambda p: ranks.get(p, float("inf")))
+        if best not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(parts):
+            if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return parts
+
+
 class BPETokenizer:
     """Byte-level BPE tokenizer.
 
