@@ -39,7 +39,7 @@ import torch.distributed as dist
 def resolve_device(spec: str = "auto") -> torch.device:
     """'auto' (CUDA if available, else MPS, else CPU), 'cpu', 'cuda', 'cuda:N' or 'mps' ->
     a torch.device; ValueError before any work if that device is not there."""
-    spec = (spec or "auto").strip().lower()
+    spec = str(spec or "auto").strip().lower()
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

@@ -30,7 +30,7 @@ import re
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -355,7 +355,7 @@ def run(cfg: ExplainConfig) -> list:
     """`python -m minisae explain`: one SAE (cfg.source.sae), or every SAE of cfg.run_dir
     with a comparison table and figure. Returns the per-SAE summaries."""
     from minisae.feature_page import print_report
-    from minisae.features import device, load_text
+    from minisae.features import load_text
     from minisae.hooked_sae import HookedSAE, load_with_model
     cfg.check()
     src = cfg.source.check()
@@ -367,7 +367,7 @@ def run(cfg: ExplainConfig) -> list:
             raise ValueError(f"{cfg.run_dir}/saes holds no SAE: give the folder of a `python -m minisae lm` run")
     else:
         paths = [src.sae]
-    hsae, model, tok = load_with_model(paths[0], src.model, src.layer, src.site, src.weights, device(src))
+    hsae, model, tok = load_with_model(paths[0], src.model, src.layer, src.site, src.weights, src.device)
     contexts = load_text(src, tok, hsae.model_name)
     x = hook_activations(model, hsae.hook, contexts, src.bf16)  # (N, T-1, D)
     chat = make_chat(cfg)

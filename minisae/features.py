@@ -170,11 +170,6 @@ def load_text(src, tokenizer, model_name):
                          max_tokens=src.text_tokens, text_paths=src.text)
 
 
-def device(src):
-    from minisae.distributed import resolve_device
-    return resolve_device(src.device)
-
-
 def run(cfg) -> list:
     """`python -m minisae features` (cfg: minisae.configs.FeaturesConfig): the chosen
     latents' statistics, logit lens and max-activating examples, in the terminal and as
@@ -182,7 +177,7 @@ def run(cfg) -> list:
     from minisae import feature_page
     from minisae.hooked_sae import load_with_model
     src = cfg.source
-    hsae, model, tok = load_with_model(src.sae, src.model, src.layer, src.site, src.weights, device(src))
+    hsae, model, tok = load_with_model(src.sae, src.model, src.layer, src.site, src.weights, src.device)
     latents = parse_latents(cfg.latents, hsae.n_latents) if cfg.latents else None
     contexts = load_text(src, tok, hsae.model_name)
     if latents is None:  # a first pass ranks all latents; the second keeps the examples

@@ -127,7 +127,9 @@ class HookedSAE:
 def load_with_model(path, model_name=None, layer=None, site=None, weights=None, device="cpu"):
     """(hooked SAE, model, tokenizer): an SAE and the model it was trained on, checked.
     An SAE file that does not name its model (sparsify's) runs on `model_name`."""
+    from minisae.distributed import resolve_device
     from minisae.models import load_model
+    device = resolve_device(device)  # "auto", "cuda:1", ...: an absent device fails before any loading
     hsae = HookedSAE.load(path).check_site(model_name, layer, site)
     if hsae.model_name is None:
         if model_name is None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from minisae.features import device, load_text, scan
+from minisae.features import load_text, scan
 from minisae.hooked_sae import check_latents, parse_latents
 from minisae.metrics import cosine_matrix
 from minisae.utils import Progress, atomic_write_text, model_device
@@ -117,7 +117,7 @@ def run(cfg) -> dict:
     from minisae.feature_page import format_example
     from minisae.hooked_sae import HookedSAE, load_with_model
     src = cfg.source
-    hsae_a, model, tok = load_with_model(src.sae, src.model, weights=src.weights, device=device(src))
+    hsae_a, model, tok = load_with_model(src.sae, src.model, weights=src.weights, device=src.device)
     hsae_b = HookedSAE.load(cfg.sae_b).check_site(hsae_a.model_name).check_model(model)
     hsae_b.sae.to(model_device(model))
     check_order(model, hsae_a.hook, hsae_b.hook)

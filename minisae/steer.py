@@ -33,7 +33,7 @@ import sys
 
 import torch
 
-from minisae.features import device, load_text, scan
+from minisae.features import load_text, scan
 from minisae.hooked_sae import check_latents
 from minisae.utils import model_device
 
@@ -135,7 +135,7 @@ def run(cfg) -> dict:
         raise ValueError(f"--strength must be a finite number, got {cfg.strength}")
     if cfg.sample and not 0 < cfg.temperature < float("inf"):
         raise ValueError(f"--temperature must be positive, got {cfg.temperature}")
-    hsae, model, tok = load_with_model(src.sae, src.model, src.layer, src.site, src.weights, device(src))
+    hsae, model, tok = load_with_model(src.sae, src.model, src.layer, src.site, src.weights, src.device)
     check_latents([cfg.latent], hsae.n_latents)  # a bad latent fails before the calibration pass
     encode_prompt(tok, cfg.prompt)  # and so does an empty prompt
     print(f"measuring latent {cfg.latent}'s typical activation on {src.text_tokens:,} tokens", file=sys.stderr)
