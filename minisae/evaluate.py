@@ -92,13 +92,11 @@ def _log_probs(model, idx, hooks, bf16: bool):
     return F.log_softmax(logits[:, 1:-1].float(), dim=-1)
 
 
-def _check(model, contexts, hook, mean_act=None):
+def _check(model, contexts, hook):
     if contexts.ndim != 2 or contexts.shape[1] < 3 or len(contexts) == 0:
         raise ValueError(f"contexts must be (N, T) with N >= 1 and T >= 3, got {tuple(contexts.shape)}")
     if hasattr(model, "hook_names") and hook not in model.hook_names():
         raise ValueError(f"unknown hook point {hook!r}; valid names look like {model.hook_names()[0]!r}")
-    if mean_act is not None:
-        return torch.as_tensor(mean_act, dtype=torch.float32, device=model_device(model))  # (D,)
 
 
 def _cross_entropies(model, contexts, hook, replace: dict, batch_size, bf16, verbose, max_norm=None,
@@ -156,7 +154,8 @@ def baselines(model, contexts, hook: str, mean_act, batch_size: int = 8, bf16: b
     n_predictions): the part of `evaluate` that does not depend on the SAE. A sweep
     computes it once and passes it to every `evaluate`. with_sinks: also the ablations
     with the sinks replaced too (ce_zero_with_sinks, ...; the same passes when max_norm is None)."""
-    mean_act = _check(model, contexts, hook, mean_act)
+    _check(model, contexts, hook)
+    mean_act = torch.as_tensor(mean_act, dtype=torch.float32, device=model_device(model))  # (D,)
     ablations = {"zero": torch.zeros_like, "mean": lambda x: mean_act.expand(x.shape)}
     out = _cross_entropies(model, contexts, hook, ablations, batch_size, bf16, verbose, max_norm,
                            ablations if with_sinks and max_norm is not None else None)
