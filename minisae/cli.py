@@ -154,7 +154,7 @@ def layers_cmd_flags(p):
     g.add_argument("--layers", default=d("layers"), help="e.g. 0-29, 0-29:2 (every other), 0,5,10 (None: all)")
     g.add_argument("--variant", default=d("variant"), help="relu, gated, topk, jumprelu, batchtopk")
     g.add_argument("--setting", default=d("setting"), help="KNOB=VALUE, e.g. k=32 or sparsity_coef=2 "
-                   "(None: the second value of lm's sweep for the variant)")
+                   "(None: a middle point of lm's sweep, minisae.sweep.LAYERS_SETTING)")
     g.add_argument("--max-disk-gb", type=float, default=d("max_disk_gb"),
                    help="activation files on disk at once; layers are collected in chunks that fit")
     g.add_argument("--keep-acts", action="store_true",

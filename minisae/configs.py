@@ -72,7 +72,7 @@ class LayersConfig(LMConfig):
     out: Path = Path("runs/layers")
     layers: Optional[str] = None  # e.g. 0-29, 0-29:2 (every other), 0,5,10; None: all
     variant: str = "topk"  # one variant for every layer
-    setting: Optional[str] = None  # KNOB=VALUE; None: the second value of lm's sweep for the variant
+    setting: Optional[str] = None  # KNOB=VALUE; None: minisae.sweep.LAYERS_SETTING for the variant
     max_disk_gb: float = 8.0  # activation files on disk at once: layers are collected in chunks that fit
     keep_acts: bool = False  # keep each chunk's activation files after its SAEs are trained
 

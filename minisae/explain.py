@@ -114,6 +114,7 @@ def latent_codes(hsae, x, latents=(), chunk: int = 16):
     for s in range(0, len(x), chunk):
         with torch.no_grad():
             f, keep = hsae.encode_positions(x[s:s + chunk], bos=False)  # (B, T-1, F), (B, T-1)
+        f, keep = f.cpu(), keep.cpu()  # the statistics are kept on the CPU
         stats.add(f[keep])
         kept.append(f[..., list(latents)])  # (B, T-1, L)
     return stats.result(), torch.cat(kept) if latents else None

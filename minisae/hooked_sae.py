@@ -58,8 +58,9 @@ class HookedSAE:
         return self.sae.decode(f) / self.scale
 
     def encode_positions(self, act, bos: bool = True):
-        """act (B, T, D) raw -> (f (B, T, F) with zeros where the SAE does not read, keep (B, T))."""
-        keep = self.positions(act, bos)  # (B, T)
+        """act (B, T, D) raw, on any device -> (f (B, T, F) with zeros where the SAE does not
+        read, keep (B, T)), both on the SAE's device."""
+        keep = self.positions(act, bos).to(self.sae.W_dec.device)  # (B, T)
         f = self.encode_raw(act.reshape(-1, act.shape[-1])) * keep.reshape(-1, 1)  # (B*T, F)
         return f.view(*act.shape[:2], -1), keep
 

@@ -35,7 +35,7 @@ import os
 import sys
 from pathlib import Path
 
-from minisae.sweep import SWEEPS, check_sae_settings, config_dict, parse_sweep, train_and_evaluate
+from minisae.sweep import LAYERS_SETTING, SWEEPS, check_sae_settings, config_dict, parse_sweep, train_and_evaluate
 from minisae.utils import atomic_write_text
 
 
@@ -70,8 +70,8 @@ def run(cfg) -> list:
     variant, setting = cfg.variant, cfg.setting
     if variant not in SWEEPS:
         raise ValueError(f"unknown variant {variant!r}; valid variants: {', '.join(SWEEPS)}")
-    if setting is None:  # the second value of lm's sweep: topk k=48, relu sparsity_coef=1.5, ...
-        setting = f"{SWEEPS[variant][0]}={SWEEPS[variant][1][1]}"
+    if setting is None:  # a middle point of lm's sweep: topk k=48, relu sparsity_coef=1.5, ...
+        setting = f"{SWEEPS[variant][0]}={LAYERS_SETTING[variant]}"
     (knob, values), = parse_sweep([f"{variant}:{setting}"]).values()
     if len(values) != 1:
         raise ValueError(f"--setting {setting!r} gives {len(values)} values; the layers command takes one")

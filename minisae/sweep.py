@@ -31,14 +31,17 @@ from minisae.utils import model_device
 # Sweep values per variant (activations scaled to E||x|| = sqrt(D)). Together they span
 # L0 from about 10 to 200 on SmolLM2's layer 15 after 4M tokens (4x expansion, batch
 # 1,024, lr 1e-3); L0 falls steeply with the L1 coefficient. docs/05_smollm2.md has the
-# measured L0 of each value and the gaps (TopK/BatchTopK k=128, JumpReLU between 0.1 and 1).
+# measured L0 of each value. ReLU 0.5 and 0.7 and JumpReLU 0.2 and 0.4 fill L0 30-200.
 SWEEPS = {
-    "relu": ("sparsity_coef", [1.0, 1.5, 2.0]),
+    "relu": ("sparsity_coef", [0.5, 0.7, 1.0, 1.5, 2.0]),
     "gated": ("sparsity_coef", [1.0, 2.0, 4.0]),
-    "topk": ("k", [16, 48]),
-    "jumprelu": ("sparsity_coef", [0.1, 1.0, 4.0]),
-    "batchtopk": ("k", [16, 48]),
+    "topk": ("k", [16, 48, 128]),
+    "jumprelu": ("sparsity_coef", [0.1, 0.2, 0.4, 1.0, 4.0]),
+    "batchtopk": ("k", [16, 48, 128]),
 }
+# The one setting `layers` uses per variant unless --setting says otherwise: a middle
+# point of the sweep (L0 about 20-50 on SmolLM2's layer 15).
+LAYERS_SETTING = {"relu": 1.5, "gated": 2.0, "topk": 48, "jumprelu": 1.0, "batchtopk": 48}
 # Settings shared by the sweep (per variant); dead_after in tokens, as in Gao et al.
 BASE = {"relu": {}, "gated": {}, "topk": {"dead_after": 500_000}, "batchtopk": {"dead_after": 500_000},
         "jumprelu": {"bandwidth": 0.05, "theta_init": 0.1}}

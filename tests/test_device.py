@@ -88,3 +88,28 @@ def test_lm_command_on_the_device(device, tmp_path, monkeypatch):
     assert dev["rows"][0]["l0"] == 4.0
     for key in ("fvu", "ce_clean", "ce_sae"):  # float32 on both: the same run up to rounding
         assert dev["rows"][0][key] == pytest.approx(cpu["rows"][0][key], rel=1e-3), key
+
+
+def test_links_and_explain_codes_on_the_device_equal_the_cpu(device, gpt2):
+    """The two other readers of a hooked SAE: links' ablation edges (model, SAE A and SAE B
+    on the device) and explain's codes of stored activations (activations on the CPU, SAE
+    on the device)."""
+    import copy
+    from minisae.explain import hook_activations, latent_codes
+    from minisae.hooked_sae import HookedSAE
+    from minisae.links import ablation_edges
+    sae_a, sae_b = make_sae("relu", 64, 96, seed=0), make_sae("relu", 64, 80, seed=1)
+    ha = HookedSAE(sae_a, "gpt2-random", "blocks.1.hook_resid_post", 30.0)
+    hb = HookedSAE(sae_b, "gpt2-random", "blocks.2.hook_resid_post", 30.0)
+    ctx = torch.randint(0, 50257, (5, 12), generator=torch.Generator().manual_seed(1))
+    cpu_edges = ablation_edges(gpt2, ha, hb, ctx, [0, 3, 7], verbose=False)
+    x = hook_activations(gpt2, ha.hook, ctx)  # (N, T-1, D) on the CPU
+    cpu_stats, cpu_codes = latent_codes(ha, x, [0, 3])
+    model = copy.deepcopy(gpt2).to(device).eval()
+    da, db = (HookedSAE(copy.deepcopy(h.sae).to(device), h.model_name, h.hook, h.scale) for h in (ha, hb))
+    dev_edges = ablation_edges(model, da, db, ctx, [0, 3, 7], verbose=False)
+    dev_stats, dev_codes = latent_codes(da, x, [0, 3])
+    assert dev_edges.device.type == "cpu" and dev_codes.device.type == "cpu"
+    torch.testing.assert_close(dev_edges, cpu_edges, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dev_codes, cpu_codes, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(dev_stats["density"]), torch.tensor(cpu_stats["density"]))

@@ -25,7 +25,7 @@ import pytest
 
 from minisae import cli
 from minisae.models.gpt2 import CONFIGS as GPT2_CONFIGS
-from minisae.sweep import SWEEPS, parse_sweep
+from minisae.sweep import LAYERS_SETTING, SWEEPS, parse_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -127,7 +127,7 @@ def sae_names(args) -> list:
         sweeps = {**{v: SWEEPS[v] for v in args.variants if v in SWEEPS}, **parse_sweep(args.sweep)}
         return [out / f"{v}-{knob}{value}" for v in args.variants for knob, values in [sweeps[v]] for value in values]
     from minisae.layers import parse_layers
-    setting = args.setting or f"{SWEEPS[args.variant][0]}={SWEEPS[args.variant][1][1]}"
+    setting = args.setting or f"{SWEEPS[args.variant][0]}={LAYERS_SETTING[args.variant]}"
     (knob, (value,)), = parse_sweep([f"{args.variant}:{setting}"]).values()
     layers = parse_layers(args.layers, N_LAYER[args.model])
     return [out / f"blocks.{L}.hook_{args.site}-{args.variant}-{knob}{value}" for L in layers]
