@@ -87,7 +87,7 @@ class SAE(nn.Module):
         self.register_buffer("samples_since_fired", torch.zeros(n_latents, dtype=torch.long))
         self.d, self.n_latents = d, n_latents
         # loss() takes the sparse path of minisae/sparse_decode.py (same values and
-        # gradients) for TopK and BatchTopK when it is faster; False: always this file's
+        # gradients) when it is faster; False: always this file's
         self.sparse_decode = True
 
     # -- the three steps ------------------------------------------------------------
@@ -116,10 +116,15 @@ class SAE(nn.Module):
         x is checked for its shape only: a finiteness check reads all of x and waits for
         the result, so the trainer does it in bulk at each progress line instead."""
         self.check_input(x, finite=False)
-        if self.sparse_decode and self.training and hasattr(self.activation, "select"):
-            from minisae import sparse_decode  # TopK, BatchTopK: encode and decode only the k selected
-            if sparse_decode.worth_it(self.activation.k, self.n_latents):
-                return sparse_decode.sparse_loss(self, x, coef_scale)
+        if self.sparse_decode and self.training:  # the fast path: encode and decode only what matters
+            from minisae import sparse_decode
+            if hasattr(self.activation, "select"):  # TopK, BatchTopK: the k selected
+                if sparse_decode.worth_it(self.activation.k, self.n_latents):
+                    return sparse_decode.sparse_loss(self, x, coef_scale)
+            else:  # ReLU, Gated, JumpReLU: the entries their loss reads, when few enough
+                fast = sparse_decode.penalty_loss(self, x, coef_scale)
+                if fast is not None:
+                    return fast
         pre = self.pre_activation(x)  # (B, F)
         f = self.activation(pre, self)  # (B, F)
         x_hat = self.decode(f)  # (B, D)

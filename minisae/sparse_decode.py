@@ -1,4 +1,4 @@
-"""The fast path of TopK and BatchTopK: encode and decode only the selected latents.
+"""The fast path of every variant: encode and decode only the latents that matter.
 
 A TopK SAE keeps k of its F latents per sample. The readable reference (minisae/sae.py,
 minisae/variants.py) scatters the k values into a dense code f (B, F) and decodes it with
@@ -20,6 +20,21 @@ dense product (B x D x F) is left, the encoder's forward; the rest costs O(N D).
 The dense reference is as fast when k/F is large (the dense products run at full
 matrix-multiply speed, the sparse ones gather rows one by one); `worth_it` is the rule,
 measured with benchmarks/sae_train.py --crossover.
+
+The penalty-based variants have no k, but the same structure: every term of their loss
+and gradient is zero outside a set of entries read off `pre`, so the same pieces apply
+(`penalty_loss`):
+
+    ReLU       the positive entries, pre > 0 (ReLU passes no gradient elsewhere)
+    Gated      the open gates, pi_gate > 0 (the code, the L1 term and the auxiliary
+               reconstruction all read only those)
+    JumpReLU   the active entries z > theta, and those in the threshold's window
+               |z - theta| < eps/2 (the only ones that move theta), decoded with value 0
+
+Their size changes from step to step (a new SAE starts with about half its entries
+positive), so the path is chosen per step from the count, against the same crossover.
+On an accelerator the reference runs: its products are cheap there, and counting the
+entries would make the host wait for the device every step.
 """
 
 from typing import NamedTuple
@@ -123,7 +138,7 @@ class DecodeRows(torch.autograd.Function):
             v = vals.detach().requires_grad_()
             out = F.embedding_bag(cols, W_dec.detach(), offsets, mode="sum", per_sample_weights=v)  # (B, D)
             grad_vals, = torch.autograd.grad(out, v, g)  # (N,)
-        grad_W_dec = sum_by_latent(g, vals, rows, cols, W_dec.shape[0])  # (F, D)
+        grad_W_dec = sum_by_latent(g, vals, rows, cols, W_dec.shape[0]) if ctx.needs_input_grad[3] else None  # (F, D)
         return grad_vals, None, None, grad_W_dec, None
 
 
@@ -163,3 +178,42 @@ def sparse_loss(sae, x, coef_scale: float = 1.0):
     auxk = auxk_loss_sparse(x, pre, x_hat, sae, k_aux, part.aux_coef, part.dead_after)
     f = SparseCode(rows, cols, vals.detach(), tuple(pre.shape))
     return recon + auxk, {"recon": recon, "auxk": auxk, "f": f, "x_hat": x_hat}
+
+
+def penalty_loss(sae, x, coef_scale: float = 1.0, max_frac: float = CROSSOVER):
+    """SAE.loss for ReLU, Gated and JumpReLU on the sparse path (the entries of the module
+    docstring), or None where the reference is as fast: on an accelerator, or when the
+    entries are max_frac of the (B, F) code or more."""
+    from minisae.sae import ReLU
+    from minisae.variants import Gated, JumpReLU, _JumpReLUFn, _StepFn
+    part, (B, n_latents) = sae.activation, (x.shape[0], sae.n_latents)
+    if x.device.type != "cpu" or not isinstance(part, (ReLU, Gated, JumpReLU)):
+        return None
+    with torch.no_grad():
+        pre = torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc.T)  # (B, F) = SAE.pre_activation(x)
+        if isinstance(part, JumpReLU):  # the same comparisons as _JumpReLUFn and _StepFn make
+            z = F.relu(pre)  # (B, F)
+            keep = (z > part.theta) | ((z - part.theta).abs() < part.bandwidth / 2)
+        else:
+            keep = pre > 0
+        rows, cols = keep.nonzero(as_tuple=True)  # (N,) each, rows sorted
+    if rows.numel() >= max_frac * B * n_latents:
+        return None
+    pre_sel = selected_pre(pre, rows, cols, x, sae)  # (N,)
+    if isinstance(part, ReLU):
+        vals = pre_sel  # (N,) all > 0: ReLU is the identity on them
+        extra = {"l1": coef_scale * part.sparsity_coef * vals.sum() / B}
+    elif isinstance(part, Gated):  # pre_sel = pi_gate > 0 there: the gate is open, ReLU(pi_gate) = pi_gate
+        mag = torch.exp(part.r_mag[cols]) * (pre_sel - sae.b_enc[cols]) + part.b_mag[cols]  # (N,)
+        vals = F.relu(mag)  # (N,)
+        x_hat_frozen = decode_rows(pre_sel, rows, cols, sae.W_dec.detach(), B) + sae.b_dec.detach()  # (B, D)
+        extra = {"l1": coef_scale * part.sparsity_coef * pre_sel.sum() / B,
+                 "aux": (x - x_hat_frozen).pow(2).sum(-1).mean()}
+    else:
+        z, theta = F.relu(pre_sel), part.theta[cols]  # (N,) each
+        vals = _JumpReLUFn.apply(z, theta, part.bandwidth)  # (N,), 0 in the window below theta
+        extra = {"l0": coef_scale * part.sparsity_coef * _StepFn.apply(z, theta, part.bandwidth).sum() / B}
+    x_hat = decode_rows(vals, rows, cols, sae.W_dec, B) + sae.b_dec  # (B, D)
+    recon = (x_hat - x).pow(2).sum(-1).mean()
+    f = SparseCode(rows, cols, vals.detach(), (B, n_latents))
+    return recon + sum(extra.values()), {"recon": recon, **extra, "f": f, "x_hat": x_hat}

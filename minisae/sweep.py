@@ -29,9 +29,9 @@ from minisae.train import TrainConfig, train
 from minisae.utils import model_device
 
 # Sweep values per variant (activations scaled to E||x|| = sqrt(D)). Together they span
-# L0 from about 10 to 200 on SmolLM2's layer 15 after 4M tokens (4x expansion, batch
-# 1,024, lr 1e-3); L0 falls steeply with the L1 coefficient. docs/05_smollm2.md has the
-# measured L0 of each value. ReLU 0.5 and 0.7 and JumpReLU 0.2 and 0.4 fill L0 30-200.
+# L0 from about 13 to 215 on SmolLM2's layer 15 after 4M tokens (4x expansion, batch
+# 1,024, lr 1e-3), each variant with points near L0 15-20, 35-50 and 130-215; L0 falls
+# steeply with the L1 coefficient. docs/05_smollm2.md has the measured L0 of each value.
 SWEEPS = {
     "relu": ("sparsity_coef", [0.5, 0.7, 1.0, 1.5, 2.0]),
     "gated": ("sparsity_coef", [1.0, 2.0, 4.0]),

@@ -205,7 +205,7 @@ class _JumpReLUFn(torch.autograd.Function):
     def backward(ctx, g):
         z, theta = ctx.saved_tensors
         in_window = ((z - theta).abs() < ctx.eps / 2).to(g.dtype)
-        g_theta = (-(theta / ctx.eps) * in_window * g).sum(0)
+        g_theta = (-(theta / ctx.eps) * in_window * g).sum_to_size(theta.shape)  # (F,): summed over B
         return g * (z > theta), g_theta, None
 
 
@@ -222,7 +222,8 @@ class _StepFn(torch.autograd.Function):
     def backward(ctx, g):
         z, theta = ctx.saved_tensors
         in_window = ((z - theta).abs() < ctx.eps / 2).to(g.dtype)
-        return None, (-(1.0 / ctx.eps) * in_window * g).sum(0), None  # None: no gradient for z (no (B, F) zeros)
+        g_theta = (-(1.0 / ctx.eps) * in_window * g).sum_to_size(theta.shape)  # (F,): summed over B
+        return None, g_theta, None  # None: no gradient for z (no (B, F) zeros)
 
 
 class JumpReLU(nn.Module):

@@ -1,7 +1,8 @@
-"""The sparse path of TopK and BatchTopK (minisae/sparse_decode.py) against the dense
-reference of minisae/sae.py and minisae/variants.py: the same loss, parts, code and
-gradients for every parameter, AuxK included, on random shapes, random parameters and
-random dead latents (float64, so the only difference is the order of the additions)."""
+"""The sparse paths (minisae/sparse_decode.py) against the dense reference of
+minisae/sae.py and minisae/variants.py: the same loss, parts, code and gradients for every
+parameter, AuxK included, on random shapes, random parameters and random dead latents
+(float64, so the only difference is the order of the additions). TopK and BatchTopK
+through `sparse_loss`, ReLU, Gated and JumpReLU through `penalty_loss`."""
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from minisae import sparse_decode
 from minisae.sae import make_sae
-from minisae.sparse_decode import SparseCode, decode_rows, sparse_loss
+from minisae.sparse_decode import SparseCode, decode_rows, penalty_loss, sparse_loss
 from minisae.train import fired_latents, l0
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,6 +59,52 @@ def test_sparse_loss_equals_dense_reference(random_sae, variant, B, D, n_lat, k_
     # the trainer's bookkeeping reads the same from both codes
     assert torch.equal(fired_latents(p_sp["f"]), fired_latents(p_ref["f"]))
     assert torch.allclose(l0(p_sp["f"]).double(), l0(p_ref["f"]).double())
+
+
+@fast
+@given(variant=st.sampled_from(["relu", "gated", "jumprelu"]), B=st.integers(1, 6), D=st.integers(1, 6),
+       n_lat=st.integers(1, 10), shift=st.floats(-2, 2), bandwidth=st.floats(0.01, 1.0), coef_scale=st.floats(0, 1),
+       seed=st.integers(0, 2**16))
+def test_penalty_loss_equals_dense_reference(random_sae, variant, B, D, n_lat, shift, bandwidth, coef_scale, seed):
+    """shift moves b_enc, so the entries the sparse path keeps range from none to all;
+    JumpReLU's thresholds are partly below bandwidth/2, where zeros sit in the window."""
+    x = randn(B, D, seed=seed)
+    runs = []
+    for sparse in (False, True):
+        settings = {"bandwidth": bandwidth} if variant == "jumprelu" else {}
+        sae = random_sae(variant, D, n_lat, seed=seed, **settings).train()
+        with torch.no_grad():
+            sae.b_enc += shift
+        sae.sparse_decode = False
+        total, parts = penalty_loss(sae, x, coef_scale, max_frac=1.01) if sparse else sae.loss(x, coef_scale)
+        runs.append((total, parts, grads(sae, total)))
+    (t_ref, p_ref, g_ref), (t_sp, p_sp, g_sp) = runs
+    assert isinstance(p_sp["f"], SparseCode)
+    assert set(p_sp) == set(p_ref)
+    for name in set(p_ref) - {"f"}:
+        assert torch.allclose(p_sp[name], p_ref[name], rtol=1e-10, atol=1e-12), name
+    assert torch.allclose(t_sp, t_ref, rtol=1e-10, atol=1e-12)
+    f_sp, f_ref = p_sp["f"].to_dense(), p_ref["f"].detach()
+    assert torch.equal(f_sp > 0, f_ref > 0) and torch.allclose(f_sp, f_ref, rtol=1e-12, atol=1e-14)
+    for name in g_ref:
+        assert torch.allclose(g_sp[name], g_ref[name], rtol=1e-9, atol=1e-12), name
+    assert torch.equal(fired_latents(p_sp["f"]), fired_latents(p_ref["f"]))
+    assert torch.allclose(l0(p_sp["f"]).double(), l0(p_ref["f"]).double())
+
+
+def test_penalty_loss_only_below_the_crossover_and_on_the_cpu():
+    x = torch.randn(64, 8)
+    sae = make_sae("relu", 8, 32).train()
+    with torch.no_grad():
+        sae.b_enc.fill_(-1.5)  # few positive entries
+    frac = ((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc > 0).double().mean().item()
+    assert 0 < frac < sparse_decode.CROSSOVER
+    assert isinstance(sae.loss(x)[1]["f"], SparseCode)
+    with torch.no_grad():
+        sae.b_enc.fill_(1.0)  # most entries positive: the reference
+    assert not isinstance(sae.loss(x)[1]["f"], SparseCode)
+    assert penalty_loss(make_sae("topk", 8, 32, k=2), x) is None  # not a penalty variant
+    assert penalty_loss(sae.to("meta"), x.to("meta")) is None  # an accelerator: the reference
 
 
 @fast
