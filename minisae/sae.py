@@ -92,7 +92,9 @@ class SAE(nn.Module):
 
     # -- the three steps ------------------------------------------------------------
     def pre_activation(self, x):
-        return (x - self.b_dec) @ self.W_enc.T + self.b_enc  # (B, F)
+        # (x - b_dec) @ W_enc.T + b_enc as one product (addmm): the bias is added inside it,
+        # and under bf16 autocast pre stays bf16 (a separate + would make it float32)
+        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.T)  # (B, F)
 
     def encode(self, x, return_info: bool = False):
         """x (B, D) -> f (B, F); with return_info also the pre-activations (for the docs)."""
@@ -104,7 +106,7 @@ class SAE(nn.Module):
     def decode(self, f):
         if f.ndim != 2 or f.shape[1] != self.n_latents:
             raise ValueError(f"expected codes of shape (batch, {self.n_latents}), got {tuple(f.shape)}")
-        return f @ self.W_dec + self.b_dec  # (B, D)
+        return torch.addmm(self.b_dec, f, self.W_dec)  # (B, D) = f @ W_dec + b_dec
 
     def forward(self, x):
         return self.decode(self.encode(x))  # (B, D)
@@ -116,16 +118,17 @@ class SAE(nn.Module):
         x is checked for its shape only: a finiteness check reads all of x and waits for
         the result, so the trainer does it in bulk at each progress line instead."""
         self.check_input(x, finite=False)
-        if self.sparse_decode and self.training:  # the fast path: encode and decode only what matters
+        fast = self.sparse_decode and self.training  # the fast path: encode and decode only what matters
+        if fast and hasattr(self.activation, "select"):  # TopK, BatchTopK: the k selected
             from minisae import sparse_decode
-            if hasattr(self.activation, "select"):  # TopK, BatchTopK: the k selected
-                if sparse_decode.worth_it(self.activation.k, self.n_latents):
-                    return sparse_decode.sparse_loss(self, x, coef_scale)
-            else:  # ReLU, Gated, JumpReLU: the entries their loss reads, when few enough
-                fast = sparse_decode.penalty_loss(self, x, coef_scale)
-                if fast is not None:
-                    return fast
+            if sparse_decode.worth_it(self.activation.k, self.n_latents):
+                return sparse_decode.sparse_loss(self, x, coef_scale)
         pre = self.pre_activation(x)  # (B, F)
+        if fast and not hasattr(self.activation, "select"):  # the rest: the entries their loss reads
+            from minisae import sparse_decode
+            out = sparse_decode.penalty_loss(self, x, pre, coef_scale)
+            if out is not None:  # (None: too many of them, or not on the CPU)
+                return out
         f = self.activation(pre, self)  # (B, F)
         x_hat = self.decode(f)  # (B, D)
         recon = (x_hat - x).pow(2).sum(-1).mean()

@@ -180,25 +180,25 @@ def sparse_loss(sae, x, coef_scale: float = 1.0):
     return recon + auxk, {"recon": recon, "auxk": auxk, "f": f, "x_hat": x_hat}
 
 
-def penalty_loss(sae, x, coef_scale: float = 1.0, max_frac: float = CROSSOVER):
+def penalty_loss(sae, x, pre, coef_scale: float = 1.0, max_frac: float = CROSSOVER):
     """SAE.loss for ReLU, Gated and JumpReLU on the sparse path (the entries of the module
-    docstring), or None where the reference is as fast: on an accelerator, or when the
-    entries are max_frac of the (B, F) code or more."""
+    docstring), given pre = SAE.pre_activation(x) (B, F); or None where the reference is
+    as fast: on an accelerator, or when the entries are max_frac of the code or more."""
     from minisae.sae import ReLU
     from minisae.variants import Gated, JumpReLU, _JumpReLUFn, _StepFn
     part, (B, n_latents) = sae.activation, (x.shape[0], sae.n_latents)
     if x.device.type != "cpu" or not isinstance(part, (ReLU, Gated, JumpReLU)):
         return None
     with torch.no_grad():
-        pre = torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc.T)  # (B, F) = SAE.pre_activation(x)
+        pre = pre.detach()  # the sparse path's own backward starts at the N entries
         if isinstance(part, JumpReLU):  # the same comparisons as _JumpReLUFn and _StepFn make
             z = F.relu(pre)  # (B, F)
             keep = (z > part.theta) | ((z - part.theta).abs() < part.bandwidth / 2)
         else:
             keep = pre > 0
+        if keep.count_nonzero() >= max_frac * B * n_latents:  # counting is one cheap pass; the positions are not
+            return None
         rows, cols = keep.nonzero(as_tuple=True)  # (N,) each, rows sorted
-    if rows.numel() >= max_frac * B * n_latents:
-        return None
     pre_sel = selected_pre(pre, rows, cols, x, sae)  # (N,)
     if isinstance(part, ReLU):
         vals = pre_sel  # (N,) all > 0: ReLU is the identity on them

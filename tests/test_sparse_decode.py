@@ -76,7 +76,7 @@ def test_penalty_loss_equals_dense_reference(random_sae, variant, B, D, n_lat, s
         with torch.no_grad():
             sae.b_enc += shift
         sae.sparse_decode = False
-        total, parts = penalty_loss(sae, x, coef_scale, max_frac=1.01) if sparse else sae.loss(x, coef_scale)
+        total, parts = penalty_loss(sae, x, sae.pre_activation(x), coef_scale, max_frac=1.01) if sparse else sae.loss(x, coef_scale)
         runs.append((total, parts, grads(sae, total)))
     (t_ref, p_ref, g_ref), (t_sp, p_sp, g_sp) = runs
     assert isinstance(p_sp["f"], SparseCode)
@@ -103,8 +103,10 @@ def test_penalty_loss_only_below_the_crossover_and_on_the_cpu():
     with torch.no_grad():
         sae.b_enc.fill_(1.0)  # most entries positive: the reference
     assert not isinstance(sae.loss(x)[1]["f"], SparseCode)
-    assert penalty_loss(make_sae("topk", 8, 32, k=2), x) is None  # not a penalty variant
-    assert penalty_loss(sae.to("meta"), x.to("meta")) is None  # an accelerator: the reference
+    topk = make_sae("topk", 8, 32, k=2)
+    assert penalty_loss(topk, x, topk.pre_activation(x)) is None  # not a penalty variant
+    sae, x = sae.to("meta"), x.to("meta")
+    assert penalty_loss(sae, x, sae.pre_activation(x)) is None  # an accelerator: the reference
 
 
 @fast
