@@ -210,6 +210,41 @@ def crossover(D=256, F=2048, B=1024, steps=4, warmup=2):
         print(f"{k:>5} {k / F:>7.3f} {dense:>13.4f} {sparse:>14.4f} {dense / sparse:>12.2f}", flush=True)
 
 
+def penalty_crossover(D=576, F=2304, B=1024, steps=5, warmup=1):
+    """ReLU's loss and backward, sparse path (forced) against the dense reference, with
+    b_enc shifted so that a given fraction of the code is positive; fp32 and bf16."""
+    from minisae import sparse_decode
+    print(f"\ncrossover: ReLU loss + backward at D={D}, F={F}, B={B}, sparse path / dense reference")
+    print(f"{'dtype':>6} {'positive':>9} {'dense s':>9} {'sparse s':>9} {'dense/sparse':>12}")
+    x = torch.randn(B, D, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    for bf16 in (False, True):
+        for shift in (0.0, -0.5, -1.0, -1.5, -2.0):  # Gaussian x, unit rows: about 50% .. 2% positive
+            sae = make_sae("relu", D, F, seed=0).to(DEVICE).train()
+            with torch.no_grad():
+                sae.b_enc.fill_(shift)
+            frac = (sae.pre_activation(x) > 0).float().mean().item()
+            times = {}
+            for sparse in (False, True):
+                sae.sparse_decode = False  # sae.loss: the dense reference
+
+                def step():
+                    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
+                        loss = sparse_decode.penalty_loss(sae, x, sae.pre_activation(x), max_frac=1.01)[0] \
+                            if sparse else sae.loss(x)[0]
+                    sae.zero_grad(set_to_none=True)
+                    loss.backward()
+                for _ in range(warmup):
+                    step()
+                best = float("inf")
+                for _ in range(steps):
+                    t = clock()
+                    step()
+                    best = min(best, clock() - t)
+                times[sparse] = best
+            print(f"{'bf16' if bf16 else 'fp32':>6} {frac:>9.3f} {times[False]:>9.4f} {times[True]:>9.4f} "
+                  f"{times[False] / times[True]:>12.2f}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", default="relu,gated,jumprelu,topk,batchtopk", help="comma-separated")
@@ -218,7 +253,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="also every variant under bf16 autocast")
     parser.add_argument("--breakdown", action="store_true", help="where the time goes, TopK and ReLU")
-    parser.add_argument("--crossover", action="store_true", help="sparse vs dense TopK step for several k/F")
+    parser.add_argument("--crossover", action="store_true", help="sparse vs dense step: TopK for several k/F, "
+                        "ReLU for several fractions of positive entries")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (sparsify: CPU only)")
     args = parser.parse_args()
     global DEVICE
@@ -261,6 +297,7 @@ def main():
                       ", ".join(f"{n} {t / total:.0%}" for n, t in phases.items()), flush=True)
     if args.crossover:
         crossover()
+        penalty_crossover()
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ and gradient is zero outside a set of entries read off `pre`, so the same pieces
                |z - theta| < eps/2 (the only ones that move theta), decoded with value 0
 
 Their size changes from step to step (a new SAE starts with about half its entries
-positive), so the path is chosen per step from the count, against the same crossover.
+positive), so the path is chosen per step from the count, against a crossover of its own.
 On an accelerator the reference runs: its products are cheap there, and counting the
 entries would make the host wait for the device every step.
 """
@@ -46,6 +46,13 @@ import torch.nn.functional as F
 # fast. Measured (benchmarks/sae_train.py --crossover, one thread, D=256, F=2048, B=1024):
 # dense / sparse step time 3.7 at k/F = 1/256, 1.3 at 1/8, 1.03 at 1/4, 0.97 at 1/2.
 CROSSOVER = 0.25
+
+
+# The penalty variants' sparse path must also find its entries, and it runs in float32
+# where bf16 autocast makes the dense products twice as fast: its crossover is lower.
+# Measured (benchmarks/sae_train.py --crossover, one thread, ReLU, D=576, F=2304, B=1024):
+# dense / sparse 1.12 at 16% positive entries and 2.0 at 7% in fp32; 0.63 and 1.20 in bf16.
+PENALTY_CROSSOVER, PENALTY_CROSSOVER_BF16 = 0.15, 0.07
 
 
 def worth_it(k: int, n_latents: int) -> bool:
@@ -180,10 +187,11 @@ def sparse_loss(sae, x, coef_scale: float = 1.0):
     return recon + auxk, {"recon": recon, "auxk": auxk, "f": f, "x_hat": x_hat}
 
 
-def penalty_loss(sae, x, pre, coef_scale: float = 1.0, max_frac: float = CROSSOVER):
+def penalty_loss(sae, x, pre, coef_scale: float = 1.0, max_frac=None):
     """SAE.loss for ReLU, Gated and JumpReLU on the sparse path (the entries of the module
     docstring), given pre = SAE.pre_activation(x) (B, F); or None where the reference is
-    as fast: on an accelerator, or when the entries are max_frac of the code or more."""
+    as fast: on an accelerator, or when the entries are max_frac of the code or more
+    (default: the crossover above for pre's dtype)."""
     from minisae.sae import ReLU
     from minisae.variants import Gated, JumpReLU, _JumpReLUFn, _StepFn
     part, (B, n_latents) = sae.activation, (x.shape[0], sae.n_latents)
@@ -196,6 +204,8 @@ def penalty_loss(sae, x, pre, coef_scale: float = 1.0, max_frac: float = CROSSOV
             keep = (z > part.theta) | ((z - part.theta).abs() < part.bandwidth / 2)
         else:
             keep = pre > 0
+        if max_frac is None:
+            max_frac = PENALTY_CROSSOVER_BF16 if pre.dtype == torch.bfloat16 else PENALTY_CROSSOVER
         if keep.count_nonzero() >= max_frac * B * n_latents:  # counting is one cheap pass; the positions are not
             return None
         rows, cols = keep.nonzero(as_tuple=True)  # (N,) each, rows sorted

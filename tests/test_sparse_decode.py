@@ -98,7 +98,7 @@ def test_penalty_loss_only_below_the_crossover_and_on_the_cpu():
     with torch.no_grad():
         sae.b_enc.fill_(-1.5)  # few positive entries
     frac = ((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc > 0).double().mean().item()
-    assert 0 < frac < sparse_decode.CROSSOVER
+    assert 0 < frac < sparse_decode.PENALTY_CROSSOVER
     assert isinstance(sae.loss(x)[1]["f"], SparseCode)
     with torch.no_grad():
         sae.b_enc.fill_(1.0)  # most entries positive: the reference
