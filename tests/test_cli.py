@@ -35,10 +35,12 @@ def test_toy_quick(tmp_path):
 
 def test_toy_is_deterministic(tmp_path):
     from minisae import toy
-    a = toy.run(tmp_path / "a", quick=True, variants=("topk",), superposition=False)
-    b = toy.run(tmp_path / "b", quick=True, variants=("topk",), superposition=False)
-    for k in ("l0", "fvu", "mmcs"):
-        assert a["variants"]["topk"][k] == b["variants"]["topk"][k]
+    variants = ("topk", "relu")  # both sparse paths (ReLU's chosen per step)
+    a = toy.run(tmp_path / "a", quick=True, variants=variants, superposition=False)
+    b = toy.run(tmp_path / "b", quick=True, variants=variants, superposition=False)
+    for v in variants:
+        for k in ("l0", "fvu", "mmcs"):
+            assert a["variants"][v][k] == b["variants"][v][k], (v, k)
 
 
 needs_vocab = pytest.mark.skipif(
