@@ -80,16 +80,29 @@ class SparseCode(NamedTuple):
         return (self.vals > 0).sum() / self.shape[0]  # mean active latents per sample
 
 
-def sum_by_latent(rows_of, g, rows, cols, n_latents: int):
+class LatentBags(NamedTuple):
+    """The entries grouped by latent, for sum_by_latent: order (N,) sorts them by latent
+    (stable), rows (N,) are their samples in that order, offsets (F,) where each latent's
+    run starts. Both backward passes of a step use the same ones: made once per step."""
+    order: torch.Tensor
+    rows: torch.Tensor
+    offsets: torch.Tensor
+
+    @classmethod
+    def of(cls, rows, cols, n_latents: int):
+        cols_sorted, order = cols.sort(stable=True)  # (N,)
+        offsets = torch.searchsorted(cols_sorted, torch.arange(n_latents, device=cols.device))  # (F,)
+        return cls(order, rows.index_select(0, order), offsets)
+
+
+def sum_by_latent(rows_of, g, bags: LatentBags):
     """out[i] = sum_{j: cols_j = i} g_j rows_of[rows_j]   (F, D)
 
     For each latent, the g-weighted sum of the rows of rows_of (B, D) of the samples that
     selected it: the gradient of a weight matrix indexed by latent. One embedding_bag with
     a bag per latent (the entries sorted by latent), so nothing of size (N, D) is built."""
-    cols_sorted, order = cols.sort(stable=True)  # (N,)
-    offsets = torch.searchsorted(cols_sorted, torch.arange(n_latents, device=cols.device))  # (F,)
-    return F.embedding_bag(rows.index_select(0, order), rows_of, offsets, mode="sum",
-                           per_sample_weights=g.index_select(0, order))  # (F, D)
+    return F.embedding_bag(bags.rows, rows_of, bags.offsets, mode="sum",
+                           per_sample_weights=g.index_select(0, bags.order))  # (F, D)
 
 
 class SelectedPre(torch.autograd.Function):
@@ -104,23 +117,23 @@ class SelectedPre(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, pre, rows, cols, x, W_enc, b_enc, b_dec):
-        ctx.save_for_backward(rows, cols, x, W_enc, b_dec)
+    def forward(ctx, pre, rows, cols, x, W_enc, b_enc, b_dec, bags):
+        ctx.save_for_backward(cols, x, W_enc, b_dec, *bags)
         return pre.flatten().index_select(0, rows * pre.shape[1] + cols)  # (N,)
 
     @staticmethod
     def backward(ctx, g):
-        rows, cols, x, W_enc, b_dec = ctx.saved_tensors
+        cols, x, W_enc, b_dec, *bags = ctx.saved_tensors
         g = g.to(W_enc.dtype)  # (N,)
-        n_latents = W_enc.shape[0]
-        grad_W_enc = sum_by_latent(x.to(W_enc.dtype) - b_dec, g, rows, cols, n_latents)  # (F, D)
-        grad_b_enc = torch.zeros(n_latents, dtype=g.dtype, device=g.device).index_add_(0, cols, g)  # (F,)
+        grad_W_enc = sum_by_latent(x.to(W_enc.dtype) - b_dec, g, LatentBags(*bags))  # (F, D)
+        grad_b_enc = torch.zeros(W_enc.shape[0], dtype=g.dtype, device=g.device).index_add_(0, cols, g)  # (F,)
         grad_b_dec = -(grad_b_enc @ W_enc)  # (D,)
-        return None, None, None, None, grad_W_enc, grad_b_enc, grad_b_dec
+        return None, None, None, None, grad_W_enc, grad_b_enc, grad_b_dec, None
 
 
-def selected_pre(pre, rows, cols, x, sae):
-    return SelectedPre.apply(pre, rows, cols, x, sae.W_enc, sae.b_enc, sae.b_dec)  # (N,)
+def selected_pre(pre, rows, cols, x, sae, bags=None):
+    bags = bags or LatentBags.of(rows, cols, sae.n_latents)
+    return SelectedPre.apply(pre, rows, cols, x, sae.W_enc, sae.b_enc, sae.b_dec, bags)  # (N,)
 
 
 class DecodeRows(torch.autograd.Function):
@@ -131,27 +144,28 @@ class DecodeRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, vals, rows, cols, W_dec, n_rows: int):
+    def forward(ctx, vals, rows, cols, W_dec, n_rows: int, bags):
         offsets = torch.searchsorted(rows, torch.arange(n_rows, device=rows.device))  # (B,) start of each row
-        ctx.save_for_backward(vals, rows, cols, W_dec, offsets)
+        ctx.save_for_backward(vals, cols, W_dec, offsets, *bags)
         return F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=vals)  # (B, D)
 
     @staticmethod
     def backward(ctx, g):
-        vals, rows, cols, W_dec, offsets = ctx.saved_tensors
+        vals, cols, W_dec, offsets, *bags = ctx.saved_tensors
         # the N dot products are what embedding_bag's own backward computes for its
         # per-sample weights (without building the (N, D) gathered rows): let it
         with torch.enable_grad():
             v = vals.detach().requires_grad_()
             out = F.embedding_bag(cols, W_dec.detach(), offsets, mode="sum", per_sample_weights=v)  # (B, D)
             grad_vals, = torch.autograd.grad(out, v, g)  # (N,)
-        grad_W_dec = sum_by_latent(g, vals, rows, cols, W_dec.shape[0]) if ctx.needs_input_grad[3] else None  # (F, D)
-        return grad_vals, None, None, grad_W_dec, None
+        grad_W_dec = sum_by_latent(g, vals, LatentBags(*bags)) if ctx.needs_input_grad[3] else None  # (F, D)
+        return grad_vals, None, None, grad_W_dec, None, None
 
 
-def decode_rows(vals, rows, cols, W_dec, n_rows: int):
+def decode_rows(vals, rows, cols, W_dec, n_rows: int, bags=None):
     """sum_{j: rows_j = b} vals_j W_dec[cols_j] for each b < n_rows (rows sorted) (B, D)."""
-    return DecodeRows.apply(vals.to(W_dec.dtype), rows, cols, W_dec, n_rows)
+    bags = bags or LatentBags.of(rows, cols, W_dec.shape[0])
+    return DecodeRows.apply(vals.to(W_dec.dtype), rows, cols, W_dec, n_rows, bags)
 
 
 def auxk_loss_sparse(x, pre, x_hat, sae, k_aux: int, aux_coef: float, dead_after: int):
@@ -165,9 +179,10 @@ def auxk_loss_sparse(x, pre, x_hat, sae, k_aux: int, aux_coef: float, dead_after
     idx = pre[:, dead].topk(k, dim=-1).indices  # (B, k_aux), into dead
     rows = torch.arange(B, device=x.device).repeat_interleave(k)  # (N,)
     cols = dead[idx].flatten()  # (N,)
-    vals = F.relu(selected_pre(pre, rows, cols, x, sae))  # (N,)
+    bags = LatentBags.of(rows, cols, sae.n_latents)
+    vals = F.relu(selected_pre(pre, rows, cols, x, sae, bags))  # (N,)
     e = (x - x_hat).detach()  # (B, D)
-    e_hat = decode_rows(vals, rows, cols, sae.W_dec, B)  # (B, D), no b_dec
+    e_hat = decode_rows(vals, rows, cols, sae.W_dec, B, bags)  # (B, D), no b_dec
     return aux_coef * (e - e_hat).pow(2).sum(-1).mean()
 
 
@@ -178,8 +193,9 @@ def sparse_loss(sae, x, coef_scale: float = 1.0):
     with torch.no_grad():  # the one dense product; addmm adds b_enc inside it, not in a pass of its own
         pre = torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc.T)  # (B, F) = SAE.pre_activation(x)
         rows, cols = part.select(pre)  # (N,) each
-    vals = F.relu(selected_pre(pre, rows, cols, x, sae))  # (N,)
-    x_hat = decode_rows(vals, rows, cols, sae.W_dec, x.shape[0]) + sae.b_dec  # (B, D)
+    bags = LatentBags.of(rows, cols, sae.n_latents)  # shared by both backward passes
+    vals = F.relu(selected_pre(pre, rows, cols, x, sae, bags))  # (N,)
+    x_hat = decode_rows(vals, rows, cols, sae.W_dec, x.shape[0], bags) + sae.b_dec  # (B, D)
     recon = (x_hat - x).pow(2).sum(-1).mean()
     k_aux = part.k_aux or max(1, sae.d // 2)
     auxk = auxk_loss_sparse(x, pre, x_hat, sae, k_aux, part.aux_coef, part.dead_after)
@@ -209,21 +225,22 @@ def penalty_loss(sae, x, pre, coef_scale: float = 1.0, max_frac=None):
         if keep.count_nonzero() >= max_frac * B * n_latents:  # counting is one cheap pass; the positions are not
             return None
         rows, cols = keep.nonzero(as_tuple=True)  # (N,) each, rows sorted
-    pre_sel = selected_pre(pre, rows, cols, x, sae)  # (N,)
+    bags = LatentBags.of(rows, cols, n_latents)  # shared by every backward pass below
+    pre_sel = selected_pre(pre, rows, cols, x, sae, bags)  # (N,)
     if isinstance(part, ReLU):
         vals = pre_sel  # (N,) all > 0: ReLU is the identity on them
         extra = {"l1": coef_scale * part.sparsity_coef * vals.sum() / B}
     elif isinstance(part, Gated):  # pre_sel = pi_gate > 0 there: the gate is open, ReLU(pi_gate) = pi_gate
         mag = torch.exp(part.r_mag[cols]) * (pre_sel - sae.b_enc[cols]) + part.b_mag[cols]  # (N,)
         vals = F.relu(mag)  # (N,)
-        x_hat_frozen = decode_rows(pre_sel, rows, cols, sae.W_dec.detach(), B) + sae.b_dec.detach()  # (B, D)
+        x_hat_frozen = decode_rows(pre_sel, rows, cols, sae.W_dec.detach(), B, bags) + sae.b_dec.detach()  # (B, D)
         extra = {"l1": coef_scale * part.sparsity_coef * pre_sel.sum() / B,
                  "aux": (x - x_hat_frozen).pow(2).sum(-1).mean()}
     else:
         z, theta = F.relu(pre_sel), part.theta[cols]  # (N,) each
         vals = _JumpReLUFn.apply(z, theta, part.bandwidth)  # (N,), 0 in the window below theta
         extra = {"l0": coef_scale * part.sparsity_coef * _StepFn.apply(z, theta, part.bandwidth).sum() / B}
-    x_hat = decode_rows(vals, rows, cols, sae.W_dec, B) + sae.b_dec  # (B, D)
+    x_hat = decode_rows(vals, rows, cols, sae.W_dec, B, bags) + sae.b_dec  # (B, D)
     recon = (x_hat - x).pow(2).sum(-1).mean()
     f = SparseCode(rows, cols, vals.detach(), (B, n_latents))
     return recon + sum(extra.values()), {"recon": recon, **extra, "f": f, "x_hat": x_hat}

@@ -123,7 +123,7 @@ class TopK(nn.Module):
     def select(self, pre):
         """The entries `forward` keeps, as (rows, cols) (B K,) each, for the sparse path
         (minisae/sparse_decode.py)."""
-        idx = pre.topk(self.k, dim=-1).indices  # (B, K)
+        idx = pre.topk(self.k, dim=-1, sorted=False).indices  # (B, K), the same k in any order
         rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(self.k)  # (B K,)
         return rows, idx.flatten()
 
@@ -178,7 +178,7 @@ class BatchTopK(nn.Module):
         """The entries `forward` keeps in training, as (rows, cols) (K*B,) each with rows
         sorted, for the sparse path (minisae/sparse_decode.py); updates the threshold."""
         z = F.relu(pre)  # (B, F)
-        vals, idx = z.flatten().topk(self.k * z.shape[0])  # (K*B,)
+        vals, idx = z.flatten().topk(self.k * z.shape[0], sorted=False)  # (K*B,)
         self.update_threshold_(vals)
         idx = idx.sort().values  # (K*B,) row-major: rows ascending
         return idx // z.shape[1], idx % z.shape[1]
