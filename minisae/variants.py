@@ -176,12 +176,25 @@ class BatchTopK(nn.Module):
 
     def select(self, pre):
         """The entries `forward` keeps in training, as (rows, cols) (K*B,) each with rows
-        sorted, for the sparse path (minisae/sparse_decode.py); updates the threshold."""
+        sorted, for the sparse path (minisae/sparse_decode.py); updates the threshold.
+
+        The same K*B entries as a top-k over the whole flattened (B, F), found faster: the
+        largest m = 8k of each row are the candidates, and the K*B largest candidates are
+        the answer unless some row had all m of its candidates chosen (then it might have
+        more winners beyond them, and the whole matrix is searched instead)."""
         z = F.relu(pre)  # (B, F)
-        vals, idx = z.flatten().topk(self.k * z.shape[0], sorted=False)  # (K*B,)
+        (B, n_latents), n = z.shape, self.k * z.shape[0]
+        m = min(n_latents, 8 * self.k)
+        cand_vals, cand_idx = z.topk(m, dim=-1, sorted=False)  # (B, m)
+        vals, pick = cand_vals.flatten().topk(n, sorted=False)  # (K*B,), into the (B, m) candidates
+        rows = pick // m  # (K*B,)
+        if m < n_latents and bool((torch.bincount(rows, minlength=B) == m).any()):
+            vals, idx = z.flatten().topk(n, sorted=False)  # a row may have more than m winners
+        else:
+            idx = rows * n_latents + cand_idx.flatten()[pick]  # (K*B,) into the flattened (B, F)
         self.update_threshold_(vals)
         idx = idx.sort().values  # (K*B,) row-major: rows ascending
-        return idx // z.shape[1], idx % z.shape[1]
+        return idx // n_latents, idx % n_latents
 
     @torch.no_grad()
     def rescale_latents_(self, n):

@@ -128,6 +128,28 @@ def test_decode_rows_against_scatter_and_matmul(B, D, n_lat, n, seed):
     assert torch.allclose(gv, rv, rtol=1e-10, atol=1e-12) and torch.allclose(gW, rW, rtol=1e-10, atol=1e-12)
 
 
+@fast
+@given(B=st.integers(1, 12), n_lat=st.integers(2, 120), k=st.integers(1, 4), skew=st.floats(0, 4),
+       seed=st.integers(0, 2**16))
+def test_batchtopk_select_equals_a_topk_over_the_whole_batch(B, n_lat, k, skew, seed):
+    """The candidate search (the 8k largest of each row) picks exactly the entries of one
+    top-k*B over the flattened matrix, also when a row owns more than 8k of them (skewed
+    rows: the fallback) and when fewer than k*B entries are positive."""
+    from minisae.variants import BatchTopK
+    k = min(k, n_lat)
+    pre = randn(B, n_lat, seed=seed) * torch.exp(skew * randn(B, 1, seed=seed + 1)) - 0.5  # (B, F)
+    part = BatchTopK(n_lat, k=k)
+    rows, cols = part.select(pre)
+    z = torch.relu(pre).flatten()
+    want = z.topk(k * B).indices
+    got = rows * n_lat + cols
+    assert torch.equal(rows, rows.sort().values)  # row-major
+    # the same entries; where zeros tie at the cut, any of them will do
+    assert torch.equal(z[got].sort().values, z[want].sort().values)
+    assert set((got[z[got] > 0]).tolist()) == set((want[z[want] > 0]).tolist())
+    assert part.threshold.item() == pytest.approx(z[want][z[want] > 0].min().item() if (z[want] > 0).any() else -1.0)
+
+
 def test_loss_takes_the_sparse_path_below_the_crossover_only():
     x = torch.randn(8, 6)
     small = make_sae("topk", 6, 40, k=2)  # k/F = 0.05
