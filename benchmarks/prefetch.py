@@ -18,8 +18,9 @@ import time
 import numpy as np
 import torch
 
-from minisae.batches import iter_batches, prefetch
+from minisae.batches import iter_batches
 from minisae.sae import make_sae
+from minisae.sweep import activation_batches
 from minisae.train import TrainConfig, train
 
 
@@ -34,10 +35,10 @@ def drop_page_cache() -> bool:
 
 
 def batches(acts, B, ahead: bool):
-    def epochs():
-        for epoch in range(10**9):
-            yield from iter_batches(acts, B, seed=epoch, drop_last=True)
-    return prefetch(epochs()) if ahead else epochs()
+    """`lm`'s own batches (read ahead), or the same epochs read in the loop."""
+    if ahead:
+        return activation_batches(acts, B, seed=0)
+    return (x for epoch in range(10**9) for x in iter_batches(acts, B, seed=epoch, drop_last=True))
 
 
 def main():

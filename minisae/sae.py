@@ -119,15 +119,14 @@ class SAE(nn.Module):
         the result, so the trainer does it in bulk at each progress line instead."""
         self.check_input(x, finite=False)
         fast = self.sparse_decode and self.training  # the fast path: encode and decode only what matters
-        if fast and hasattr(self.activation, "select"):  # TopK, BatchTopK: the k selected
+        if fast:
             from minisae import sparse_decode
-            if sparse_decode.worth_it(self.activation.k, self.n_latents):
-                return sparse_decode.sparse_loss(self, x, coef_scale)
+            if hasattr(self.activation, "select") and sparse_decode.worth_it(self.activation.k, self.n_latents):
+                return sparse_decode.sparse_loss(self, x, coef_scale)  # TopK, BatchTopK: the k selected
         pre = self.pre_activation(x)  # (B, F)
-        if fast and not hasattr(self.activation, "select"):  # the rest: the entries their loss reads
-            from minisae import sparse_decode
+        if fast:  # ReLU, Gated, JumpReLU: the entries their loss reads (None: too many, or not on the CPU)
             out = sparse_decode.penalty_loss(self, x, pre, coef_scale)
-            if out is not None:  # (None: too many of them, or not on the CPU)
+            if out is not None:
                 return out
         f = self.activation(pre, self)  # (B, F)
         x_hat = self.decode(f)  # (B, D)

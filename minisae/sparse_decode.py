@@ -209,7 +209,7 @@ def penalty_loss(sae, x, pre, coef_scale: float = 1.0, max_frac=None):
     as fast: on an accelerator, or when the entries are max_frac of the code or more
     (default: the crossover above for pre's dtype)."""
     from minisae.sae import ReLU
-    from minisae.variants import Gated, JumpReLU, _JumpReLUFn, _StepFn
+    from minisae.variants import Gated, JumpReLU, _JumpReLUFn, _StepFn, in_window
     part, (B, n_latents) = sae.activation, (x.shape[0], sae.n_latents)
     if x.device.type != "cpu" or not isinstance(part, (ReLU, Gated, JumpReLU)):
         return None
@@ -217,7 +217,7 @@ def penalty_loss(sae, x, pre, coef_scale: float = 1.0, max_frac=None):
         pre = pre.detach()  # the sparse path's own backward starts at the N entries
         if isinstance(part, JumpReLU):  # the same comparisons as _JumpReLUFn and _StepFn make
             z = F.relu(pre)  # (B, F)
-            keep = (z > part.theta) | ((z - part.theta).abs() < part.bandwidth / 2)
+            keep = (z > part.theta) | in_window(z, part.theta, part.bandwidth)
         else:
             keep = pre > 0
         if max_frac is None:

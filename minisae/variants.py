@@ -203,6 +203,11 @@ class BatchTopK(nn.Module):
             self.threshold *= n.mean()
 
 
+def in_window(z, theta, eps):
+    """(.., F) bool: the pre-activations whose pseudo-gradient moves theta, K((z - theta) / eps) = 1."""
+    return (z - theta).abs() < eps / 2
+
+
 class _JumpReLUFn(torch.autograd.Function):
     """z * H(z - theta) with the straight-through pseudo-gradient for theta
     (JumpReLU paper, eq. 11): d/dtheta = -(theta / eps) * K((z - theta) / eps),
@@ -217,8 +222,8 @@ class _JumpReLUFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         z, theta = ctx.saved_tensors
-        in_window = ((z - theta).abs() < ctx.eps / 2).to(g.dtype)
-        g_theta = (-(theta / ctx.eps) * in_window * g).sum_to_size(theta.shape)  # (F,): summed over B
+        window = in_window(z, theta, ctx.eps).to(g.dtype)
+        g_theta = (-(theta / ctx.eps) * window * g).sum_to_size(theta.shape)  # (F,): summed over B
         return g * (z > theta), g_theta, None
 
 
@@ -234,8 +239,8 @@ class _StepFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         z, theta = ctx.saved_tensors
-        in_window = ((z - theta).abs() < ctx.eps / 2).to(g.dtype)
-        g_theta = (-(1.0 / ctx.eps) * in_window * g).sum_to_size(theta.shape)  # (F,): summed over B
+        window = in_window(z, theta, ctx.eps).to(g.dtype)
+        g_theta = (-(1.0 / ctx.eps) * window * g).sum_to_size(theta.shape)  # (F,): summed over B
         return None, g_theta, None  # None: no gradient for z (no (B, F) zeros)
 
 

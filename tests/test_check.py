@@ -13,6 +13,7 @@ pytest.importorskip("hypothesis", reason="the exercise checker draws its inputs 
 
 from minisae.check import check_exercise, main, report  # noqa: E402
 from minisae.exercise_checks import exercises  # noqa: E402
+from minisae.variants import _JumpReLUFn  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EXERCISES = Path(__file__).resolve().parents[1] / "exercises"
@@ -86,14 +87,8 @@ def test_reference_solutions_pass_and_templates_are_skipped(capsys):
 
 # -- plausible wrong implementations -----------------------------------------------------
 
-class _WrongJump(torch.autograd.Function):
-    """The right JumpReLU except for `theta_grad` and `z_grad`, which subclasses replace."""
-
-    @staticmethod
-    def forward(ctx, z, theta, eps):
-        ctx.save_for_backward(z, theta)
-        ctx.eps = eps
-        return z * (z > theta)
+class _WrongJump(_JumpReLUFn):
+    """The right JumpReLU (its forward) except for `theta_grad` and `z_grad`, which subclasses replace."""
 
     @classmethod
     def backward(cls, ctx, g):
