@@ -31,7 +31,7 @@ def timed(encode, text):
 
 
 def hf_tokenizer(meta):
-    """SmolLM2's tokenizer in HF `tokenizers` (as tests/test_tokenizer_corpus.py builds it), or None."""
+    """SmolLM2's tokenizer in HF `tokenizers` (as tests/models/test_tokenizer_corpus.py builds it), or None."""
     try:
         import tokenizers
     except ImportError:
@@ -51,7 +51,7 @@ def main():
     args = parser.parse_args()
     from minisae.models.bpe import merge_reference
     from minisae.models.gguf import GGUFFile
-    from minisae.models.llama import gguf_tokenizer, smollm2_path
+    from minisae.models.llama_gguf import gguf_tokenizer, smollm2_path
 
     meta = GGUFFile(smollm2_path()).metadata
     ours = gguf_tokenizer(meta, bos_id=0)

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from minisae import distributed
+from minisae import distributed, utils
 from minisae.sae import make_sae
 from minisae.train import TrainConfig, train
 
@@ -98,7 +98,7 @@ def main():
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU runs)")
     p.add_argument("--device", default="cpu", help="cpu (1 vs --procs processes) or cuda (one GPU)")
     args = p.parse_args()
-    device = distributed.resolve_device(args.device)
+    device = utils.resolve_device(args.device)
     shape = f"D={args.d}, F={args.latents}, global batch {args.batch}"
     if device.type == "cuda":
         peak = {dt: matmul_rate(device, dt) for dt in (torch.float32, torch.bfloat16)}

@@ -22,7 +22,7 @@ import torch
 
 from minisae.models.gpt2 import CONFIGS, GPT2, load_weights_
 from minisae.models.safetensors import save_safetensors
-from timing import tokens_per_second  # benchmarks/timing.py
+from timing import table, timed_in, tokens_per_second  # benchmarks/timing.py
 
 
 def main():
@@ -33,7 +33,7 @@ def main():
     parser.add_argument("--stop-at", default="blocks.6.hook_resid_pre")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     args = parser.parse_args()
-    from minisae.distributed import resolve_device
+    from minisae.utils import resolve_device
     device = resolve_device(args.device)
     import transformers
 
@@ -64,20 +64,12 @@ def main():
         diff = (ours(idx) - hf(idx).logits).abs().max().item()
         results = {}
         for label, (fn, precision) in runs.items():
-            def timed(fn=fn, precision=precision):
-                with precision():
-                    fn()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()  # the work, not just its launch
-            results[label] = tokens_per_second(timed, n_tokens, args.repeats)
+            results[label] = tokens_per_second(timed_in(precision, fn), n_tokens, args.repeats, device)
 
     print(f"GPT-2 small (random weights) on {device}, batch {args.batch} x {args.ctx} tokens, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"max |logit difference| minisae vs transformers (fp32): {diff:.2e}\n")
-    print(f"| {'run':<48} | {'tokens/s':>9} |")
-    print(f"|{'-' * 50}|{'-' * 11}|")
-    for label, tps in results.items():
-        print(f"| {label:<48} | {tps:>9,.0f} |")
+    print(table([(label, tps) for label, tps in results.items()], ("run", "tokens/s")))
     print("\nratios (minisae / transformers, full forward):")
     print(f"  fp32 {results['minisae full forward'] / results['transformers full forward']:.2f}x   "
           f"bf16 {results['minisae full forward, bf16'] / results['transformers full forward, bf16']:.2f}x")

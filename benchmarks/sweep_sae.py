@@ -44,7 +44,7 @@ def batches():
             yield acts[idx]
 
 sae = make_sae(variant, D, 4 * D, seed=0, **settings)
-cfg = TrainConfig(n_samples=tokens, batch_size=B, lr=1e-3, seed=0, bf16=True, dead_after=1_000_000, log_every=50,
+cfg = TrainConfig(n_samples=tokens, batch_size=B, lr=1e-3, seed=0, bf16=True, resample_dead_after=1_000_000, log_every=50,
                   resample_every=0 if variant in ("topk", "batchtopk") else 2_000_000 // B)
 t0 = time.process_time()
 out = train(sae, batches(), cfg, log=False)

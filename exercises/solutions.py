@@ -1,13 +1,15 @@
-"""Reference solutions to exercises/ch2_sae.py and exercises/ch3_variants.py: minisae's
-own code (minisae/sae.py, minisae/variants.py) in the exercises' signatures; the adapters
-are the `ref_*` functions at the end of minisae/exercise_checks.py.
+"""Reference solutions to exercises/ch2_sae.py, ch3_variants.py and ch7_autointerp.py:
+minisae's own code (minisae/sae.py, minisae/variants.py, minisae/autointerp/stats.py) in
+the exercises' signatures; the adapters are the `ref_*` functions at the end of
+minisae/grading/exercises.py.
 
     python -m minisae check exercises/solutions.py      # every exercise passes
 """
 
-from minisae.exercise_checks import ref_JumpReLUFn as JumpReLUFn  # noqa: F401  minisae.variants._JumpReLUFn
-from minisae.exercise_checks import ref_auxk_loss as auxk_loss  # noqa: F401  minisae.variants.auxk_loss
-from minisae.exercise_checks import ref_encode as encode  # noqa: F401  SAE.encode with a ReLU
-from minisae.exercise_checks import ref_gated_forward as gated_forward  # noqa: F401  SAE.encode with variants.Gated
-from minisae.exercise_checks import ref_l1_loss as l1_loss  # noqa: F401  ReLU.loss_terms, decoder norms folded in
-from minisae.exercise_checks import ref_topk_activation as topk_activation  # noqa: F401  variants.TopK.forward
+from minisae.grading.exercises import ref_JumpReLUFn as JumpReLUFn  # noqa: F401  minisae.variants._JumpReLUFn
+from minisae.grading.exercises import ref_auxk_loss as auxk_loss  # noqa: F401  minisae.variants.auxk_loss
+from minisae.grading.exercises import ref_encode as encode  # noqa: F401  SAE.encode with a ReLU
+from minisae.grading.exercises import ref_gated_forward as gated_forward  # noqa: F401  SAE.encode with variants.Gated
+from minisae.grading.exercises import ref_l1_loss as l1_loss  # noqa: F401  ReLU.loss_terms, decoder norms folded in
+from minisae.grading.exercises import ref_sign_flip_p as sign_flip_p  # noqa: F401  autointerp.stats.sign_flip_test
+from minisae.grading.exercises import ref_topk_activation as topk_activation  # noqa: F401  variants.TopK.forward

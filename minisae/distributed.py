@@ -4,7 +4,7 @@
 
 starts N copies of the same command; each learns its rank r (0..N-1) from the
 environment. Each reads its own disjoint share of every global batch (rows
-r*B/N .. (r+1)*B/N, minisae.batches.iter_batches) and the SAE's loss runs inside
+r*B/N .. (r+1)*B/N, minisae.pipeline.batches.iter_batches) and the SAE's loss runs inside
 `torch.nn.parallel.DistributedDataParallel`, which averages the gradients of all ranks
 during backward. The mean of N per-rank means over B/N samples is the mean over B, so
 for every loss that is a mean over samples (reconstruction, L1, AuxK) the step is the
@@ -21,49 +21,20 @@ single-process step on the global batch. What DDP does not know about, SAEs need
   share, not over the global batch. The running threshold is averaged over ranks after
   every step (`average_buffer_`), so all ranks keep one threshold for inference.
 
-Backend: `nccl` on CUDA, `gloo` on CPU (tests/test_distributed.py spawns 2 CPU
+Backend: `nccl` on CUDA, `gloo` on CPU (tests/system/test_distributed.py spawns 2 CPU
 processes on 127.0.0.1 and checks the result equals single-process training).
 Only rank 0 prints, evaluates and writes files; activation collection runs once, on
 rank 0, while the others wait.
 """
 
+import inspect
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-
 # ---------------------------------------------------------------- devices
-
-def resolve_device(spec: str = "auto") -> torch.device:
-    """'auto' (CUDA if available, else MPS, else CPU), 'cpu', 'cuda', 'cuda:N' or 'mps' ->
-    a torch.device; ValueError before any work if that device is not there."""
-    spec = str(spec or "auto").strip().lower()
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise ValueError(f"unknown device {spec!r}; valid: auto, cpu, cuda, cuda:N, mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {spec}: CUDA is not available here (no GPU, or a CPU-only torch); "
-                             "use --device cpu or auto")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                             f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
-    elif device.type == "mps":
-        if getattr(torch.backends, "mps", None) is None or not torch.backends.mps.is_available():
-            raise ValueError(f"--device {spec}: MPS (Apple GPU) is not available here; use --device cpu or auto")
-    elif device.type != "cpu":
-        raise ValueError(f"unknown device {spec!r}; valid: auto, cpu, cuda, cuda:N, mps")
-    return device
-
 
 def autocast_dtype(device: torch.device):
     """The reduced-precision type for `--bf16` autocast on this device: bfloat16 on CUDA
@@ -129,28 +100,28 @@ def gather_objects(obj) -> list:
 # ---------------------------------------------------------------- what SAEs add to DDP
 
 class LossModule(torch.nn.Module):
-    """DDP averages gradients of what its module's forward computes: here, the SAE's loss."""
+    """DDP averages gradients of what its module's forward computes: here, the SAE's loss
+    as the trainer computes it (`loss_fn`, the function minisae.sparse_decode chose)."""
 
-    def __init__(self, sae):
+    def __init__(self, sae, loss_fn):
         super().__init__()
-        self.sae = sae
+        self.sae, self.loss_fn = sae, loss_fn
 
     def forward(self, x, coef_scale: float):
-        return self.sae.loss(x, coef_scale)
+        return self.loss_fn(x, coef_scale)
 
 
-def wrap(sae, group: Group):
-    """sae.loss inside DistributedDataParallel. Buffers (dead-latent counters, BatchTopK's
+def wrap(sae, group: Group, loss_fn):
+    """loss_fn (the SAE's loss) inside DistributedDataParallel. Buffers (dead-latent counters, BatchTopK's
     threshold) are not broadcast from rank 0 at every forward: the trainer agrees on them
     explicitly (below), which is what keeps them right, not merely equal."""
-    import inspect
     ids = [group.device.index] if group.device.type == "cuda" else None
     DDP = torch.nn.parallel.DistributedDataParallel
     # newer torch names the switch forward_sync_buffers (it still syncs once at init, where
     # the ranks' buffers are equal anyway)
     no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
         else {"broadcast_buffers": False}
-    return DDP(LossModule(sae), device_ids=ids, **no_sync)
+    return DDP(LossModule(sae, loss_fn), device_ids=ids, **no_sync)
 
 
 def fired_anywhere(fired):

@@ -15,13 +15,25 @@
               gamma = argmin_g E||x_hat / g - x||^2 = E||x_hat||^2 / E[x_hat . x];
               gamma < 1: reconstructions are shrunk; 1: unbiased
 
-The same quantities under the names SAEBench and SAELens report (SAELens evals.py,
-get_sparsity_and_variance_metrics, used by SAEBench's core evaluation):
+Which definition each key of `Accumulator.result` follows, where SAELens (6.x evals.py,
+get_sparsity_and_variance_metrics) or SAEBench (0.6, evals/core/main.py) use the name too:
 
-    explained_variance   1 - FVU, FVU over the whole dataset as above (SAELens's
-                         ExplainedVarianceCalculator: 1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2))
-    l2_ratio             E_x ||x_hat|| / ||x||, per sample then averaged (||x|| < 1e-4 divides by 1)
-    cossim               E_x cos(x, x_hat), per sample then averaged
+    mse                  E_x ||x - x_hat||^2, summed over D, in the units of x (with
+                         result(scale=s) for inputs s x: those of x). SAELens's `mse`.
+                         SAEBench 0.6's `mse` differs: each token's sum divided by the
+                         number of tokens in its batch, then averaged (E_x ||.||^2 / batch size).
+    explained_variance   1 - FVU: 1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2) over the whole
+                         dataset. SAELens's (ExplainedVarianceCalculator). SAEBench 0.6 reports
+                         another quantity under this name, kept here as
+    saebench_explained_variance
+                         1 - E||x - x_hat||^2 / (E||x||^2 - (E||x||^2 / D)^2): its "total
+                         variance" subtracts the square of the mean of x_d^2 over dimensions,
+                         not ||E x||^2, so it depends on the units of x (those of x, as mse)
+                         and is not comparable with explained_variance.
+    l2_ratio             E_x ||x_hat|| / ||x||, per sample then averaged (||x|| < 1e-4 divides
+                         by 1). SAELens's and SAEBench's.
+    cossim               E_x cos(x, x_hat), per sample then averaged. SAELens's and SAEBench's.
+    shrinkage_gamma      E||x_hat||^2 / E[x_hat . x]: SAEBench's relative_reconstruction_bias.
 """
 
 import math
@@ -99,17 +111,23 @@ class Accumulator:
         self.cossim += ((x * x_hat).sum(-1) / (norm_x * norm_hat).clamp_min(1e-12)).sum().item()
         self.fired += (f != 0).sum(0).cpu()
 
-    def result(self, dense_threshold: float = 0.1) -> dict:
+    def result(self, dense_threshold: float = 0.1, scale: float = 1.0) -> dict:
+        """The metrics; `scale`: the samples added were s x, and mse (and SAEBench's
+        unit-dependent explained variance) are reported for x."""
         if self.n == 0:
             raise ValueError("no samples were added")
         # total variance about the mean: sum ||x - mean||^2 = sum x^2 - n * mean^2
         var = (self.sum_xx - self.sum_x.pow(2) / self.n).sum().item()
         freq = self.fired.double() / self.n  # (F,)
+        mse = self.sse / self.n / scale ** 2  # in the units of x
+        sq = self.sum_xx.sum().item() / self.n / scale ** 2  # E||x||^2
+        saebench_var = sq - (sq / self.sum_x.numel()) ** 2  # SAEBench 0.6's "total variance"
         return {
             "l0": self.active / self.n,
-            "mse": self.sse / self.n,
+            "mse": mse,
             "fvu": self.sse / var if var > 0 else float("nan"),  # undefined without variance
             "explained_variance": 1 - self.sse / var if var > 0 else float("nan"),
+            "saebench_explained_variance": 1 - mse / saebench_var if saebench_var != 0 else float("nan"),
             "l2_ratio": self.l2_ratio / self.n,
             "cossim": self.cossim / self.n,
             "shrinkage_gamma": self.hat_sq / self.hat_dot if self.hat_dot != 0 else float("nan"),

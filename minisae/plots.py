@@ -1,14 +1,18 @@
 """Figures, drawn from the result files (never by hand). One function per figure family;
 each reads plain dicts and lists so a figure can be redrawn from the JSON alone."""
 
+import math
 from pathlib import Path
+
+import numpy as np
+
+from minisae.utils import pyplot
 
 COLORS = {"relu": "tab:blue", "gated": "tab:orange", "topk": "tab:green", "jumprelu": "tab:red",
           "batchtopk": "tab:purple"}
 
 
 def _plt():
-    from minisae.utils import pyplot
     return pyplot()
 
 
@@ -230,8 +234,7 @@ def layer_figures(results: dict, out_dir: Path):
 
 def link_cosines(best: list, baseline: list, path, title: str):
     """Histogram of each latent of A's best-match decoder cosine with B, against random
-    directions (minisae.links)."""
-    import numpy as np
+    directions (minisae.interp.links)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     bins = np.linspace(min(min(best), min(baseline)), 1, 50)
@@ -248,7 +251,6 @@ def link_graph(sources: list, edges: list, path, title: str, n_edges: int = 24):
     """Two columns of nodes (A left, B right); the n_edges strongest |edge| (edges: S lists
     of F_b values) as lines, width by strength, red when ablating the source lowers the
     target (i excites j)."""
-    import numpy as np
     plt = _plt()
     E = np.asarray(edges, dtype=float)  # (S, F_b)
     flat = np.abs(E).ravel()
@@ -273,6 +275,92 @@ def link_graph(sources: list, edges: list, path, title: str, n_edges: int = 24):
     ax.text(1, 1.01, "B", ha="center", va="bottom")
     ax.set(xlim=(-0.3, 1.3), ylim=(-0.08, 1.04), title=title)
     ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def norms_figure(ratio, path: Path, title: str, max_norm_multiple: float, bands: tuple):
+    """The histogram of activation norm / median norm over positions (`python -m minisae norms`)."""
+    plt = _plt()
+    r = ratio.flatten().numpy()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.geomspace(min(r.min(), 0.3), max(r.max(), 100) * 1.1, 80)
+    ax.hist(r, bins=bins, color="tab:blue")
+    ax.axvline(max_norm_multiple, color="tab:red", ls="--", lw=1,
+               label=f"{max_norm_multiple:g}x the median: above it a position is a sink (kept clean)")
+    ax.axvspan(*bands, color="0.93", zorder=0, label=f"{bands[0]:g}x-{bands[1]:g}x")
+    ax.set(xscale="log", yscale="log", xlabel="norm / median norm (log scale)",
+           ylabel="positions (log scale)", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def autointerp_figure(summaries, path, model: str):
+    """Per SAE, the mean detection and simulation scores of the explanations beside the
+    token-set baseline and the control (`python -m minisae explain`)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    keys = [("detection_balanced_accuracy", "detection: balanced accuracy", 0.5),
+            ("detection_auroc", "detection: AUROC of P(yes)", 0.5),
+            ("simulation_correlation", "simulation: correlation r", 0.0)]
+    xs = range(len(summaries))
+    for ax, (key, title, chance) in zip(axes, keys):
+        kinds = (("explanation", "C0", "LLM explanation"), ("baseline", "C2", "token-set baseline"),
+                 ("control", "C7", "shuffled control"), ("baseline_rule", "C1", "token set, read by rule (no LLM)"))
+        for off, (kind, color, label) in enumerate(kinds):
+            ax.bar([x + (off - 1.5) * 0.2 for x in xs], [s.get(f"{kind}_{key}", math.nan) for s in summaries], 0.2,
+                   color=color, label=label)
+        ax.axhline(chance, color="k", lw=0.8, ls="--")
+        ax.set_xticks(list(xs), [f"{s['sae']}\nL0 {s['l0']:.0f}" for s in summaries], fontsize=7)
+        ax.set_title(title, fontsize=9)
+    axes[0].legend(fontsize=7)
+    n = min(s["n_latents"] for s in summaries)
+    fig.suptitle(f"Automated interpretability, scorer = explainer = {model}, "
+                 f">= {n} latents per SAE", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def autointerp_verdict_figure(summaries, path, model: str):
+    """One panel per scorer: per SAE the mean score with its 95% bootstrap interval over
+    latents, first the known answers (token set vs shuffled token set: the validation),
+    then the explainer's sentences vs the shuffled control; a blind scorer's panel is
+    greyed and says so (minisae.autointerp.verdict)."""
+    plt = _plt()
+    methods = list(summaries[0]["verdict"])
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.4 * len(methods), 3.8), squeeze=False)
+    xs = range(len(summaries))
+    for ax, m in zip(axes[0], methods):
+        vs = [s["verdict"][m] for s in summaries]
+        bars = [("result", "score", "C0", "explainer's sentence" if m != "intruder" else "P(intruder)"),
+                ("result", "control", "C7", "shuffled sentence" if m != "intruder" else "chance 1/k")]
+        if m != "intruder":
+            bars = [("validation", "score", "C2", "token set (true by construction)"),
+                    ("validation", "control", "C1", "shuffled token set")] + bars
+        for off, (part, side, color, label) in enumerate(bars):
+            shown = list(vs) if part == "validation" else \
+                [v if v["validated"] is not False else None for v in vs]  # a blind scorer's results are not drawn
+            ci = [v[part][side] if v else (math.nan,) * 3 for v in shown]  # (mean, low, high) per SAE
+            mean, err = [c[0] for c in ci], [[c[0] - c[1] for c in ci], [c[2] - c[0] for c in ci]]
+            ax.bar([x + (off - (len(bars) - 1) / 2) * 0.2 for x in xs], mean, 0.2, yerr=err, capsize=2,
+                   color=color, label=label)
+        blind = [v["validated"] is False for v in vs]
+        if any(blind):
+            ax.set_facecolor("0.92")  # grey: this scorer failed its validation for some SAE
+        ax.axhline(0.25 if m == "intruder" else 0.0, color="k", lw=0.8, ls="--")
+        ax.set_xticks(list(xs), [f"{s['sae']}\nL0 {s['l0']:.0f}" + ("\nBLIND" if b else "")
+                                 for s, b in zip(summaries, blind)], fontsize=7)
+        ax.set_title({"surprisal": "surprisal: gain gap, nats/token", "overlap": "token overlap: gap",
+                      "intruder": "intruder: P(correct), no explanation", "detection": "detection: AUROC",
+                      "simulation": "simulation: r"}.get(m, m), fontsize=9)
+        ax.legend(fontsize=6)
+    n = min(v["result"]["n"] for s in summaries for v in s["verdict"].values())
+    fig.suptitle(f"Automated interpretability with validated scorers, explainer = scorer = {model}; "
+                 f">= {n} latents per SAE, 95% bootstrap intervals", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -34,6 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minisae import variants
+
 
 class ReLU(nn.Module):
     """The plain SAE: f = ReLU(pre), sparsity loss lambda * sum_i f_i (L1).
@@ -86,9 +88,6 @@ class SAE(nn.Module):
         # resampling read it to know which latents are dead
         self.register_buffer("samples_since_fired", torch.zeros(n_latents, dtype=torch.long))
         self.d, self.n_latents = d, n_latents
-        # loss() takes the sparse path of minisae/sparse_decode.py (same values and
-        # gradients) when it is faster; False: always this file's
-        self.sparse_decode = True
 
     # -- the three steps ------------------------------------------------------------
     def pre_activation(self, x):
@@ -112,26 +111,22 @@ class SAE(nn.Module):
         return self.decode(self.encode(x))  # (B, D)
 
     # -- the loss -------------------------------------------------------------------
-    def loss(self, x, coef_scale: float = 1.0):
+    def loss(self, x, coef_scale: float = 1.0, pre=None, target=None):
         """Total loss and its parts. coef_scale multiplies the sparsity coefficient (the
         trainer's warmup). The reconstruction term is summed over D, averaged over B.
         x is checked for its shape only: a finiteness check reads all of x and waits for
-        the result, so the trainer does it in bulk at each progress line instead."""
+        the result, so the trainer does it in bulk at each progress line instead. pre:
+        the pre-activations, where a caller has them already (the fast path's fallback).
+        target (B, D): what x_hat should match, x itself by default; a transcoder reads
+        one site and reconstructs another (Dunefsky et al. 2024), e.g. an MLP's input
+        and its output (minisae/pipeline/transcoder.py)."""
         self.check_input(x, finite=False)
-        fast = self.sparse_decode and self.training  # the fast path: encode and decode only what matters
-        if fast:
-            from minisae import sparse_decode
-            if hasattr(self.activation, "select") and sparse_decode.worth_it(self.activation.k, self.n_latents):
-                return sparse_decode.sparse_loss(self, x, coef_scale)  # TopK, BatchTopK: the k selected
-        pre = self.pre_activation(x)  # (B, F)
-        if fast:  # ReLU, Gated, JumpReLU: the entries their loss reads (None: too many, or not on the CPU)
-            out = sparse_decode.penalty_loss(self, x, pre, coef_scale)
-            if out is not None:
-                return out
+        target = x if target is None else target  # (B, D)
+        pre = self.pre_activation(x) if pre is None else pre  # (B, F)
         f = self.activation(pre, self)  # (B, F)
         x_hat = self.decode(f)  # (B, D)
-        recon = (x_hat - x).pow(2).sum(-1).mean()
-        extra = self.activation.loss_terms(x=x, pre=pre, f=f, x_hat=x_hat, sae=self, coef_scale=coef_scale)
+        recon = (x_hat - target).pow(2).sum(-1).mean()
+        extra = self.activation.loss_terms(x=target, pre=pre, f=f, x_hat=x_hat, sae=self, coef_scale=coef_scale)
         total = recon + sum(extra.values())
         return total, {"recon": recon, **extra, "f": f, "x_hat": x_hat}
 
@@ -174,21 +169,6 @@ class SAE(nn.Module):
         if finite and not torch.isfinite(x).all():
             raise ValueError("input contains NaN or Inf values")
 
-    # -- saving -----------------------------------------------------------------------
-    def save(self, path, layout: str = "saelens", **meta):
-        """Write the SAE as a directory in SAELens's layout (minisae/saelens_format.py) or
-        sparsify's (TopK only). meta: model, hook, scale (folded into the weights, so the
-        file reads raw activations), max_norm, mean, and anything else to keep in cfg.json."""
-        from minisae import formats
-        return formats.save(self, path, layout, **meta)
-
-    @staticmethod
-    def load(path):
-        """(sae, meta) from a directory in either layout, a hub reference hf:OWNER/REPO/PATH,
-        or an old minisae .pt file (minisae/formats.py detects which)."""
-        from minisae import formats
-        return formats.load(path)
-
 
 def part_settings(part: nn.Module) -> dict:
     """The constructor arguments of an activation part, read back from its attributes
@@ -204,8 +184,13 @@ def variant_name(activation: nn.Module) -> str:
     raise ValueError(f"unknown activation part {type(activation).__name__}")
 
 
+def revives_dead(variant: str) -> bool:
+    """Whether the variant's part revives dead latents itself (AuxK): then the trainer's
+    resampling is switched off for it."""
+    return getattr(variant_classes()[variant], "revives_dead", False)
+
+
 def variant_classes() -> dict:
-    from minisae import variants
     return {"relu": ReLU, "gated": variants.Gated, "topk": variants.TopK,
             "jumprelu": variants.JumpReLU, "batchtopk": variants.BatchTopK}
 

@@ -13,7 +13,7 @@ them:
     vals_j       = pre[rows_j, cols_j]           with a sparse backward      (N,)
     x_hat[b]     = sum_{j: rows_j = b} ReLU(vals_j) W_dec[cols_j] + b_dec    (B, D)
 
-The values and gradients are those of the reference (tests/test_sparse_decode.py checks
+The values and gradients are those of the reference (tests/core/test_sparse_decode.py checks
 outputs, gradients and AuxK against it); only the order of the additions differs. One
 dense product (B x D x F) is left, the encoder's forward; the rest costs O(N D).
 
@@ -37,10 +37,15 @@ On an accelerator the reference runs: its products are cheap there, and counting
 entries would make the host wait for the device every step.
 """
 
+from functools import partial
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from minisae.codes import DenseCode, SparseCode
+from minisae.sae import ReLU
+from minisae.variants import Gated, JumpReLU, _JumpReLUFn, _StepFn, in_window
 
 # Above this fraction of selected latents (N / (B F)) the dense reference is about as
 # fast. Measured (benchmarks/sae_train.py --crossover, one thread, D=256, F=2048, B=1024):
@@ -59,25 +64,46 @@ def worth_it(k: int, n_latents: int) -> bool:
     return k / n_latents < CROSSOVER
 
 
-class SparseCode(NamedTuple):
-    """A code (B, F) stored as its selected entries, rows sorted: rows (N,), cols (N,),
-    vals (N,) = the code's values there (>= 0, some may be 0), and the dense shape."""
-    rows: torch.Tensor
-    cols: torch.Tensor
-    vals: torch.Tensor
-    shape: tuple
+def loss_function(sae, sparse: bool = True):
+    """The loss the training loop calls, chosen once per SAE (as sparsify picks its decoder
+    once): (x, coef_scale) -> (total, parts), with parts["code"] a DenseCode or SparseCode.
 
-    def to_dense(self):
-        f = self.vals.new_zeros(self.shape)  # (B, F)
-        return f.index_put((self.rows, self.cols), self.vals)
+        TopK, BatchTopK with k/F below the crossover      sparse_loss
+        ReLU, Gated, JumpReLU on the CPU                   penalty_loss each step, the
+                                                           reference where it is as fast
+        anything else, eval mode, or sparse=False         SAE.loss, the reference
 
-    def fired(self):
-        """(F,) bool: the latents with a positive value in some sample (one pass over N)."""
-        hits = torch.zeros(self.shape[1], dtype=torch.int32, device=self.vals.device)
-        return hits.index_add_(0, self.cols, (self.vals > 0).int()) > 0
+    The sparse paths are training's: BatchTopK selects by its training rule there."""
+    part, sparse = sae.activation, sparse and sae.training
+    if sparse and hasattr(part, "select") and worth_it(part.k, sae.n_latents):
+        return partial(sparse_coded_loss, sae)
+    if sparse and isinstance(part, (ReLU, Gated, JumpReLU)) and sae.W_enc.device.type == "cpu":
+        return partial(penalty_or_reference_loss, sae)
+    return partial(reference_loss, sae)
 
-    def l0(self):
-        return (self.vals > 0).sum() / self.shape[0]  # mean active latents per sample
+
+def reference_loss(sae, x, coef_scale: float = 1.0, pre=None, target=None):
+    """SAE.loss, its dense code answering as a DenseCode (target: a transcoder's)."""
+    loss, parts = sae.loss(x, coef_scale, pre=pre, target=target)
+    return loss, {**parts, "code": DenseCode(parts["f"])}
+
+
+def sparse_coded_loss(sae, x, coef_scale: float = 1.0):
+    """sparse_loss, its SparseCode answering for itself."""
+    loss, parts = sparse_loss(sae, x, coef_scale)
+    return loss, {**parts, "code": parts["f"]}
+
+
+def penalty_or_reference_loss(sae, x, coef_scale: float = 1.0):
+    """penalty_loss where its entries are few enough this step, else the reference (with
+    the pre-activations already computed)."""
+    sae.check_input(x, finite=False)
+    pre = sae.pre_activation(x)  # (B, F)
+    out = penalty_loss(sae, x, pre, coef_scale)
+    if out is None:
+        return reference_loss(sae, x, coef_scale, pre=pre)
+    loss, parts = out
+    return loss, {**parts, "code": parts["f"]}
 
 
 class LatentBags(NamedTuple):
@@ -189,6 +215,7 @@ def auxk_loss_sparse(x, pre, x_hat, sae, k_aux: int, aux_coef: float, dead_after
 def sparse_loss(sae, x, coef_scale: float = 1.0):
     """SAE.loss for an activation with `select` (TopK, BatchTopK), on the sparse path:
     the same total and parts, with the code as a SparseCode."""
+    sae.check_input(x, finite=False)
     part = sae.activation
     with torch.no_grad():  # the one dense product; addmm adds b_enc inside it, not in a pass of its own
         pre = torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc.T)  # (B, F) = SAE.pre_activation(x)
@@ -197,7 +224,7 @@ def sparse_loss(sae, x, coef_scale: float = 1.0):
     vals = F.relu(selected_pre(pre, rows, cols, x, sae, bags))  # (N,)
     x_hat = decode_rows(vals, rows, cols, sae.W_dec, x.shape[0], bags) + sae.b_dec  # (B, D)
     recon = (x_hat - x).pow(2).sum(-1).mean()
-    k_aux = part.k_aux or max(1, sae.d // 2)
+    k_aux = part.k_aux or max(1, sae.d // 2)  # as variants.auxk_terms
     auxk = auxk_loss_sparse(x, pre, x_hat, sae, k_aux, part.aux_coef, part.dead_after)
     f = SparseCode(rows, cols, vals.detach(), tuple(pre.shape))
     return recon + auxk, {"recon": recon, "auxk": auxk, "f": f, "x_hat": x_hat}
@@ -208,8 +235,6 @@ def penalty_loss(sae, x, pre, coef_scale: float = 1.0, max_frac=None):
     docstring), given pre = SAE.pre_activation(x) (B, F); or None where the reference is
     as fast: on an accelerator, or when the entries are max_frac of the code or more
     (default: the crossover above for pre's dtype)."""
-    from minisae.sae import ReLU
-    from minisae.variants import Gated, JumpReLU, _JumpReLUFn, _StepFn, in_window
     part, (B, n_latents) = sae.activation, (x.shape[0], sae.n_latents)
     if x.device.type != "cpu" or not isinstance(part, (ReLU, Gated, JumpReLU)):
         return None

@@ -1,6 +1,6 @@
 """Training an SAE: one loop, in order, the same for every variant.
 
-    for each batch x (B, D):
+    for each batch x (B, D):        (a transcoder's: (x, target), and the loss reads target for x)
         lr, lambda    <- schedules (linear warmup; lr decays to 0 over the last part)
         loss          =  ||x - x_hat||^2 + lambda * sparsity + variant terms
         backward
@@ -10,6 +10,9 @@
         dead latents  <- count samples since each latent fired; every `resample_every`
                          steps re-initialise the dead ones (Towards Monosemanticity)
         log           <- loss, L0, samples/s, ETA
+
+The loop's body is `Trainer.step`, one SAE's step on one batch: `train` feeds it the
+batches one after the other, minisae/multi_train.py feeds each batch to several SAEs.
 
 Schedules follow Anthropic's April 2024 update ("Training SAEs"): the sparsity
 coefficient ramps up linearly over the first 5% of steps (so latents are not killed
@@ -22,41 +25,14 @@ import collections
 import dataclasses
 import sys
 import time
-from dataclasses import dataclass
+from functools import partial
 
 import torch
 
-from minisae.sparse_decode import SparseCode
+from minisae import distributed
+from minisae.configs import TrainConfig  # noqa: F401  (re-exported: from minisae.train import train, TrainConfig)
+from minisae.sparse_decode import loss_function, reference_loss
 from minisae.utils import Progress
-
-
-@dataclass
-class TrainConfig:
-    n_samples: int = 2_000_000  # total training samples (tokens, for an LM)
-    batch_size: int = 1024  # samples per step
-    lr: float = 1e-3  # Adam learning rate after warmup
-    lr_warmup_frac: float = 0.01  # linear lr warmup over this fraction of steps
-    lr_decay_frac: float = 0.2  # linear decay to 0 over this last fraction of steps
-    coef_warmup_frac: float = 0.05  # sparsity coefficient ramps from 0 over this fraction
-    resample_every: int = 0  # steps between dead-latent resamplings; 0 = never
-    resample_until_frac: float = 0.7  # no resampling after this fraction of training
-    dead_after: int = 100_000  # samples without firing after which a latent counts as dead
-    resample_pool: int = 16  # the last training batches before a resampling, whose losses choose its directions
-    bf16: bool = False  # forward and loss under bfloat16 autocast (weights, Adam stay float32)
-    log_every: int = 100  # steps between progress lines
-    seed: int = 0  # seeds resampling; the data stream has its own generator
-
-    def __post_init__(self):
-        if self.n_samples <= 0 or self.batch_size <= 0 or not self.lr > 0:
-            raise ValueError(f"n_samples, batch_size and lr must be positive: {self}")
-        if self.n_samples < self.batch_size:
-            raise ValueError(f"n_samples={self.n_samples} is less than one batch of {self.batch_size}")
-        for name in ("lr_warmup_frac", "lr_decay_frac", "coef_warmup_frac", "resample_until_frac"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        for name, lo in (("resample_every", 0), ("dead_after", 1), ("resample_pool", 1), ("log_every", 1)):
-            if getattr(self, name) < lo:
-                raise ValueError(f"{name} must be >= {lo}, got {getattr(self, name)}")
 
 
 def lr_at(step: int, n_steps: int, cfg: TrainConfig) -> float:
@@ -74,44 +50,72 @@ def train(sae, batches, cfg: TrainConfig, log=True, group=None) -> dict:
 
     group: a minisae.distributed.Group when several processes train one SAE (torchrun):
     then `batches` gives this rank's share (B / world, D) of each global batch of
-    cfg.batch_size, and the five marked lines keep the ranks one SAE (see distributed.py).
+    cfg.batch_size, and the five marked lines of `Trainer.step` keep the ranks one SAE
+    (see distributed.py). minisae/multi_train.py feeds each batch to several SAEs."""
+    trainer = Trainer(sae, cfg, log, group)
+    for step in range(trainer.n_steps):
+        trainer.step(next_batch(batches, step, trainer.n_steps))
+    return trainer.finish()
+
+
+def next_batch(batches, step: int, n_steps: int):
+    x = next(batches, None)  # (B / world, D)
+    if x is None:
+        raise ValueError(f"the data ran out after {step} of {n_steps} steps; give an endless iterator or "
+                         f"at least {n_steps} batches")
+    return x
+
+
+class Trainer:
+    """One SAE's training state (optimizer, schedules, dead-latent counters, the window of
+    losses), advanced one batch at a time by `step`: the loop of the module docstring.
 
     Nothing in a step waits for a result (on a GPU: no host-device sync; on a CPU: no
     pass over the data that only feeds a Python `if`) except AuxK's count of dead
     latents; the checks that do (finite data and loss) and the progress line's numbers
     run every `log_every` steps and before a resampling, over the steps since the last."""
-    from minisae import distributed
-    world = group.world if group else 1
-    distributed.check_batch(cfg.batch_size, world)
-    ddp = distributed.wrap(sae, group) if group else None  # [dist] gradients averaged in backward
-    log = log and (group is None or group.main)  # only rank 0 prints
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, fused=True)  # one kernel for all parameters
-    gen = torch.Generator().manual_seed(cfg.seed)
-    n_steps = cfg.n_samples // cfg.batch_size
-    coef_warm = max(1, int(cfg.coef_warmup_frac * n_steps))
-    losses = torch.zeros(cfg.log_every, dtype=torch.float64)  # this window's losses, checked and logged in bulk
-    finite = torch.ones(cfg.log_every, dtype=torch.bool)  # and whether each batch was finite
-    pool = collections.deque(maxlen=cfg.resample_pool)  # recent batches, for resampling
-    bar = Progress("  training", total=n_steps * cfg.batch_size, unit="samples") if log else None
-    history, t0, seen, first, terms, start_loss = [], time.time(), 0, 0, "", None
-    sae.train()
-    for step in range(n_steps):
-        x = next(batches, None)  # (B / world, D)
-        if x is None:
-            raise ValueError(f"the data ran out after {step} of {n_steps} steps; give an endless iterator or "
-                             f"at least {n_steps} batches")
-        if x.shape[0] * world != cfg.batch_size:
-            raise ValueError(f"data gave a batch of {x.shape[0]} on each of {world} process(es), "
+
+    def __init__(self, sae, cfg: TrainConfig, log=True, group=None):
+        self.sae, self.cfg, self.group = sae, cfg, group
+        self.world = group.world if group else 1
+        distributed.check_batch(cfg.batch_size, self.world)
+        sae.train()
+        self.loss_fn = step_loss(sae, cfg)  # the fast path where it is faster, else sae.loss (same values)
+        self.ddp = distributed.wrap(sae, group, self.loss_fn) if group else None  # [dist] gradients averaged in backward
+        self.log = log and (group is None or group.main)  # only rank 0 prints
+        self.opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, fused=True)  # one kernel for all parameters
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.n_steps = cfg.n_samples // cfg.batch_size
+        self.coef_warm = max(1, int(cfg.coef_warmup_frac * self.n_steps))
+        self.losses = torch.zeros(cfg.log_every, dtype=torch.float64)  # this window's losses, checked and logged in bulk
+        self.finite = torch.ones(cfg.log_every, dtype=torch.bool)  # and whether each batch was finite
+        self.pool = collections.deque(maxlen=cfg.resample_pool)  # recent batches, for resampling
+        self.bar = Progress("  training", total=self.n_steps * cfg.batch_size, unit="samples") if self.log else None
+        self.history, self.t0, self.seen, self.first, self.terms, self.start_loss = [], time.time(), 0, 0, "", None
+        self.steps_done = 0
+
+    def step(self, x):
+        """One training step on the batch x (B / world, D), or (x, target) for a transcoder."""
+        sae, cfg, group, opt, step, first = self.sae, self.cfg, self.group, self.opt, self.steps_done, self.first
+        x, target = x if isinstance(x, tuple) else (x, None)  # a transcoder reads x, reconstructs target
+        if target is not None and (group or cfg.resample_every):
+            raise ValueError("a transcoder trains in one process, without resampling (its dead latents would "
+                             "get input directions as outputs): use TopK or BatchTopK (AuxK), resample_every=0")
+        if x.shape[0] * self.world != cfg.batch_size:
+            raise ValueError(f"data gave a batch of {x.shape[0]} on each of {self.world} process(es), "
                              f"config says {cfg.batch_size} in all")
         # learning rate and sparsity coefficient for this step
         for param_group in opt.param_groups:
-            param_group["lr"] = lr_at(step, n_steps, cfg)
-        coef_scale = min(1.0, (step + 1) / coef_warm)
+            param_group["lr"] = lr_at(step, self.n_steps, cfg)
+        coef_scale = min(1.0, (step + 1) / self.coef_warm)
         # forward and loss
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss, parts = ddp(x, coef_scale) if ddp else sae.loss(x, coef_scale)
-        losses[step - first] = loss.detach()
-        finite[step - first] = torch.isfinite(x).all()
+            if target is not None:  # the fast paths reconstruct x itself: a transcoder takes the reference
+                loss, parts = reference_loss(sae, x, coef_scale, target=target)
+            else:
+                loss, parts = self.ddp(x, coef_scale) if self.ddp else self.loss_fn(x, coef_scale)
+        self.losses[step - first] = loss.detach()
+        self.finite[step - first] = torch.isfinite(x).all() & (target is None or torch.isfinite(target).all())
         # backward, decoder constraint, step
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -120,47 +124,65 @@ def train(sae, batches, cfg: TrainConfig, log=True, group=None) -> dict:
         sae.unit_norm_decoder_()
         # dead latents: which latents fired in this batch
         with torch.no_grad():
-            fired = fired_latents(parts["f"])  # (F,)
+            fired = parts["code"].fired()  # (F,)
             if group:
                 fired = distributed.fired_anywhere(fired)  # [dist] fired on any rank's share
                 if hasattr(sae.activation, "threshold"):
                     distributed.average_buffer_(sae.activation.threshold)  # [dist] one BatchTopK threshold
             sae.samples_since_fired += cfg.batch_size
             sae.samples_since_fired.masked_fill_(fired, 0)
-        seen += cfg.batch_size
-        resample = (cfg.resample_every and step < cfg.resample_until_frac * n_steps
+        self.seen += cfg.batch_size
+        resample = (cfg.resample_every and step < cfg.resample_until_frac * self.n_steps
                     and (step + 1) % cfg.resample_every == 0)
         if cfg.resample_every and -(step + 1) % cfg.resample_every < cfg.resample_pool:
-            pool.append(distributed.gather_rows(x) if group else x)  # [dist] the global batch; in the pool
+            self.pool.append(distributed.gather_rows(x) if group else x)  # [dist] the global batch; in the pool
         # check and log: the window's losses and data at once (here the step waits for them)
-        if resample or (step + 1) % cfg.log_every == 0 or step == n_steps - 1:
-            check_finite_(losses[:step + 1 - first], finite[:step + 1 - first], first, opt.param_groups[0]["lr"],
+        window = self.losses[:step + 1 - first]
+        if resample or (step + 1) % cfg.log_every == 0 or step == self.n_steps - 1:
+            check_finite_(window, self.finite[:step + 1 - first], first, opt.param_groups[0]["lr"],
                           all_ranks=group is not None)
-            start_loss = start_loss if start_loss is not None else losses[0].item()  # step 0: before any update
-            check_diverging_(sae, losses[:step + 1 - first], start_loss, step, cfg)
+            self.start_loss = self.start_loss if self.start_loss is not None else self.losses[0].item()  # step 0
+            check_diverging_(sae, window, self.start_loss, step, cfg)
         if resample:
-            n = resample_dead_(sae, opt, torch.cat(list(pool)), cfg, gen) if not group or group.main else 0
+            n = resample_dead_(sae, opt, torch.cat(list(self.pool)), cfg, self.gen) if not group or group.main else 0
             if group:
                 distributed.broadcast_from_main_(sae, opt)  # [dist] rank 0's resampled latents to all
-            if log and n:
+            if self.log and n:
                 print(f"\n  step {step + 1}: resampled {n} dead latents", file=sys.stderr)
-        if (step + 1) % cfg.log_every == 0 or step == n_steps - 1:
-            row = {"step": step + 1, "samples": seen, "seconds": time.time() - t0,
-                   "loss": losses[:step + 1 - first].mean().item(),
+        if (step + 1) % cfg.log_every == 0 or step == self.n_steps - 1:
+            row = {"step": step + 1, "samples": self.seen, "seconds": time.time() - self.t0,
+                   "loss": window.mean().item(),
                    **{k: v.item() for k, v in parts.items() if torch.is_tensor(v) and v.ndim == 0},
-                   "l0": l0(parts["f"]).item()}
-            history.append(row)
-            terms = " | " + " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "samples", "seconds"))
-            first = step + 1
+                   "l0": parts["code"].l0()}
+            self.history.append(row)
+            self.terms = " | " + " ".join(f"{k} {v:.4g}" for k, v in row.items()
+                                          if k not in ("step", "samples", "seconds"))
+            self.first = step + 1
         elif resample:
-            first = step + 1  # the window was checked
-        if bar:
-            bar.update(seen, extra=terms)
-    if bar:
-        bar.close(seen, extra=terms)
-    sae.eval()
-    return {"history": history, "train_samples": seen, "train_seconds": time.time() - t0,
-            "config": dataclasses.asdict(cfg)}
+            self.first = step + 1  # the window was checked
+        if self.bar:
+            self.bar.update(self.seen, extra=self.terms)
+        self.steps_done = step + 1
+
+    def finish(self) -> dict:
+        """Close the progress line, put the SAE in eval mode; the history."""
+        if self.bar:
+            self.bar.close(self.seen, extra=self.terms)
+        self.sae.eval()
+        return {"history": self.history, "train_samples": self.seen, "train_seconds": time.time() - self.t0,
+                "config": dataclasses.asdict(self.cfg)}
+
+
+def step_loss(sae, cfg: TrainConfig):
+    """The loss a step calls, (x, coef_scale) -> (total, parts): the fast path of
+    minisae/sparse_decode.py, or with cfg.compile the reference compiled by torch.compile
+    (forward and backward fused into a few kernels: it helps where launches, not
+    arithmetic, take the time, on a GPU; its first steps pay for the compilation)."""
+    if not cfg.compile:
+        return loss_function(sae)
+    compiled = torch.compile(partial(reference_loss, sae))
+    # coef_scale as a tensor: a Python float that changes every warmup step would recompile
+    return lambda x, coef_scale: compiled(x, torch.tensor(coef_scale, device=x.device))
 
 
 def check_finite_(losses, finite, first: int, lr: float, all_ranks: bool = False):
@@ -192,23 +214,13 @@ def check_diverging_(sae, losses, start_loss: float, step: int, cfg: TrainConfig
         raise FloatingPointError(f"training diverged: loss {now:.3g} at step {step + 1} is {now / start_loss:.0f}x "
                                  f"its value at the start ({start_loss:.3g}); the learning rate ({cfg.lr:g}) is "
                                  "likely too high")
-    if bool((sae.samples_since_fired >= cfg.dead_after).all()):
-        raise FloatingPointError(f"every latent is dead at step {step + 1} (none fired in {cfg.dead_after:,} "
+    if bool((sae.samples_since_fired >= cfg.resample_dead_after).all()):
+        raise FloatingPointError(f"every latent is dead at step {step + 1} (none fired in {cfg.resample_dead_after:,} "
                                  f"samples): the sparsity coefficient or the learning rate ({cfg.lr:g}) is likely "
                                  "too high")
 
 
 DIVERGED = 100.0  # a loss this many times the first step's means the run diverged
-
-
-def fired_latents(f):
-    """(F,) bool: the latents active in some sample of this batch; for a SparseCode a
-    pass over its N entries instead of the (B, F) code."""
-    return f.fired() if isinstance(f, SparseCode) else f.amax(0) > 0  # codes are >= 0: (f > 0).any(0), in one pass
-
-
-def l0(f):
-    return f.l0() if isinstance(f, SparseCode) else (f > 0).sum(-1).float().mean()
 
 
 @torch.no_grad()
@@ -221,7 +233,7 @@ def resample_dead_(sae, opt, x, cfg: TrainConfig, gen) -> int:
     scaled to 0.2 x the mean encoder-row norm of live latents; bias 0; the variant's own
     per-latent parameters back to their initial values; Adam's moments for those entries
     reset so stale statistics do not throw the new latent off."""
-    dead = (sae.samples_since_fired >= cfg.dead_after).nonzero().squeeze(-1)  # (n_dead,)
+    dead = (sae.samples_since_fired >= cfg.resample_dead_after).nonzero().squeeze(-1)  # (n_dead,)
     if dead.numel() == 0:
         return 0
     was_training = sae.training

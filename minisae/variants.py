@@ -86,6 +86,13 @@ def auxk_loss(x, pre, x_hat, sae, k_aux: int, aux_coef: float, dead_after: int):
     return aux_coef * (e - e_hat).pow(2).sum(-1).mean()
 
 
+def auxk_terms(part, x, pre, x_hat, sae) -> dict:
+    """The loss term of every part that revives its dead latents with AuxK (TopK, BatchTopK,
+    and the parts built on them): k_aux defaults to D/2, "dead" is the part's dead_after."""
+    k_aux = part.k_aux or max(1, sae.d // 2)
+    return {"auxk": auxk_loss(x, pre, x_hat, sae, k_aux, part.aux_coef, part.dead_after)}
+
+
 def _check_k(k, n_latents, k_aux, aux_coef, dead_after):
     if not 0 < k <= n_latents:
         raise ValueError(f"k must be in 1..n_latents={n_latents}, got {k}")
@@ -107,6 +114,8 @@ class TopK(nn.Module):
     for GPT-2 small's D = 768, "a power of two close to d_model / 2").
     """
 
+    revives_dead = True  # AuxK keeps latents alive: the trainer's resampling is not needed
+
     def __init__(self, n_latents: int, k: int = 32, k_aux=None, aux_coef: float = 1 / 32, dead_after: int = 1_000_000):
         super().__init__()
         _check_k(k, n_latents, k_aux, aux_coef, dead_after)
@@ -117,8 +126,7 @@ class TopK(nn.Module):
         return torch.zeros_like(pre).scatter(-1, idx, F.relu(vals))  # (B, F)
 
     def loss_terms(self, x, pre, f, x_hat, sae, coef_scale=1.0):
-        k_aux = self.k_aux or max(1, sae.d // 2)
-        return {"auxk": auxk_loss(x, pre, x_hat, sae, k_aux, self.aux_coef, self.dead_after)}
+        return auxk_terms(self, x, pre, x_hat, sae)
 
     def select(self, pre):
         """The entries `forward` keeps, as (rows, cols) (B K,) each, for the sparse path
@@ -140,6 +148,8 @@ class BatchTopK(nn.Module):
     smallest value kept in each training batch (the paper estimates it the same way, as an
     average over training batches). AuxK as for TopK.
     """
+
+    revives_dead = True  # AuxK, as TopK
 
     def __init__(self, n_latents: int, k: int = 32, k_aux=None, aux_coef: float = 1 / 32,
                  dead_after: int = 1_000_000, threshold_momentum: float = 0.01):
@@ -171,29 +181,28 @@ class BatchTopK(nn.Module):
         self.threshold.copy_(torch.where(torch.isfinite(m), new, t))
 
     def loss_terms(self, x, pre, f, x_hat, sae, coef_scale=1.0):
-        k_aux = self.k_aux or max(1, sae.d // 2)
-        return {"auxk": auxk_loss(x, pre, x_hat, sae, k_aux, self.aux_coef, self.dead_after)}
+        return auxk_terms(self, x, pre, x_hat, sae)
 
     def select(self, pre):
         """The entries `forward` keeps in training, as (rows, cols) (K*B,) each with rows
         sorted, for the sparse path (minisae/sparse_decode.py); updates the threshold.
 
-        The same K*B entries as a top-k over the whole flattened (B, F), found faster: the
-        largest m = 8k of each row are the candidates, and the K*B largest candidates are
-        the answer unless some row had all m of its candidates chosen (then it might have
-        more winners beyond them, and the whole matrix is searched instead)."""
-        z = F.relu(pre)  # (B, F)
-        (B, n_latents), n = z.shape, self.k * z.shape[0]
-        m = min(n_latents, 8 * self.k)
-        cand_vals, cand_idx = z.topk(m, dim=-1, sorted=False)  # (B, m)
-        vals, pick = cand_vals.flatten().topk(n, sorted=False)  # (K*B,), into the (B, m) candidates
-        rows = pick // m  # (K*B,)
-        if m < n_latents and bool((torch.bincount(rows, minlength=B) == m).any()):
-            vals, idx = z.flatten().topk(n, sorted=False)  # a row may have more than m winners
+        The same K*B entries as a top-k over the whole flattened (B, F), found faster: a
+        cut t >= 0 a little below the (K*B)-th largest entry is guessed from a sample
+        (guess_cut), and the entries above t are the candidates. If there are K*B or more,
+        the (K*B)-th largest lies above t, so the K*B largest candidates are the answer;
+        else (an unlucky sample, or fewer than K*B positive entries) the whole matrix is
+        searched. ReLU is monotone, so pre is compared as it is: no (B, F) copy of ReLU(pre)."""
+        (B, n_latents), n = pre.shape, self.k * pre.shape[0]
+        flat = pre.flatten()  # (B*F,)
+        cand = (flat > guess_cut(flat, n)).nonzero().squeeze(1)  # (C,) ascending: row-major
+        if cand.numel() >= n:
+            vals, pick = flat[cand].topk(n, sorted=False)  # (K*B,), all > t >= 0
+            idx = cand[pick.sort().values]  # (K*B,) ascending
         else:
-            idx = rows * n_latents + cand_idx.flatten()[pick]  # (K*B,) into the flattened (B, F)
+            vals, idx = F.relu(flat).topk(n, sorted=False)  # (K*B,), zeros too where few are positive
+            idx = idx.sort().values  # (K*B,) row-major: rows ascending
         self.update_threshold_(vals)
-        idx = idx.sort().values  # (K*B,) row-major: rows ascending
         return idx // n_latents, idx % n_latents
 
     @torch.no_grad()
@@ -201,6 +210,19 @@ class BatchTopK(nn.Module):
         # one global threshold: exact for a common scale of all latents (as for the ranking)
         if self.threshold >= 0:
             self.threshold *= n.mean()
+
+
+def guess_cut(flat, n: int, sample: int = 2**15):
+    """A value t >= 0 a little below the n-th largest entry of flat (N,), from a strided
+    sample of about `sample` entries: the sample's r-th largest, r its expected count above
+    the cut plus a margin of 4 standard deviations (binomial), so that the whole of flat has
+    n or more entries above t for all but rare samples. The stride is odd, so on a flattened
+    (B, F) with F a power of two the sample visits every column."""
+    stride = max(1, flat.numel() // sample) | 1
+    s = flat[::stride]  # (S,)
+    expected = s.numel() * n / flat.numel()  # sampled entries above the cut, on average
+    r = min(s.numel(), int(expected + 4 * math.sqrt(expected) + 8))
+    return s.topk(r, sorted=False).values.min().clamp(min=0)  # () tensor: no host sync
 
 
 def in_window(z, theta, eps):

@@ -8,6 +8,7 @@ by default so that comparisons against naive references can use tight tolerances
 
 import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,7 +68,7 @@ def device():
     """The accelerator the device tests run on: $MINISAE_TEST_DEVICE (e.g. cuda, cuda:1,
     mps, or cpu to run them on the CPU), else CUDA when there is a GPU; without either
     they skip with the reason."""
-    from minisae.distributed import resolve_device
+    from minisae.utils import resolve_device
     spec = os.environ.get("MINISAE_TEST_DEVICE")
     if spec is None:
         if not torch.cuda.is_available():
@@ -77,3 +78,25 @@ def device():
         return resolve_device(spec)
     except ValueError as e:
         pytest.skip(str(e))
+
+
+@pytest.fixture
+def spy_loss(monkeypatch):
+    """spy_loss(wrap): the trainer calls wrap(loss) instead of the loss it chose for an SAE
+    (minisae.sparse_decode.loss_function), so a test can watch or alter every step's loss."""
+    import minisae.train
+
+    chosen = minisae.train.loss_function
+
+    def install(wrap):
+        monkeypatch.setattr(minisae.train, "loss_function", lambda sae: wrap(chosen(sae)))
+    return install
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test with the name of its folder (core, models, formats, ..., system)."""
+    root = Path(__file__).resolve().parent
+    for item in items:
+        folder = Path(str(item.fspath)).resolve().relative_to(root).parts[0]
+        if folder != Path(str(item.fspath)).name:
+            item.add_marker(getattr(pytest.mark, folder))

@@ -12,13 +12,19 @@ so the SAE code never needs to know which model it is looking at:
 `load_model(name)` returns (model, tokenizer). Heavy imports happen inside it.
 """
 
+import hashlib
+import os
+
 MODEL_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt2-random", "smollm2")
+# blocks of each model, known without loading it, so that --layer is checked first
+# (tests/models compare them with the loaded models; a --weights file for smollm2 may differ)
+N_LAYERS = {"gpt2": 12, "gpt2-medium": 24, "gpt2-large": 36, "gpt2-xl": 48, "gpt2-random": 4, "smollm2": 30}
 
 
 def load_model(name: str, weights=None, cache_dir=None):
     """(model, tokenizer) for a model name; `weights` is an optional local weights file."""
     if name == "smollm2":
-        from minisae.models.llama import load_smollm2
+        from minisae.models.llama_gguf import load_smollm2
         return load_smollm2(weights)
     if name.startswith("gpt2") and name in MODEL_NAMES:
         from minisae.models.gpt2 import load_gpt2
@@ -33,8 +39,6 @@ def weights_identity(name: str, weights=None) -> str:
     stored activations and SAEs are reused only under the same identity."""
     if weights is None:
         return f"default:{name}"
-    import hashlib
-    import os
     digest, path = hashlib.sha256(), os.fspath(weights)
     if not os.path.isfile(path):
         raise ValueError(f"--weights {path}: no such file")

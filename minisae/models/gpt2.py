@@ -29,7 +29,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minisae.models.bpe import BPETokenizer
 from minisae.models.hooks import StopForward, all_hook_names, check_hook_names, run_hook
+from minisae.models.hub import HF, HTTPFailure, cached_path
+from minisae.models.safetensors import load_safetensors, read_header
 
 
 @dataclass
@@ -167,7 +170,6 @@ _IGNORED = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
 def load_weights_(model: GPT2, path) -> GPT2:
     """Copy a Hugging Face GPT-2 safetensors checkpoint into `model`, checking that every
     parameter is present with the shape the config implies."""
-    from minisae.models.safetensors import load_safetensors, read_header
     header, _, _ = read_header(path)
     keys = {}  # our parameter name -> key in the file
     for key in header:
@@ -196,15 +198,13 @@ def load_weights_(model: GPT2, path) -> GPT2:
 def load_gpt2_tokenizer(cache_dir=None):
     """GPT-2's tokenizer (all sizes share it): from $MINISAE_GPT2_TOKENIZER_DIR if set,
     else vocab.json + merges.txt of openai-community/gpt2, cached after one download."""
-    from minisae.models.bpe import BPETokenizer
-    from minisae.models.hub import HF, cached_path
     local = os.environ.get("MINISAE_GPT2_TOKENIZER_DIR")
     if local:
         return BPETokenizer.from_files(local)
     try:
         vocab = cached_path(f"{HF}/gpt2/resolve/main/vocab.json", cache_dir)
         cached_path(f"{HF}/gpt2/resolve/main/merges.txt", cache_dir)
-    except OSError as e:
+    except (OSError, HTTPFailure) as e:
         raise ValueError(f"could not get GPT-2's tokenizer files ({e}). Offline, set MINISAE_GPT2_TOKENIZER_DIR "
                          "to a directory holding encoder.json + vocab.bpe (or vocab.json + merges.txt)") from e
     return BPETokenizer.from_files(os.path.dirname(vocab))
@@ -218,10 +218,9 @@ def load_gpt2(name: str, weights=None, cache_dir=None):
         raise ValueError(f"unknown GPT-2 model {name!r}; valid names: {', '.join(CONFIGS)}")
     model = GPT2(CONFIGS[name])
     if weights is None and name != "gpt2-random":
-        from minisae.models.hub import HF, cached_path
         try:
             weights = cached_path(f"{HF}/{name}/resolve/main/model.safetensors", cache_dir)
-        except OSError as e:
+        except (OSError, HTTPFailure) as e:
             raise ValueError(f"could not download {name}'s weights ({e}). Offline, pass --weights FILE (a Hugging "
                              "Face model.safetensors of this model) and set MINISAE_GPT2_TOKENIZER_DIR to a folder "
                              "with encoder.json + vocab.bpe; or try the pipeline on --model gpt2-random") from e

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
+from minisae.configs import SITES  # ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"): checked before loading
 
 Hook = Callable[[torch.Tensor], Optional[torch.Tensor]]
 

@@ -3,24 +3,41 @@
     cached_path(url) -> local path:  <cache>/<host>/<url path>, downloaded on first use
     hub_file(repo, path, revision)   the same for a file of a Hugging Face hub repository,
                                      checked against the sha256 the hub states for it
+    stream(request, deadline, ...)   one HTTP request, its answer passed on as it arrives
+                                     (the chat client of minisae/autointerp/chat.py uses it too)
 
 The cache is `~/.cache/minisae` (override with the MINISAE_CACHE environment variable or
-the `cache_dir` argument). A download streams into a temporary file next to its final
-place, is checked against a pinned sha256 when we know one, and only then renamed into
-place (an atomic rename on one filesystem): an interrupted or corrupt download never
-leaves a file that a later run would mistake for a good one. A file already in the cache
-is not hashed again, since only verified (or unpinned) downloads are ever renamed there.
+the `cache_dir` argument). A download streams into `.NAME.PID.part` next to its final
+place, is checked (against a pinned sha256 when we know one, the hub's sha256, and
+`verify(path)` when the caller knows what the file must hold: a JSON object, a
+safetensors header), and only then renamed into place (an atomic rename on one
+filesystem): an interrupted, corrupt or wrong download (an HTML error page served as
+cfg.json) never leaves a file that a later run would mistake for a good one. A `.part`
+file that a killed download left is deleted by the next download into that folder.
+
+Every request has a total deadline (`timeout` seconds for the whole transfer): the
+request is sent with what is left of it (at most STALL) as the socket's timeout, and the
+deadline is checked after every piece of the answer, so a server that stalls is given
+up on at the deadline, and one that drips a byte every few seconds within one more wait.
+It also has a size cap, checked against the Content-Length the server announces before
+anything is stored, and counted while the body arrives. Every failure is one HTTPFailure, a ValueError whose text is
+`<URL>: <what was wrong>`: an HTTP error status, a redirect loop, a refused connection,
+the deadline, a body cut short or too long, an answer that is not HTTP at all.
 """
 
 import hashlib
+import http.client
 import os
 import re
-import tempfile
+import shutil
+import socket
+import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 
-from minisae.utils import Progress
+from minisae.utils import Progress, cache_dir, crash_point, remove_stale
 
 HF = "https://huggingface.co/openai-community"
 # sha256 of files we download, to catch corruption and tampering. The Hugging Face LFS oid
@@ -34,37 +51,161 @@ PINNED_SHA256 = {
     f"{HF}/gpt2/resolve/main/merges.txt": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
 }
 
+DOWNLOAD_TIMEOUT = 600.0  # seconds for one hub file (SAE weights: up to a few hundred MB)
+MODEL_TIMEOUT = 3600.0  # seconds for one model file (GPT-2 XL's weights: 6 GB)
+STALL = 60.0  # the longest silence from a server before a download gives up, whatever time is left
+CHUNK = 1 << 20  # bytes asked of the socket per read
+
 
 def default_cache_dir() -> str:
-    from minisae.utils import cache_dir
     return str(cache_dir())
 
 
-def download(url: str, dest, sha256=None, progress: bool = True, timeout: float = 60) -> str:
-    """Stream `url` to `dest` through a temporary file; check sha256 (if given) before the
-    atomic rename. On any failure the temporary file is deleted and the error re-raised."""
-    dest = os.path.abspath(dest)
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".download-", suffix=".part")
-    name = os.path.basename(dest)
+class HTTPFailure(ValueError):
+    """One request that failed: str(e) is '<URL>: <what was wrong>'. `what` alone, and
+    whether trying again may help (`transient`: no connection, the deadline, a body cut
+    short, HTTP 429 and 5xx); `status` is the HTTP status if the server answered one."""
+
+    def __init__(self, url: str, what: str, transient: bool, status=None, headers=None):
+        super().__init__(f"{url}: {what}")
+        self.url, self.what, self.transient, self.status = url, what, transient, status
+        self.headers = headers or {}  # those of an error answer (a redirect's Location, ...)
+
+
+class Deadline:
+    """A total time limit for a request and all its waits: left(url) is the seconds that
+    remain, or HTTPFailure once none do."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.end = seconds, time.monotonic() + seconds
+
+    def left(self, url: str) -> float:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise HTTPFailure(url, f"timed out: no complete answer within {self.seconds:g} s", True)
+        return left
+
+
+def stream(request, deadline: Deadline, max_bytes: float, write, label=None, opener=None, on_headers=None) -> int:
+    """Send `request` (a URL or a urllib Request), pass its body to write(chunk) as it
+    arrives, and return the number of bytes; HTTPFailure for anything that goes wrong. No
+    wait outlasts the deadline (or STALL); a body longer than max_bytes is refused, from
+    its Content-Length when the server states one; `label` draws a progress line,
+    on_headers(headers) sees the answer's headers."""
+    url = request if isinstance(request, str) else request.full_url
+    done, wait, bar = 0, min(deadline.left(url), STALL), None  # wait: the socket's timeout, the longest one
     try:
-        digest, done, bar = hashlib.sha256(), 0, None
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
-            total = int(response.headers.get("Content-Length") or 0)
-            bar = Progress(name, total, "MB", scale=1e6) if progress else None
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                digest.update(chunk)
+        with (opener or urllib.request.build_opener()).open(request, timeout=wait) as r:
+            if on_headers:
+                on_headers(r.headers)
+            head = getattr(request, "method", None) == "HEAD"  # an answer without a body
+            total = None if head else content_length(url, r, max_bytes)
+            bar = Progress(label, total or 0, "MB", scale=1e6) if label else None
+            while chunk := r.read1(CHUNK):  # read1: whatever arrived, so the deadline is checked often
                 done += len(chunk)
+                if done > max_bytes:
+                    raise HTTPFailure(url, f"the answer is longer than the {max_bytes:,.0f} bytes allowed", False)
+                try:
+                    write(chunk)
+                except OSError as e:  # a full disk is not the server's fault: say so
+                    raise HTTPFailure(url, f"cannot store the answer: {e}", False) from None
                 if bar:
                     bar.update(done)  # redraws twice a second at most
+                deadline.left(url)
+            if bar:
+                bar.close(done)
+                bar = None
+    except HTTPFailure:
+        raise
+    except urllib.error.HTTPError as e:  # an answer, with an error status
+        raise http_error(url, e) from None
+    except (OSError, http.client.HTTPException) as e:  # no answer, or not an HTTP one
+        deadline.left(url)  # a wait cut short by the deadline says so
+        raise HTTPFailure(url, describe(e, wait), True) from None
+    finally:
         if bar:
-            bar.close(done)
-        if total and done != total:
-            raise OSError(f"download of {url} stopped after {done} of {total} bytes")
+            print(file=sys.stderr)  # end the progress line: the error gets a line of its own
+    if total is not None and done != total:
+        raise HTTPFailure(url, f"the answer was cut short: {done:,} of the {total:,} bytes announced", True)
+    return done
+
+
+def content_length(url: str, response, max_bytes: float):
+    """The body size the server announces (None if it states none), refused above max_bytes."""
+    text = response.headers.get("Content-Length")
+    if text is None:
+        return None
+    if not text.strip().isdigit():
+        raise HTTPFailure(url, f"a malformed Content-Length {text[:40]!r}", False)
+    if int(text) > max_bytes:
+        raise HTTPFailure(url, f"the server announces {int(text):,} bytes, more than the {max_bytes:,.0f} "
+                               "allowed for this file", False)
+    return int(text)
+
+
+def http_error(url: str, e: urllib.error.HTTPError) -> HTTPFailure:
+    """An error status as one line, with the start of the server's explanation."""
+    if 300 <= e.code < 400:  # urllib follows redirects: a 3xx error is one it would not follow
+        return HTTPFailure(url, f"HTTP {e.code}: redirected in a loop, too many times or nowhere", False, e.code,
+                           e.headers)
+    try:
+        said = " ".join(e.read(200).decode("utf-8", "replace").split())
+    except (OSError, http.client.HTTPException):
+        said = ""
+    if said.startswith("<"):
+        said = ""  # an HTML error page says no more than its status
+    return HTTPFailure(url, f"HTTP {e.code} {e.reason}" + (f": {said}" if said else ""),
+                       e.code == 429 or e.code >= 500, e.code, e.headers)
+
+
+def describe(e: BaseException, wait: float) -> str:
+    """What a failed connection or a broken answer means, in words (`wait`: the socket's timeout)."""
+    reason = getattr(e, "reason", e)  # URLError wraps the socket's error
+    if isinstance(reason, (socket.timeout, TimeoutError)):
+        return f"timed out: the server sent nothing for {wait:.3g} s"
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused (is the server running and the URL right?)"
+    if isinstance(e, http.client.RemoteDisconnected):
+        return "the server closed the connection without answering"
+    if isinstance(e, http.client.IncompleteRead):
+        return f"the answer was cut short after {len(e.partial):,} bytes"
+    if isinstance(e, http.client.HTTPException):
+        return f"not an HTTP answer ({type(e).__name__}: {str(e)[:80]!r})"
+    return f"cannot connect ({type(reason).__name__}: {reason})"
+
+
+def download(url: str, dest, sha256=None, progress: bool = True, timeout: float = DOWNLOAD_TIMEOUT,
+             max_bytes=None, verify=None, deadline=None) -> str:
+    """Stream `url` to `dest` through `.NAME.PID.part`, within `timeout` seconds in all (or
+    by `deadline`, a Deadline shared with the requests before it), at most `max_bytes` and
+    the free disk space; check sha256 (if given) and verify(path) (if given: raises
+    ValueError saying what the file should be) before the atomic rename. On any failure
+    the partial file is deleted and an HTTPFailure names the URL."""
+    dest = os.path.abspath(dest)
+    folder, name = os.path.dirname(dest), os.path.basename(dest)
+    os.makedirs(folder, exist_ok=True)
+    remove_stale(folder, ".*.part")  # what killed downloads left here
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.part")
+    cap = min(max_bytes or float("inf"), shutil.disk_usage(folder).free)
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as f:
+            def write(chunk):
+                f.write(chunk)
+                digest.update(chunk)
+                crash_point(f"download:{name}")  # the kill tests stop here, a chunk into the file
+
+            stream(url, deadline or Deadline(timeout), cap, write, label=name if progress else None)
+            f.flush()
+            os.fsync(f.fileno())
         if sha256 is not None and digest.hexdigest() != sha256.lower():
-            raise ValueError(f"sha256 mismatch for {url}: expected {sha256}, got {digest.hexdigest()}; "
-                             "the download was deleted (corrupt transfer, or the file changed upstream)")
+            raise HTTPFailure(url, f"sha256 mismatch: expected {sha256}, got {digest.hexdigest()}; the download "
+                                   "was deleted (corrupt transfer, or the file changed upstream)", False)
+        if verify is not None:
+            try:
+                verify(tmp)
+            except ValueError as e:
+                raise HTTPFailure(url, f"not kept in the cache: {str(e).replace(tmp, name)}", False) from None
         os.replace(tmp, dest)
     except BaseException:  # KeyboardInterrupt too: never leave a half-written file behind
         if os.path.exists(tmp):
@@ -73,12 +214,12 @@ def download(url: str, dest, sha256=None, progress: bool = True, timeout: float 
     return dest
 
 
-def cached_path(url: str, cache_dir=None, sha256=None, progress: bool = True) -> str:
+def cached_path(url: str, cache_dir=None, sha256=None, progress: bool = True, timeout: float = MODEL_TIMEOUT) -> str:
     """Local path of `url` in the cache, downloading it first if absent. `sha256` defaults
     to the pinned hash for known URLs."""
     dest = cache_location(url, cache_dir)
     if not os.path.isfile(dest):
-        download(url, dest, sha256=sha256 or PINNED_SHA256.get(url), progress=progress)
+        download(url, dest, sha256=sha256 or PINNED_SHA256.get(url), progress=progress, timeout=timeout)
     return dest
 
 
@@ -118,31 +259,49 @@ def hub_url(repo: str, path: str, revision: str = "main") -> str:
     return f"{endpoint}/{repo}/resolve/{urllib.parse.quote(revision, safe='')}/{urllib.parse.quote(path)}"
 
 
-def hub_sha256(url: str, timeout: float = 60):
+def hub_sha256(url: str, deadline: Deadline):
     """The sha256 the hub states for the file at `url` (its X-Linked-Etag, read from the
-    first answer, before any redirect), or None if it states none. ValueError for a file
+    first answer, before any redirect), or None if it states none. HTTPFailure for a file
     that is not there."""
     class NoRedirect(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, *args, **kwargs):
             return None  # keep the hub's own answer: the storage host does not repeat the header
 
+    answers = []
     try:
-        response = urllib.request.build_opener(NoRedirect).open(urllib.request.Request(url, method="HEAD"),
-                                                                timeout=timeout)
-    except urllib.error.HTTPError as e:
-        if e.code not in (301, 302, 303, 307, 308):
-            raise ValueError(f"{url}: HTTP {e.code} {e.reason} (no such repository, revision or file?)") from None
-        response = e
-    etag = (response.headers.get("X-Linked-Etag") or response.headers.get("ETag") or "").removeprefix("W/")
+        stream(urllib.request.Request(url, method="HEAD"), deadline, float("inf"), None,
+               opener=urllib.request.build_opener(NoRedirect), on_headers=answers.append)
+        headers = answers[0]
+    except HTTPFailure as e:
+        if e.status in (301, 302, 303, 307, 308):
+            headers = e.headers  # the hub's redirect to its storage host: the answer we want
+        elif e.status in (401, 403):
+            raise HTTPFailure(url, f"{e.what} (a private or gated repository? minisae sends no token)", False,
+                              e.status) from None
+        elif e.status is not None and e.status < 500:
+            raise HTTPFailure(url, f"{e.what} (no such repository, revision or file?)", False, e.status) from None
+        else:
+            raise
+    etag = (headers.get("X-Linked-Etag") or headers.get("ETag") or "").removeprefix("W/")
     etag = etag.strip('"').lower()
     return etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None
 
 
-def hub_file(repo: str, path: str, revision: str = "main", cache_dir=None, progress: bool = True) -> str:
+def hub_file(repo: str, path: str, revision: str = "main", cache_dir=None, progress: bool = True,
+             timeout: float = DOWNLOAD_TIMEOUT, max_bytes=None, verify=None) -> str:
     """Local path of one file of a hub repository, downloaded into the cache on first use
-    and checked against the sha256 the hub states for it."""
+    (within `timeout` seconds, at most max_bytes) and checked against the sha256 the hub
+    states for it and by verify(path). A cached copy that fails verify (written before
+    files were verified) is downloaded again."""
     url = hub_url(repo, path, revision)
     dest = cache_location(url, cache_dir)
+    if os.path.isfile(dest) and verify is not None:
+        try:
+            verify(dest)
+        except ValueError:
+            os.remove(dest)
     if not os.path.isfile(dest):
-        download(url, dest, sha256=hub_sha256(url), progress=progress)
+        deadline = Deadline(timeout)
+        download(url, dest, sha256=hub_sha256(url, deadline), progress=progress, max_bytes=max_bytes,
+                 verify=verify, deadline=deadline)
     return dest

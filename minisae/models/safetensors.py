@@ -27,6 +27,7 @@ import math
 import os
 
 import numpy as np
+import torch
 
 # safetensors dtype name -> numpy dtype of the stored bytes. numpy has no bfloat16, so
 # BF16 is read as uint16 and widened to float32 (a bf16 number is the top 16 bits of a float32).
@@ -141,7 +142,6 @@ def load_safetensors(path, names=None) -> dict:
 def _to_numpy(name, x) -> tuple:
     """(safetensors dtype name, little-endian C-order numpy array) for a numpy array or torch tensor."""
     if type(x).__module__.startswith("torch"):
-        import torch
         x = x.detach().cpu().contiguous()
         if x.dtype == torch.bfloat16:
             return "BF16", x.view(torch.int16).numpy().view("<u2")

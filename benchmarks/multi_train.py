@@ -1,0 +1,132 @@
+"""A sweep trained in one pass (minisae.multi_train) against one SAE at a time (minisae.train).
+
+Scope: the toy job's 20 SAEs (`python -m minisae toy`: 5 main runs and the 15 frontier
+runs, their settings and data) with the sample counts scaled by --frac, training only
+(no evaluation), on one thread in one process. "One at a time" trains each SAE with
+`train` on its own data stream, as a sweep did; "one pass" reads the stream once and
+feeds every SAE (`multi_train`). Both end at the same weights, checked bit for bit. The
+times are CPU seconds of this process (time.process_time; other jobs on a shared machine
+inflate them less than wall time), measured in one run, one after the other.
+
+--compile also times the step of one SAE per variant with TrainConfig.compile against the
+eager step (the CPU's fast path), after a first call that compiles.
+
+--toy-job runs the whole toy job (`python -m minisae toy`, every worker, figures and all)
+twice in this run: each SAE trained alone in its own worker task, as before
+`minisae.toy.run.passes`, and one pass per variant; wall seconds, and whether every
+number of toy_results.json but the timings is the same.
+
+    python benchmarks/multi_train.py [--frac 0.2] [--dim 256] [--compile] [--toy-job]
+"""
+
+import argparse
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from minisae.configs import ToyConfig
+from minisae.toy import run as toy
+from minisae.multi_train import multi_train
+from minisae.toy.run import SETTINGS, SWEEP, VARIANTS, data_stream, make_data, make_variant
+from minisae.train import Trainer, train
+
+
+def sweep_jobs(cfg: ToyConfig, frac: float):
+    """The toy job's SAEs: (variant, settings, n_samples), main runs then the frontier."""
+    jobs = [(v, SETTINGS[v], int(cfg.n_samples * frac)) for v in VARIANTS]
+    return jobs + [(v, {**SETTINGS[v], SWEEP[v][0]: val}, int(cfg.sweep_samples * frac))
+                   for v in VARIANTS for val in SWEEP[v][1]]
+
+
+def build(jobs, data, scale, cfg):
+    return zip(*[make_variant(v, settings, data, scale, cfg, n) for v, settings, n in jobs])
+
+
+def one_at_a_time(jobs, data, scale, cfg):
+    saes, tcfgs = build(jobs, data, scale, cfg)
+    t0 = time.process_time()
+    for sae, tcfg in zip(saes, tcfgs):
+        train(sae, data_stream(data, cfg), tcfg, log=False)
+    return time.process_time() - t0, saes
+
+
+def one_pass(jobs, data, scale, cfg):
+    saes, tcfgs = build(jobs, data, scale, cfg)
+    t0 = time.process_time()
+    multi_train(list(saes), data_stream(data, cfg), list(tcfgs), log=False)
+    return time.process_time() - t0, saes
+
+
+def step_seconds(variant, data, scale, cfg, compile: bool, steps: int = 30):
+    """Median seconds per step of `steps` steps after a first (compiling) call."""
+    sae, tcfg = make_variant(variant, SETTINGS[variant], data, scale, cfg, cfg.batch_size)
+    tcfg = dataclasses.replace(tcfg, n_samples=(steps + 1) * cfg.batch_size, compile=compile)
+    times, stream, trainer = [], data_stream(data, cfg), Trainer(sae, tcfg, log=False)
+    for _ in range(steps + 1):
+        x = next(stream)
+        t0 = time.perf_counter()
+        trainer.step(x)
+        times.append(time.perf_counter() - t0)
+    return sorted(times[1:])[steps // 2]
+
+
+def without_times(obj):
+    """toy_results.json without its timings (they differ from run to run)."""
+    if isinstance(obj, dict):
+        return {k: without_times(v) for k, v in obj.items() if not k.endswith("seconds")}
+    return [without_times(v) for v in obj] if isinstance(obj, list) else obj
+
+
+def toy_job(alone: bool) -> tuple:
+    """Wall seconds of the toy job and its results; alone: one worker task per SAE."""
+    passes = toy.passes
+    if alone:
+        toy.passes = lambda jobs, variants: [[i] for i in range(len(jobs))]
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            t0 = time.perf_counter()
+            results = toy.run(Path(out))
+            return time.perf_counter() - t0, results
+    finally:
+        toy.passes = passes
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--frac", type=float, default=0.2, help="fraction of the toy job's samples per SAE")
+    ap.add_argument("--dim", type=int, default=256, help="the data's dimension (the toy's --dim)")
+    ap.add_argument("--compile", action="store_true", help="also time the compiled step against the eager one")
+    ap.add_argument("--toy-job", action="store_true", help="also time the whole toy job, SAEs alone against one pass")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    cfg = ToyConfig(dim=args.dim)
+    data, scale = make_data(cfg.n_features, cfg.dim, cfg.seed)
+    jobs = sweep_jobs(cfg, args.frac)
+    steps = sum(n // cfg.batch_size for _, _, n in jobs)
+    print(f"toy sweep: {len(jobs)} SAEs, 512 features in {cfg.dim} dims, {cfg.n_latents} latents, batch "
+          f"{cfg.batch_size}, {steps} SAE steps in all (--frac {args.frac}); one thread, CPU seconds")
+    t_alone, alone = one_at_a_time(jobs, data, scale, cfg)
+    t_pass, together = one_pass(jobs, data, scale, cfg)
+    same = all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for a, b in zip(alone, together)
+               for k in a.state_dict())
+    print(f"one at a time: {t_alone:.1f} s   one pass: {t_pass:.1f} s   speed-up {t_alone / t_pass:.2f}x   "
+          f"identical weights: {same}")
+    if args.compile:
+        print("step time, eager (the CPU's fast path) against TrainConfig.compile (one SAE, median of 30 steps):")
+        for v in VARIANTS:
+            eager, fused = step_seconds(v, data, scale, cfg, False), step_seconds(v, data, scale, cfg, True)
+            print(f"  {v:10s} eager {eager * 1e3:6.1f} ms   compiled {fused * 1e3:6.1f} ms   "
+                  f"compiled / eager {fused / eager:.2f}")
+    if args.toy_job:
+        t_alone, r_alone = toy_job(alone=True)
+        t_pass, r_pass = toy_job(alone=False)
+        print(f"toy job (python -m minisae toy, wall seconds, its worker processes): each SAE alone {t_alone:.1f} s, "
+              f"one pass per variant {t_pass:.1f} s, speed-up {t_alone / t_pass:.2f}x; same results but the "
+              f"timings: {without_times(r_alone) == without_times(r_pass)}")
+
+
+if __name__ == "__main__":
+    main()

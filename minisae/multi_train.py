@@ -1,0 +1,74 @@
+"""A sweep trained in one pass: every SAE of a sweep reads the same batches, so read each
+batch once and feed it to all of them.
+
+The reference is the one-at-a-time loop, minisae/train.py, run once per SAE:
+
+    for i in 1..N:                      for each batch x (B, D):            (one pass)
+        for each batch x (B, D):            for i in 1..N (still training):
+            step(SAE_i, x)          ==>         step(SAE_i, x)
+
+`step` is `minisae.train.Trainer.step`, unchanged: each SAE keeps its own optimizer,
+schedules, dead-latent counters, resampling generator and checks, so each ends exactly
+(bit for bit) as the SAE trained alone with `train` on the same stream
+(tests/core/test_multi_train.py, every variant, with resampling and AuxK). What the pass
+saves is the reading or making of the batches: N streams become one. The SAEs may train
+for different numbers of samples (a frontier sweep's short runs beside its main runs):
+a shorter run's batches are the first ones of the longer run's stream, and it stops there.
+
+Stacking the SAEs' weights would go one step further: where N SAEs share a shape,
+
+    W_enc (N, F, D), b_enc (N, 1, F), b_dec (N, 1, D)
+    pre   = bmm(x - b_dec, W_enc^T) + b_enc          (N, B, F), one product for N SAEs
+    x_hat = bmm(f, W_dec) + b_dec                    (N, B, D)
+
+which turns N launch sequences into one: the win on a GPU, where a small SAE's step
+waits on kernel launches. On a CPU the products already run at the matrix-multiply rate
+and each SAE's sparse path (minisae/sparse_decode.py) skips most of them, so the steps
+here stay per SAE (benchmarks/multi_train.py measures the pass against one at a time).
+"""
+
+import time
+
+from minisae.configs import TrainConfig
+from minisae.train import Trainer, next_batch
+from minisae.utils import Progress
+
+
+def multi_train(saes, batches, cfgs, log=True, group=None) -> list:
+    """Train the SAEs in place on one iterator of batches (B, D); returns each one's
+    history, as `train` returns it. cfgs: one TrainConfig per SAE, or one for all; they
+    must agree on batch_size, and may differ in everything else (n_samples, lr,
+    resampling, seed). group: as for `train` (torchrun, data mode: every SAE's step
+    averages its gradients over the ranks; `batches` gives this rank's share).
+
+    Each result's train_seconds is the time of that SAE's own steps plus its share of the
+    batch reading (a batch's reading split over the SAEs that used it); "joint_seconds"
+    is the whole pass's wall time."""
+    cfgs = [cfgs] * len(saes) if isinstance(cfgs, TrainConfig) else list(cfgs)
+    if not saes or len(cfgs) != len(saes):
+        raise ValueError(f"need one TrainConfig per SAE (or one for all), got {len(cfgs)} for {len(saes)} SAEs")
+    batch_size = cfgs[0].batch_size
+    if any(c.batch_size != batch_size for c in cfgs):
+        raise ValueError(f"the SAEs of one pass read the same batches: batch sizes differ, "
+                         f"{sorted({c.batch_size for c in cfgs})}")
+    trainers = [Trainer(sae, cfg, log=False, group=group) for sae, cfg in zip(saes, cfgs)]
+    n_steps = max(t.n_steps for t in trainers)
+    seconds = [0.0] * len(trainers)
+    main = log and (group is None or group.main)
+    bar = Progress(f"  training {len(saes)} SAEs", total=n_steps * batch_size, unit="samples") if main else None
+    t_start = time.perf_counter()
+    for step in range(n_steps):
+        t0 = time.perf_counter()
+        x = next_batch(batches, step, n_steps)  # (B / world, D): read once
+        active = [i for i, t in enumerate(trainers) if step < t.n_steps]
+        read = (time.perf_counter() - t0) / len(active)
+        for i in active:  # each SAE's own step, exactly as `train` runs it
+            t0 = time.perf_counter()
+            trainers[i].step(x)
+            seconds[i] += read + time.perf_counter() - t0
+        if bar:
+            bar.update((step + 1) * batch_size, extra=f" | {len(active)} training")
+    if bar:
+        bar.close(n_steps * batch_size)
+    joint = time.perf_counter() - t_start
+    return [{**t.finish(), "train_seconds": s, "joint_seconds": joint} for t, s in zip(trainers, seconds)]

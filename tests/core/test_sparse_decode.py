@@ -1,0 +1,182 @@
+"""The sparse paths (minisae/sparse_decode.py) against the dense reference of
+minisae/sae.py and minisae/variants.py: the same loss, parts, code and gradients for every
+parameter, AuxK included, on random shapes, random parameters and random dead latents
+(float64, so the only difference is the order of the additions). TopK and BatchTopK
+through `sparse_loss`, ReLU, Gated and JumpReLU through `penalty_loss`."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from minisae import sparse_decode
+from minisae.sae import make_sae
+from minisae.codes import DenseCode, SparseCode
+from minisae.sparse_decode import decode_rows, loss_function, penalty_loss, sparse_loss
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+fast = settings(max_examples=30, deadline=None)
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def grads(sae, loss):
+    sae.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in sae.named_parameters()}
+
+
+@fast
+@given(variant=st.sampled_from(["topk", "batchtopk"]), B=st.integers(1, 6), D=st.integers(1, 6),
+       n_lat=st.integers(1, 10), k_frac=st.floats(0, 1), k_aux=st.integers(1, 8), dead_bits=st.integers(0, 2**10 - 1),
+       seed=st.integers(0, 2**16))
+def test_sparse_loss_equals_dense_reference(random_sae, variant, B, D, n_lat, k_frac, k_aux, dead_bits, seed):
+    k = max(1, round(k_frac * n_lat))
+    dead = torch.tensor([(dead_bits >> i) & 1 for i in range(n_lat)], dtype=torch.bool)
+    x = randn(B, D, seed=seed)
+    runs = []
+    for sparse in (False, True):
+        sae = random_sae(variant, D, n_lat, seed=seed, k=k, k_aux=k_aux, dead_after=10).train()
+        sae.samples_since_fired.copy_(torch.where(dead, 10, 9))
+        if variant == "batchtopk":
+            sae.activation.threshold.fill_(-1.0 if seed % 2 else 0.3)  # not yet estimated / running
+        total, parts = sparse_loss(sae, x) if sparse else sae.loss(x)
+        runs.append((sae, total, parts, grads(sae, total)))
+    (ref, t_ref, p_ref, g_ref), (sp, t_sp, p_sp, g_sp) = runs
+    assert isinstance(p_sp["f"], SparseCode) and not isinstance(p_ref["f"], SparseCode)
+    assert torch.allclose(t_sp, t_ref, rtol=1e-10, atol=1e-12)
+    for name in ("recon", "auxk"):
+        assert torch.allclose(p_sp[name], p_ref[name], rtol=1e-10, atol=1e-12), name
+    assert torch.allclose(p_sp["x_hat"], p_ref["x_hat"], rtol=1e-10, atol=1e-12)
+    f_sp, f_ref = p_sp["f"].to_dense(), p_ref["f"].detach()
+    assert torch.equal(f_sp > 0, f_ref > 0) and torch.allclose(f_sp, f_ref, rtol=1e-12, atol=1e-14)  # same entries
+    for name in g_ref:
+        assert torch.allclose(g_sp[name], g_ref[name], rtol=1e-9, atol=1e-12), name
+    if variant == "batchtopk":
+        assert torch.allclose(sp.activation.threshold, ref.activation.threshold, rtol=1e-12)
+    # the trainer's bookkeeping reads the same from both codes
+    assert torch.equal(p_sp["f"].fired(), DenseCode(p_ref["f"]).fired())
+    assert torch.allclose(torch.tensor(p_sp["f"].l0()).double(), torch.tensor(DenseCode(p_ref["f"]).l0()).double())
+
+
+@fast
+@given(variant=st.sampled_from(["relu", "gated", "jumprelu"]), B=st.integers(1, 6), D=st.integers(1, 6),
+       n_lat=st.integers(1, 10), shift=st.floats(-2, 2), bandwidth=st.floats(0.01, 1.0), coef_scale=st.floats(0, 1),
+       seed=st.integers(0, 2**16))
+def test_penalty_loss_equals_dense_reference(random_sae, variant, B, D, n_lat, shift, bandwidth, coef_scale, seed):
+    """shift moves b_enc, so the entries the sparse path keeps range from none to all;
+    JumpReLU's thresholds are partly below bandwidth/2, where zeros sit in the window."""
+    x = randn(B, D, seed=seed)
+    runs = []
+    for sparse in (False, True):
+        settings = {"bandwidth": bandwidth} if variant == "jumprelu" else {}
+        sae = random_sae(variant, D, n_lat, seed=seed, **settings).train()
+        with torch.no_grad():
+            sae.b_enc += shift
+        total, parts = penalty_loss(sae, x, sae.pre_activation(x), coef_scale, max_frac=1.01) if sparse else sae.loss(x, coef_scale)
+        runs.append((total, parts, grads(sae, total)))
+    (t_ref, p_ref, g_ref), (t_sp, p_sp, g_sp) = runs
+    assert isinstance(p_sp["f"], SparseCode)
+    assert set(p_sp) == set(p_ref)
+    for name in set(p_ref) - {"f"}:
+        assert torch.allclose(p_sp[name], p_ref[name], rtol=1e-10, atol=1e-12), name
+    assert torch.allclose(t_sp, t_ref, rtol=1e-10, atol=1e-12)
+    f_sp, f_ref = p_sp["f"].to_dense(), p_ref["f"].detach()
+    assert torch.equal(f_sp > 0, f_ref > 0) and torch.allclose(f_sp, f_ref, rtol=1e-12, atol=1e-14)
+    for name in g_ref:
+        assert torch.allclose(g_sp[name], g_ref[name], rtol=1e-9, atol=1e-12), name
+    assert torch.equal(p_sp["f"].fired(), DenseCode(p_ref["f"]).fired())
+    assert torch.allclose(torch.tensor(p_sp["f"].l0()).double(), torch.tensor(DenseCode(p_ref["f"]).l0()).double())
+
+
+def test_penalty_loss_only_below_the_crossover_and_on_the_cpu():
+    x = torch.randn(64, 8)
+    sae = make_sae("relu", 8, 32).train()
+    with torch.no_grad():
+        sae.b_enc.fill_(-1.5)  # few positive entries
+    frac = ((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc > 0).double().mean().item()
+    assert 0 < frac < sparse_decode.PENALTY_CROSSOVER
+    assert isinstance(loss_function(sae)(x)[1]["f"], SparseCode)
+    with torch.no_grad():
+        sae.b_enc.fill_(1.0)  # most entries positive: the reference
+    assert not isinstance(loss_function(sae)(x)[1]["f"], SparseCode)
+    topk = make_sae("topk", 8, 32, k=2)
+    assert penalty_loss(topk, x, topk.pre_activation(x)) is None  # not a penalty variant
+    sae, x = sae.to("meta"), x.to("meta")
+    assert penalty_loss(sae, x, sae.pre_activation(x)) is None  # an accelerator: the reference
+
+
+@fast
+@given(B=st.integers(1, 6), D=st.integers(1, 5), n_lat=st.integers(1, 8), n=st.integers(0, 20), seed=st.integers(0, 2**16))
+def test_decode_rows_against_scatter_and_matmul(B, D, n_lat, n, seed):
+    """Any sorted rows, repeated or missing (empty rows decode to 0), any columns."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, B, (n,), generator=g).sort().values
+    cols = torch.randint(0, n_lat, (n,), generator=g)
+    vals = randn(n, seed=seed).requires_grad_()
+    W = randn(n_lat, D, seed=seed + 1).requires_grad_()
+    out = decode_rows(vals, rows, cols, W, B)
+    gy = randn(B, D, seed=seed + 2)
+    gv, gW = torch.autograd.grad(out, (vals, W), gy)
+    f = torch.zeros(B, n_lat, dtype=torch.float64).index_put((rows, cols), vals, accumulate=True)  # (B, F)
+    ref = f @ W
+    rv, rW = torch.autograd.grad(ref, (vals, W), gy)
+    assert torch.allclose(out, ref, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(gv, rv, rtol=1e-10, atol=1e-12) and torch.allclose(gW, rW, rtol=1e-10, atol=1e-12)
+
+
+@fast
+@given(B=st.integers(1, 12), n_lat=st.integers(2, 120), k=st.integers(1, 4), skew=st.floats(0, 4),
+       seed=st.integers(0, 2**16))
+def test_batchtopk_select_equals_a_topk_over_the_whole_batch(B, n_lat, k, skew, seed):
+    """The candidate search (the 8k largest of each row) picks exactly the entries of one
+    top-k*B over the flattened matrix, also when a row owns more than 8k of them (skewed
+    rows: the fallback) and when fewer than k*B entries are positive."""
+    from minisae.variants import BatchTopK
+    k = min(k, n_lat)
+    pre = randn(B, n_lat, seed=seed) * torch.exp(skew * randn(B, 1, seed=seed + 1)) - 0.5  # (B, F)
+    part = BatchTopK(n_lat, k=k)
+    rows, cols = part.select(pre)
+    z = torch.relu(pre).flatten()
+    want = z.topk(k * B).indices
+    got = rows * n_lat + cols
+    assert torch.equal(rows, rows.sort().values)  # row-major
+    # the same entries; where zeros tie at the cut, any of them will do
+    assert torch.equal(z[got].sort().values, z[want].sort().values)
+    assert set((got[z[got] > 0]).tolist()) == set((want[z[want] > 0]).tolist())
+    assert part.threshold.item() == pytest.approx(z[want][z[want] > 0].min().item() if (z[want] > 0).any() else -1.0)
+
+
+def test_loss_takes_the_sparse_path_below_the_crossover_only():
+    x = torch.randn(8, 6)
+    small = make_sae("topk", 6, 40, k=2)  # k/F = 0.05
+    large = make_sae("topk", 6, 4, k=3)  # k/F = 0.75
+    assert sparse_decode.worth_it(2, 40) and not sparse_decode.worth_it(3, 4)
+    assert isinstance(loss_function(small.train())(x)[1]["f"], SparseCode)
+    assert not isinstance(loss_function(large.train())(x)[1]["f"], SparseCode)
+    assert not isinstance(loss_function(small, sparse=False)(x)[1]["f"], SparseCode)  # the switch to the reference
+    assert not isinstance(small.loss(x)[1]["f"], SparseCode)  # SAE.loss is the reference, always
+    assert isinstance(loss_function(make_sae("batchtopk", 6, 40, k=2).train())(x)[1]["f"], SparseCode)
+
+
+def test_batchtopk_eval_mode_uses_the_threshold_not_the_sparse_path():
+    sae = make_sae("batchtopk", 6, 40, k=2)
+    x = torch.randn(16, 6)
+    sae.train().loss(x)  # estimates the threshold
+    _, parts = loss_function(sae.eval())(x)
+    assert not isinstance(parts["f"], SparseCode)
+    assert torch.equal(parts["f"], sae.encode(x))
+
+
+def test_bf16_autocast_runs_and_stays_close_to_fp32():
+    sae = make_sae("topk", 16, 64, k=4).train()
+    x = torch.randn(32, 16)
+    loss = loss_function(sae)
+    ref, _ = loss(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, parts = loss(x)
+    assert isinstance(parts["f"], SparseCode)
+    assert abs(low.item() - ref.item()) < 0.05 * ref.item()
+    g = grads(sae, low)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in g.values())
