@@ -59,8 +59,8 @@ def clock():
 
 SHAPES = {"big": (768, 6144, 4096, 32), "toy64": (64, 512, 4096, 32), "toy256": (256, 512, 1024, 6)}  # D, F, B, k
 SETTINGS = {"relu": {"sparsity_coef": 1e-3}, "gated": {"sparsity_coef": 1e-3}, "jumprelu": {"sparsity_coef": 1e-3},
-            "topk": {}, "batchtopk": {}}
-SPARSE = ("topk", "batchtopk")
+            "topk": {}, "batchtopk": {}, "matryoshka_batchtopk": {}}  # Matryoshka: the default ladder F/64 .. F
+SPARSE = ("topk", "batchtopk", "matryoshka_batchtopk")
 
 
 def matmul_flops(D, F, B, dtype, repeats=7) -> float:

@@ -113,6 +113,7 @@ class LMConfig:
         check_files(self.text, "--text")
         check_files([self.weights] if self.weights is not None else [], "--weights")
         check_out(self.out)
+        check_out(Path(self.out) / "saes", "--out")  # where the SAEs go
         return self
 
 
@@ -399,6 +400,7 @@ class ExplainConfig:
     after: int = 3
     lens: bool = False  # also show the explainer the logit-lens tokens (minisae.interp.lens)
     style: str = "plain"  # explainer prompt: plain, unmarked, contrastive, fewshot (minisae.autointerp.prompts)
+    explainer: bool = True  # False: no explainer, only the known answers are scored (validate the scorers)
     methods: tuple = ("detection", "simulation")  # scorers, from AUTOINTERP_METHODS
     endpoint: Optional[str] = None  # an OpenAI-compatible URL, e.g. http://localhost:8080/v1; None: local
     api_model: Optional[str] = None  # the model name the endpoint expects
@@ -447,3 +449,33 @@ class ExplainConfig:
             check_out(self.figures, "--figures")
         self.source.check()
         return self
+
+
+@dataclass(frozen=True)
+class AbsorptionConfig:
+    """`python -m minisae absorption` (minisae/toy/absorption.py): SAE variants on
+    synthetic features with a hierarchy; the data's fields go to SparseFeaturesConfig.
+    Frozen, so hashable: each worker process builds the data once per config."""
+    out: Path = Path("runs/absorption")
+    n_features: int = 128  # G, ground-truth features
+    dim: int = 64  # D, their dimension
+    n_parents: int = 16  # parents, features 0..15 (the most frequent), each with its own children
+    children_per_parent: int = 4  # mutually exclusive children per parent
+    child_prob: float = 0.75  # P(one child fires | its parent fires)
+    mean_active: float = 4.0  # expected number of active features per sample (the true L0)
+    magnitude_std: float = 0.1  # c ~ |N(1, 0.1^2)|: sizes near 1, the regime where absorption is exact
+    n_latents: int = 128  # F = G: one latent per ground-truth feature
+    variants: tuple = ("relu", "gated", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk")
+    batch_size: int = 1024
+    lr: float = 1e-2
+    n_samples: int = 600_000  # per main run
+    sweep_samples: int = 200_000  # per frontier run
+    n_seeds: int = 3  # main runs per variant (initialisation and data order; the data is fixed)
+    resample_every: int = 250  # steps; for the penalty-based variants (relu, gated, jumprelu)
+    eval_samples: int = 16_384
+    workers: int = 0  # processes training SAEs side by side, one thread each; 0 = one per CPU core
+    seed: int = 0
+
+    @classmethod
+    def quick(cls, **kw):
+        return cls(**{"n_samples": 60_000, "sweep_samples": 20_000, "n_seeds": 1, "eval_samples": 4096, **kw})

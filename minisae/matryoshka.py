@@ -1,8 +1,8 @@
 """Matryoshka BatchTopK: a BatchTopK SAE whose dictionary's prefixes also reconstruct alone.
 
 A wide SAE splits a general feature into specific ones and lets one latent absorb
-another's direction ("feature absorption"): "starts with s" stops firing on "snake"
-because a "snake" latent covers both. Matryoshka SAEs (Nabeshima 2024; Bussmann et al.
+another's direction ("feature absorption", Chanin et al. 2024): "starts with s" stops
+firing on "snake" because a "snake" latent covers both. Matryoshka SAEs (Nabeshima 2024; Bussmann et al.
 2025) train nested dictionaries at once: the first m latents must reconstruct x without
 the rest, for every m in a ladder of prefixes, so the early latents learn the general
 features and the later ones add detail on top instead of absorbing them.
@@ -36,7 +36,8 @@ class MatryoshkaBatchTopK(BatchTopK):
     MatryoshkaBatchTopKTrainingSAE (so SAELens's matryoshka_widths mean the same);
     dictionary_learning weights prefix i by group_weights[i] (default 1/G) and then
     averages over the G prefixes: 1/G^2 times our sum. Nabeshima samples prefixes at random
-    instead of using a fixed ladder.
+    instead of using a fixed ladder. (Inherited from BatchTopK, unlike SAELens: AuxK is not
+    scaled by min(n_dead / k_aux, 1), and the first batch sets the threshold.)
 
     How the total equals the paper's: SAE.loss adds ||x - x_hat_F||^2 (its "recon", the
     term m = F); `loss_terms` adds "prefixes" = the sum over m_1..m_{G-1} and "auxk".

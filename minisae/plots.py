@@ -331,14 +331,16 @@ def autointerp_verdict_figure(summaries, path, model: str):
     then the explainer's sentences vs the shuffled control; a blind scorer's panel is
     greyed and says so (minisae.autointerp.verdict)."""
     plt = _plt()
-    methods = list(summaries[0]["verdict"])
-    fig, axes = plt.subplots(1, len(methods), figsize=(4.4 * len(methods), 3.8), squeeze=False)
+    methods = list(dict.fromkeys(m for s in summaries for m in s["verdict"]))  # every scorer any run used
+    missing = {"validation": None, "validated": None, "result": {k: (math.nan,) * 3 for k in ("score", "control")}}
+    fig, axes = plt.subplots(1, len(methods), figsize=(6 * len(methods), 5), squeeze=False)
     xs = range(len(summaries))
     for ax, m in zip(axes[0], methods):
-        vs = [s["verdict"][m] for s in summaries]
+        vs = [s["verdict"].get(m) or missing for s in summaries]
         bars = [("result", "score", "C0", "explainer's sentence" if m != "intruder" else "P(intruder)"),
                 ("result", "control", "C7", "shuffled sentence" if m != "intruder" else "chance 1/k")]
         if m != "intruder":
+            vs = [v if v["validation"] else {**v, "validation": v["result"]} for v in vs]  # a run without m: NaN
             bars = [("validation", "score", "C2", "token set (true by construction)"),
                     ("validation", "control", "C1", "shuffled token set")] + bars
         for off, (part, side, color, label) in enumerate(bars):
@@ -353,14 +355,91 @@ def autointerp_verdict_figure(summaries, path, model: str):
             ax.set_facecolor("0.92")  # grey: this scorer failed its validation for some SAE
         ax.axhline(0.25 if m == "intruder" else 0.0, color="k", lw=0.8, ls="--")
         ax.set_xticks(list(xs), [f"{s['sae']}\nL0 {s['l0']:.0f}" + ("\nBLIND" if b else "")
-                                 for s, b in zip(summaries, blind)], fontsize=7)
+                                 for s, b in zip(summaries, blind)], fontsize=6, rotation=35, ha="right")
         ax.set_title({"surprisal": "surprisal: gain gap, nats/token", "overlap": "token overlap: gap",
                       "intruder": "intruder: P(correct), no explanation", "detection": "detection: AUROC",
                       "simulation": "simulation: r"}.get(m, m), fontsize=9)
         ax.legend(fontsize=6)
-    n = min(v["result"]["n"] for s in summaries for v in s["verdict"].values())
+    n = min(max(v["validation"]["n"] if v["validation"] else 0, v["result"]["n"])
+            for s in summaries for v in s["verdict"].values())
     fig.suptitle(f"Automated interpretability with validated scorers, explainer = scorer = {model}; "
                  f">= {n} latents per SAE, 95% bootstrap intervals", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def absorption_figures(results: dict, out_dir: Path):
+    """The absorption job's figures (minisae/toy/absorption.py), from its JSON alone."""
+    plt = _plt()
+    variants = list(results["variants"])
+    rows = results["variants"]
+    colors = [COLORS.get(v, "tab:brown") for v in variants]  # matryoshka_batchtopk: brown
+    xs = list(range(len(variants)))
+
+    # (a) the scores: absorption rate (lower is better), MCC and F1 (higher is better);
+    # dots are the seeds, bars their mean
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a1.bar(xs, [rows[v]["absorption"] for v in variants], color=colors, alpha=0.8)
+    for x, v in zip(xs, variants):
+        seeds = [r["absorption"] for r in rows[v]["per_seed"]]
+        a1.plot([x] * len(seeds), seeds, "k.", ms=4)
+        a1.text(x, rows[v]["absorption"], f"{rows[v]['absorption']:.2f}", ha="center", va="bottom", fontsize=8)
+    a1.set(xticks=xs, ylabel="absorption rate (0 = none, the truth's)", ylim=(0, 1.05),
+           title="Parent latent silent while its child's latent fires")
+    a1.set_xticklabels(variants, rotation=20, fontsize=8)
+    for off, key, label in ((-0.2, "mcc", "MCC (codes, one-to-one)"), (0.2, "f1", "F1 of the matched latents")):
+        vals = [rows[v][key] for v in variants]
+        a2.bar([x + off for x in xs], vals, 0.4, label=label, color=colors,
+               alpha=0.9 if key == "mcc" else 0.45, edgecolor="k", lw=0.5)
+        for x, val in zip(xs, vals):
+            a2.text(x + off, val, f"{val:.2f}", ha="center", va="bottom", fontsize=7)
+    low = min(min(rows[v]["mcc"], rows[v]["f1"]) for v in variants)
+    a2.set(xticks=xs, ylim=(max(0, low - 0.1), 1.04), ylabel="score (1 = the truth)", title="Recovery of the truth")
+    a2.set_xticklabels(variants, rotation=20, fontsize=8)
+    a2.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(out_dir / "absorption_scores.png", dpi=120)
+    plt.close(fig)
+
+    # (b) one parent and its children, per variant: what each matched latent points at
+    # (decoder cosines) and when it fires. Absorption reads as a parent column that is
+    # empty in every "with child" row, and child latents that point half at the parent.
+    fig, axes = plt.subplots(2, len(variants), figsize=(2.6 * len(variants), 6.4), squeeze=False)
+    for j, v in enumerate(variants):
+        view = rows[v]["parent_view"]
+        names = [f"p{view['parent']}"] + [f"k{k}" for k in view["children"]]
+        lat = [f"#{i}" for i in view["latents"]]
+        for ax, key, ylabels, title in ((axes[0, j], "cosines", [f"{n}: {l}" for n, l in zip(names, lat)], "cos(W_dec, g)"),
+                                        (axes[1, j], "firing", ["p alone"] + [f"p + {n}" for n in names[1:]],
+                                         "P(latent fires)")):
+            mat = np.array(view[key])
+            ax.imshow(mat, cmap="Blues" if key == "firing" else "RdBu_r", vmin=0 if key == "firing" else -1, vmax=1)
+            for (r, c), val in np.ndenumerate(mat):
+                ax.text(c, r, f"{val:.1f}", ha="center", va="center", fontsize=6,
+                        color="white" if abs(val) > 0.6 else "black")
+            ax.set_xticks(range(len(names)))
+            ax.set_xticklabels(names if key == "cosines" else lat, fontsize=6, rotation=90)
+            ax.set_yticks(range(len(ylabels)))
+            ax.set_yticklabels(ylabels if j == 0 else [], fontsize=6)
+            ax.set_title(f"{v}\n{title}" if key == "cosines" else title, fontsize=8, pad=3)
+    axes[0, 0].set_ylabel("matched latent (rows)", fontsize=7)
+    axes[1, 0].set_ylabel("samples where", fontsize=7)
+    fig.suptitle("One parent p and its children k: top, each matched latent's cosine with the true "
+                 "directions; bottom, how often each fires", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_dir / "absorption_parent.png", dpi=120)
+    plt.close(fig)
+
+    # (c) the frontier on both datasets: the hierarchy lets a latent stand for two features
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, data in zip(axes, ("hierarchical", "independent")):
+        for v, rs in _by_variant([r for r in results["sweep"] if r["data"] == data]).items():
+            ax.plot([r["l0"] for r in rs], [r["fvu"] for r in rs], "o-", color=COLORS.get(v, "tab:brown"), label=v, ms=4)
+        ax.axvline(results["truth"]["l0"], color="gray", ls=":", lw=1)
+        ax.set(xlabel="L0 (active latents per sample)", yscale="log", title=f"{data} features")
+    axes[0].set_ylabel("FVU (lower-left is better)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "absorption_frontier.png", dpi=120)
     plt.close(fig)

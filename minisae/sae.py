@@ -8,8 +8,9 @@
 `sigma` is the swappable part. The plain SAE of Towards Monosemanticity (Bricken et al.
 2023) uses sigma = ReLU with an L1 penalty lambda * sum_i f_i, written below as `ReLU`.
 The other members of the family (Gated, TopK, JumpReLU, BatchTopK) live in
-`minisae/variants.py` and plug into the same `SAE` as its `activation`: each is a small
-module with `forward(pre, sae) -> f` and `loss_terms(...) -> dict of extra losses`.
+`minisae/variants.py`, Matryoshka BatchTopK in `minisae/matryoshka.py`; they plug into
+the same `SAE` as its `activation`: each is a small module with
+`forward(pre, sae) -> f` and `loss_terms(...) -> dict of extra losses`.
 
 Conventions, kept everywhere in minisae:
 - Storage: W_enc is (F, D) and W_dec is (F, D); row i of W_dec is feature i's direction
@@ -34,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minisae import variants
+from minisae import matryoshka, variants
 
 
 class ReLU(nn.Module):
@@ -192,7 +193,8 @@ def revives_dead(variant: str) -> bool:
 
 def variant_classes() -> dict:
     return {"relu": ReLU, "gated": variants.Gated, "topk": variants.TopK,
-            "jumprelu": variants.JumpReLU, "batchtopk": variants.BatchTopK}
+            "jumprelu": variants.JumpReLU, "batchtopk": variants.BatchTopK,
+            "matryoshka_batchtopk": matryoshka.MatryoshkaBatchTopK}
 
 
 def make_sae(variant: str, d: int, n_latents: int, seed: int = 0, **settings) -> SAE:

@@ -17,6 +17,12 @@ The values and gradients are those of the reference (tests/core/test_sparse_deco
 outputs, gradients and AuxK against it); only the order of the additions differs. One
 dense product (B x D x F) is left, the encoder's forward; the rest costs O(N D).
 
+Matryoshka BatchTopK (minisae/matryoshka.py) also needs every prefix's reconstruction
+x_hat_m = f[:, :m] W_dec[:m] + b_dec. With the entries sorted by latent group
+[m_{g-1}, m_g), each group is decoded once into a partial P_g (B, D), and x_hat_m is the
+running sum b_dec + P_1 + ... + P_g: no entry is decoded twice (`decode_prefixes`,
+`PrefixErrors`; tests/core/test_matryoshka.py checks them against the reference).
+
 The dense reference is as fast when k/F is large (the dense products run at full
 matrix-multiply speed, the sparse ones gather rows one by one); `worth_it` is the rule,
 measured with benchmarks/sae_train.py --crossover.
@@ -194,6 +200,52 @@ def decode_rows(vals, rows, cols, W_dec, n_rows: int, bags=None):
     return DecodeRows.apply(vals.to(W_dec.dtype), rows, cols, W_dec, n_rows, bags)
 
 
+def decode_prefixes(vals, rows, cols, W_dec, n_rows: int, prefixes):
+    """P (G, B, D): P[g, b] = sum_{j: rows_j = b, m_{g-1} <= cols_j < m_g} vals_j W_dec[cols_j],
+    each group's partial decode, as one decode_rows with a bag per (group, sample)."""
+    G = len(prefixes)
+    group = torch.bucketize(cols, torch.tensor(prefixes, device=cols.device), right=True)  # (N,) in 0..G-1
+    key, perm = (group * n_rows + rows).sort()  # (N,) by group, then sample
+    return decode_rows(vals[perm], key, cols[perm], W_dec, G * n_rows).view(G, n_rows, -1)  # (G, B, D)
+
+
+class PrefixErrors(torch.autograd.Function):
+    """e_m = (1/B) ||r_m||^2 with r_m = t - P_1 - ... - P_m, for every prefix m (G,), from the
+    partials P (G, B, D) and t = target - b_dec (B, D), with the backward a running sum from
+    the last prefix down:
+
+        dL/dP_g = -(2/B) sum_{m >= g} dL/de_m r_m,     dL/dt = -dL/dP_1
+
+    In place, as P is the partial decodes' own buffer and nothing else reads it: its storage
+    becomes the residuals r_m (returned, as constants: r_G is the full residual) and then
+    dL/dP, so no other (G, B, D) tensor is made. (Plain autograd through a cumsum of P
+    made a Matryoshka step 1.5-2x a BatchTopK step at 768 x 6144, B = 4096, on a CPU; this
+    about 1.2x: benchmarks/sae_train.py --variants batchtopk,matryoshka_batchtopk.)"""
+
+    @staticmethod
+    def forward(ctx, P, t):
+        e = P.new_empty(P.shape[0])  # (G,)
+        prev = t  # r_0
+        for g in range(P.shape[0]):
+            torch.sub(prev, P[g], out=P[g])  # r_g = r_{g-1} - P_g, over P_g
+            prev = P[g]
+            e[g] = torch.dot(prev.flatten(), prev.flatten())
+        ctx.mark_dirty(P)
+        ctx.mark_non_differentiable(P)
+        ctx.save_for_backward(P)
+        return e / t.shape[0], P
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_e, _):
+        R, = ctx.saved_tensors  # (G, B, D), the residuals
+        c = g_e.to(R.dtype) * (-2.0 / R.shape[1])  # (G,)
+        R[-1].mul_(c[-1])  # R becomes dL/dP, from the last prefix down
+        for m in range(R.shape[0] - 2, -1, -1):
+            torch.addcmul(R[m + 1], R[m], c[m], out=R[m])
+        return R, -R[0]
+
+
 def auxk_loss_sparse(x, pre, x_hat, sae, k_aux: int, aux_coef: float, dead_after: int):
     """minisae.variants.auxk_loss on the dead latents' columns only: their top-k_aux
     per sample, ReLU, decoded without b_dec, against the detached residual."""
@@ -213,8 +265,8 @@ def auxk_loss_sparse(x, pre, x_hat, sae, k_aux: int, aux_coef: float, dead_after
 
 
 def sparse_loss(sae, x, coef_scale: float = 1.0):
-    """SAE.loss for an activation with `select` (TopK, BatchTopK), on the sparse path:
-    the same total and parts, with the code as a SparseCode."""
+    """SAE.loss for an activation with `select` (TopK, BatchTopK, Matryoshka BatchTopK), on
+    the sparse path: the same total and parts, with the code as a SparseCode."""
     sae.check_input(x, finite=False)
     part = sae.activation
     with torch.no_grad():  # the one dense product; addmm adds b_enc inside it, not in a pass of its own
@@ -222,12 +274,18 @@ def sparse_loss(sae, x, coef_scale: float = 1.0):
         rows, cols = part.select(pre)  # (N,) each
     bags = LatentBags.of(rows, cols, sae.n_latents)  # shared by both backward passes
     vals = F.relu(selected_pre(pre, rows, cols, x, sae, bags))  # (N,)
-    x_hat = decode_rows(vals, rows, cols, sae.W_dec, x.shape[0], bags) + sae.b_dec  # (B, D)
-    recon = (x_hat - x).pow(2).sum(-1).mean()
+    extra = {}
+    if hasattr(part, "prefixes"):  # Matryoshka: every prefix's error, the last one is recon
+        P = decode_prefixes(vals, rows, cols, sae.W_dec, x.shape[0], part.prefixes)  # (G, B, D)
+        errors, R = PrefixErrors.apply(P, x - sae.b_dec)  # (G,), (G, B, D) residuals
+        x_hat, recon, extra["prefixes"] = x - R[-1], errors[-1], errors[:-1].sum()  # x_hat (B, D)
+    else:
+        x_hat = decode_rows(vals, rows, cols, sae.W_dec, x.shape[0], bags) + sae.b_dec  # (B, D)
+        recon = (x_hat - x).pow(2).sum(-1).mean()
     k_aux = part.k_aux or max(1, sae.d // 2)  # as variants.auxk_terms
-    auxk = auxk_loss_sparse(x, pre, x_hat, sae, k_aux, part.aux_coef, part.dead_after)
+    extra["auxk"] = auxk_loss_sparse(x, pre, x_hat, sae, k_aux, part.aux_coef, part.dead_after)
     f = SparseCode(rows, cols, vals.detach(), tuple(pre.shape))
-    return recon + auxk, {"recon": recon, "auxk": auxk, "f": f, "x_hat": x_hat}
+    return recon + sum(extra.values()), {"recon": recon, **extra, "f": f, "x_hat": x_hat}
 
 
 def penalty_loss(sae, x, pre, coef_scale: float = 1.0, max_frac=None):

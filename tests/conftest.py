@@ -26,7 +26,7 @@ def smollm2_gguf_path():
 def _random_sae(variant, d, n_latents, seed=0, dtype=torch.float64, **settings):
     from minisae.sae import make_sae
 
-    if variant in ("topk", "batchtopk"):
+    if variant in ("topk", "batchtopk", "matryoshka_batchtopk"):
         settings.setdefault("k", max(1, n_latents // 2))
     sae = make_sae(variant, d, n_latents, seed=seed, **settings).to(dtype)
     g = torch.Generator().manual_seed(seed + 12345)
@@ -35,7 +35,7 @@ def _random_sae(variant, d, n_latents, seed=0, dtype=torch.float64, **settings):
             p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.5)
         if variant == "jumprelu":  # mostly positive thresholds, a few below zero
             sae.activation.theta.copy_(torch.rand(n_latents, generator=g, dtype=dtype) * 0.6 - 0.1)
-        if variant == "batchtopk":
+        if variant in ("batchtopk", "matryoshka_batchtopk"):
             sae.activation.threshold.fill_(float(torch.rand((), generator=g, dtype=dtype)) * 0.5)
     return sae
 

@@ -24,7 +24,11 @@ jumprelu -> jumprelu (threshold = theta; ReLU(pre) * 1[pre > theta] equals minis
 z * 1[z > theta], z = ReLU(pre), for any sign of theta), gated -> gated (b_gate = b_enc).
 BatchTopK is saved as SAELens saves its own: a jumprelu whose every threshold is the
 global inference threshold (exact: z * 1[z > t] either way); metadata.minisae.variant
-says "batchtopk", so minisae reads it back as one.
+says "batchtopk", so minisae reads it back as one. Matryoshka BatchTopK likewise, as
+SAELens saves its matryoshka_batchtopk: a jumprelu with the global threshold, plus
+metadata.training_architecture = "matryoshka_batchtopk" and training_architecture_details
+(k, matryoshka_widths = our prefixes, topk_threshold_lr = threshold_momentum, ...); a file
+so marked, ours or SAELens's, is read back as a Matryoshka SAE.
 
 Folding the activation scale. minisae trains on x_s = s x (HookedSAE.scale). Dividing
 the pre-activations by s,
@@ -53,11 +57,14 @@ import re
 import torch
 
 from minisae.formats.common import flag, positive_int, read_cfg, read_tensors
+from minisae.matryoshka import MatryoshkaBatchTopK
 from minisae.models.safetensors import read_header
 from minisae.sae import make_sae, part_settings, variant_name
 
-ARCHITECTURES = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated", "batchtopk": "jumprelu"}
+ARCHITECTURES = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated", "batchtopk": "jumprelu",
+                 "matryoshka_batchtopk": "jumprelu"}
 VARIANTS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
+BATCHTOPKS = ("batchtopk", "matryoshka_batchtopk")  # saved as a jumprelu with one global threshold
 # model names other tools use for minisae's models (TransformerLens, Hugging Face)
 MODEL_NAMES = {"gpt2": "gpt2", "gpt2-small": "gpt2", "openai-community/gpt2": "gpt2", "gpt2-medium": "gpt2-medium",
                "gpt2-large": "gpt2-large", "gpt2-xl": "gpt2-xl", "smollm2": "smollm2",
@@ -88,7 +95,7 @@ def to_files(sae, /, scale: float = 1.0, model=None, hook=None, max_norm=None, m
             t["b_enc"] = bias
         if variant == "jumprelu":
             t["threshold"] = act.theta / s
-        if variant == "batchtopk":
+        if variant in BATCHTOPKS:
             if act.threshold < 0:
                 raise ValueError("this BatchTopK SAE has no inference threshold yet: train it before saving")
             t["threshold"] = torch.full_like(bias, float(act.threshold) / s)
@@ -115,6 +122,11 @@ def to_files(sae, /, scale: float = 1.0, model=None, hook=None, max_norm=None, m
         md["context_size"] = training["ctx_len"]  # SAEBench runs its evaluations at this length
     if variant == "topk":
         cfg.update(k=act.k, rescale_acts_by_decoder_norm=False)
+    if variant == "matryoshka_batchtopk":  # how SAELens records the training of its inference jumprelu
+        md.update(training_architecture=variant, training_architecture_details={
+            "k": act.k, "matryoshka_widths": list(act.prefixes), "topk_threshold_lr": act.threshold_momentum,
+            "aux_loss_coefficient": act.aux_coef, "use_matryoshka_aux_loss": False,
+            "rescale_acts_by_decoder_norm": False})
     if sae.W_enc.dtype not in DTYPE_NAMES:  # bf16 / f16 SAEs are written as float32
         t = {k: v.float() for k, v in t.items()}
     return cfg, t, "sae_weights.safetensors"
@@ -155,12 +167,16 @@ def load(path) -> tuple:
         if arch == "gated":
             t["b_mag"] = t["b_mag"] + shift * t["r_mag"].exp()
     variant, threshold = VARIANTS[arch], t.get("threshold")
-    if ours.get("variant") == "batchtopk" and arch == "jumprelu" and bool((threshold == threshold[0]).all()):
-        variant = "batchtopk"
+    uniform = arch == "jumprelu" and bool((threshold == threshold[0]).all())
+    if ours.get("variant") in BATCHTOPKS and uniform:
+        variant = ours["variant"]
         if threshold[0] < 0:  # minisae's mark of a threshold not estimated yet; its writer refuses to save one
             raise ValueError(f"{cfg_path}: a BatchTopK SAE with a negative inference threshold "
                              f"({float(threshold[0]):.4g}): it was never estimated")
     settings = settings_of(ours, cfg_path) if ours.get("variant") == variant else {}
+    trained = saelens_matryoshka(md, F) if not ours.get("variant") and uniform and threshold[0] >= 0 else None
+    if trained:  # SAELens's trained matryoshka_batchtopk: its widths are our prefixes
+        variant, settings = "matryoshka_batchtopk", trained
     if arch == "topk":
         settings["k"] = positive_int(cfg.get("k"), "k", cfg_path)
         if settings["k"] > F:
@@ -183,7 +199,7 @@ def load(path) -> tuple:
             sae.activation.r_mag.copy_(t["r_mag"])
         elif variant == "jumprelu":
             sae.activation.theta.copy_(threshold)
-        elif variant == "batchtopk":
+        elif variant in BATCHTOPKS:
             sae.activation.threshold.fill_(float(threshold[0]))
     return sae, meta_of(cfg, md, ours, cfg_path)
 
@@ -256,11 +272,29 @@ def settings_of(ours: dict, cfg_path) -> dict:
     """metadata.minisae.settings: the variant's constructor arguments, numbers only."""
     settings = ours.get("settings") or {}
     number = lambda k, v: (isinstance(v, int) if k in ("k", "k_aux", "dead_after") else isinstance(v, (int, float))) \
-        and not isinstance(v, bool) or (k == "k_aux" and v is None)
+        and not isinstance(v, bool) or (k == "k_aux" and v is None) or \
+        (k == "prefixes" and isinstance(v, list) and all(type(m) is int for m in v))
     if not isinstance(settings, dict) or not all(number(k, v) for k, v in settings.items()):
         raise ValueError(f"{cfg_path}: metadata.minisae.settings must map names to numbers (k, k_aux, dead_after: "
-                         f"integers), got {settings!r:.100}")
+                         f"integers; prefixes: a list of integers), got {settings!r:.100}")
     return {k: v for k, v in settings.items() if k != "n_latents"}
+
+
+def saelens_matryoshka(md: dict, n_latents: int):
+    """{k, prefixes} of a matryoshka_batchtopk SAE SAELens trained, from its metadata's
+    training record; None where there is none or minisae's part cannot take it (a
+    fractional k: SAELens's BatchTopK keeps int(k B) entries; then the file is a jumprelu)."""
+    details = md.get("training_architecture_details")
+    if md.get("training_architecture") != "matryoshka_batchtopk" or not isinstance(details, dict):
+        return None
+    k, widths = details.get("k"), details.get("matryoshka_widths")
+    if not isinstance(k, (int, float)) or isinstance(k, bool) or k != int(k) or not isinstance(widths, list):
+        return None
+    try:
+        MatryoshkaBatchTopK(n_latents, k=int(k), prefixes=widths)
+    except (TypeError, ValueError):
+        return None
+    return {"k": int(k), "prefixes": tuple(widths)}
 
 
 def meta_of(cfg: dict, md: dict, ours: dict, cfg_path) -> dict:
@@ -279,7 +313,8 @@ def meta_of(cfg: dict, md: dict, ours: dict, cfg_path) -> dict:
         raise ValueError(f"{cfg_path}: metadata.minisae.max_norm must be a positive number, got {max_norm!r:.60}")
     if mean is not None and (not isinstance(mean, list) or len(mean) != cfg["d_in"] or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in mean)):
-        raise ValueError(f"{cfg_path}: metadata.minisae.mean must be a list of d_in = {cfg['d_in']} numbers, all finite")
+        raise ValueError(f"{cfg_path}: metadata.minisae.mean must be a list of d_in = {cfg['d_in']} numbers, "
+                         "all finite")
     folded = ours.get("folded_scale", 1.0)
     if not isinstance(folded, (int, float)) or isinstance(folded, bool) or not 0 < folded < float("inf"):
         raise ValueError(f"{cfg_path}: metadata.minisae.folded_scale must be a positive number, got {folded!r:.60}")

@@ -2,12 +2,12 @@
 
     python -m minisae check my_exercises.py
 
-exercises/ch2_sae.py and exercises/ch3_variants.py are templates: a learner copies one and
-fills in its functions. For each exercise found in the file the checker runs its properties
-in order; Hypothesis draws small float64 inputs, and when a property fails it shrinks the
-input to a small one, so the report names the property, says what went wrong and shows an
-input that shows it. The first failing property ends that exercise. An exercise that still
-raises NotImplementedError is skipped.
+exercises/ch2_sae.py, ch3_variants.py, ch7_autointerp.py and ch10_absorption.py are
+templates: a learner copies one and fills in its functions. For each exercise found in the
+file the checker runs its properties in order; Hypothesis draws small float64 inputs, and
+when a property fails it shrinks the input to a small one, so the report names the
+property, says what went wrong and shows an input that shows it. The first failing
+property ends that exercise. An exercise that still raises NotImplementedError is skipped.
 
 Why properties: comparing with a solution on a few fixed inputs misses the edge cases a
 learner gets wrong (ties at the k-th place, a negative bias, a pre-activation just inside
@@ -45,9 +45,11 @@ def load(path) -> object:
     """The learner's file, imported as a module. ValueError for a missing or broken file."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: no such file (give your copy of exercises/ch2_sae.py or ch3_variants.py)")
+        raise ValueError(f"{path}: no such file (give your copy of exercises/ch2_sae.py, ch3_variants.py, "
+                         "ch7_autointerp.py or ch10_absorption.py)")
     if path.suffix != ".py":
-        raise ValueError(f"{path}: not a Python file; give your copy of exercises/ch2_sae.py or ch3_variants.py")
+        raise ValueError(f"{path}: not a Python file; give your copy of exercises/ch2_sae.py, "
+                         "ch3_variants.py, ch7_autointerp.py or ch10_absorption.py")
     spec = importlib.util.spec_from_file_location(f"minisae_exercises_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:

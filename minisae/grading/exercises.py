@@ -2,9 +2,9 @@
 and its reference, minisae's own code in the exercise's signature.
 
 The exercises are in exercises/ch2_sae.py (encode, l1_loss), exercises/ch3_variants.py
-(topk_activation, gated_forward, JumpReLUFn, auxk_loss) and exercises/ch7_autointerp.py
-(sign_flip_p); the machinery that draws inputs
-and runs the properties is minisae/grading/check.py. Each property is a function
+(topk_activation, gated_forward, JumpReLUFn, auxk_loss), exercises/ch7_autointerp.py
+(sign_flip_p) and exercises/ch10_absorption.py (matryoshka_loss); the machinery that draws
+inputs and runs the properties is minisae/grading/check.py. Each property is a function
 (learner's function, input dict) -> None that raises Failed with a message saying what
 went wrong. The cheap, specific properties come first, so that a failure names the
 mistake (the ReLU, the centring, the detach); equality with minisae's code comes last.
@@ -21,6 +21,7 @@ import torch
 from minisae.grading.properties import (BOOLS, INTEGERS, NONNEG, ON_INPUT, SCALES, VALUES, Failed, Property, args,
                                         assume, cases, expect_close, expect_tensor, grads, show, strategies)
 from minisae.autointerp.stats import sign_flip_test
+from minisae.matryoshka import MatryoshkaBatchTopK
 from minisae.sae import ReLU, make_sae
 from minisae.variants import TopK, auxk_loss
 from minisae.variants import _JumpReLUFn as ref_JumpReLUFn  # the reference for the JumpReLUFn exercise
@@ -308,6 +309,64 @@ def _sign_minisae(fn, c):
         raise Failed(f"p = {got}, minisae's stats.sign_flip_test gives {want} for d = {show(c['d'])}")
 
 
+# -- chapter 10: the Matryoshka loss -----------------------------------------------------
+
+MAT = ("x", "f", "W_dec", "b_dec", "prefixes")
+
+
+def _mat_cases(**more):
+    """prefixes: a strictly increasing tuple in 1..F ending at F (the whole dictionary)."""
+    st = strategies()
+    prefixes = lambda s: st.sets(st.integers(1, s["F"])).map(lambda ms: tuple(sorted(ms | {s["F"]})))
+    return cases(x="BD", f=("BF", NONNEG), W_dec="FD", b_dec="D", prefixes=prefixes, **more)
+
+
+def _mat_scalar(fn, c):
+    expect_tensor(fn(*args(c, *MAT)), (), "the loss")
+
+
+def _mat_whole(fn, c):
+    n = c["W_dec"].shape[0]  # F
+    err = c["x"] - (c["f"] @ c["W_dec"] + c["b_dec"])  # (B, D)
+    expect_close(fn(*args(dict(c, prefixes=(n,)), *MAT)), err.pow(2).sum(-1).mean(),
+                 f"the loss with prefixes = ({n},)")
+
+
+def _mat_naive(fn, c):
+    x, f, W, b = (c[n].tolist() for n in ("x", "f", "W_dec", "b_dec"))
+    total = 0.0
+    for m in c["prefixes"]:  # the naive reference: a loop over prefixes, samples, dimensions
+        for xb, fb in zip(x, f):
+            x_hat = [sum(fb[i] * W[i][j] for i in range(m)) + b[j] for j in range(len(b))]
+            total += sum((xb[j] - x_hat[j]) ** 2 for j in range(len(b))) / len(x)
+    expect_close(fn(*args(c, *MAT)), torch.tensor(total, dtype=torch.float64), "the loss")
+
+
+def _mat_permuted(c):
+    """The latents reordered inside each group [a, m) between two prefix boundaries,
+    in the order `perm` gives them."""
+    order, a = [], 0
+    for m in c["prefixes"]:
+        order += sorted(range(a, m), key=lambda i: c["perm"][i])
+        a = m
+    return dict(c, f=c["f"][:, order], W_dec=c["W_dec"][order])
+
+
+def _mat_permute(fn, c):
+    expect_close(fn(*args(_mat_permuted(c), *MAT)), fn(*args(c, *MAT)),
+                 "the loss with latents permuted inside their groups", ON_INPUT)
+
+
+def _mat_grad(fn, c):
+    a, r = args(c, *MAT, grad=("W_dec",)), args(c, *MAT, grad=("W_dec",))
+    (g,), (g_ref,) = grads(fn(*a), [a[2]]), grads(ref_matryoshka_loss(*r), [r[2]])
+    expect_close(g, g_ref, "d loss / d W_dec")
+
+
+def _mat_minisae(fn, c):
+    expect_close(fn(*args(c, *MAT)), ref_matryoshka_loss(*args(c, *MAT)), "the loss")
+
+
 def exercises():
     """{name: [Property, ...]}, the properties in the order they are checked: the cheap,
     specific ones first, so that a failure names the mistake; minisae's code last."""
@@ -391,6 +450,19 @@ def exercises():
             P("naive", "p = #(sign patterns e with |mean(e d)| >= |mean d|) / 2^n (a loop over all 2^n)",
               diffs, _sign_naive),
             P("minisae", "p equals minisae's stats.sign_flip_test (exact for n <= 16)", diffs, _sign_minisae)],
+        "matryoshka_loss": [
+            P("scalar", "the loss is one number for the batch (a 0-dim float64 tensor)", _mat_cases, _mat_scalar),
+            P("whole", "with one prefix, the whole dictionary (prefixes = (F,)), the loss is the plain "
+              "reconstruction error mean_b ||x_b - (f_b W_dec + b_dec)||^2, b_dec included", _mat_cases, _mat_whole),
+            P("naive", "loss = sum over m in prefixes (not a mean) of mean_b ||x_b - (f_b[:m] W_dec[:m] + b_dec)||^2, "
+              "f_b[:m] the first m latents 0..m-1 (a loop over prefixes and samples)", _mat_cases, _mat_naive),
+            P("permute", "reordering the latents inside one group [a, m) between two prefix boundaries (f's "
+              "columns and W_dec's rows together) changes nothing",
+              lambda: _mat_cases(perm=lambda s: strategies().permutations(range(s["F"]))), _mat_permute),
+            P("grad_W_dec", "d loss / d W_dec equals minisae's: every prefix's term trains the decoder",
+              _mat_cases, _mat_grad),
+            P("minisae", "the loss equals minisae's SAE.loss \"recon\" + MatryoshkaBatchTopK's \"prefixes\" term",
+              _mat_cases, _mat_minisae)],
     }
 
 
@@ -433,3 +505,13 @@ def ref_auxk_loss(x, pre, x_hat, W_dec, dead, k_aux, aux_coef):
 
 def ref_sign_flip_p(d):
     return sign_flip_test(d.tolist())  # exact: n <= 16 here
+
+
+def ref_matryoshka_loss(x, f, W_dec, b_dec, prefixes):
+    # SAE.loss's "recon" (the term m = F) + MatryoshkaBatchTopK.loss_terms's "prefixes" (m < F)
+    part = MatryoshkaBatchTopK(W_dec.shape[0], k=1, prefixes=tuple(prefixes))
+    sae = SimpleNamespace(W_dec=W_dec, b_dec=b_dec, d=W_dec.shape[1],
+                          samples_since_fired=torch.zeros(W_dec.shape[0]))  # no latent dead: AuxK is 0
+    x_hat = torch.addmm(b_dec, f, W_dec)  # (B, D) = SAE.decode(f)
+    recon = (x_hat - x).pow(2).sum(-1).mean()
+    return recon + part.loss_terms(x, pre=f, f=f, x_hat=x_hat, sae=sae)["prefixes"]

@@ -44,13 +44,14 @@ SWEEPS = {
     "topk": ("k", [16, 48, 128]),
     "jumprelu": ("sparsity_coef", [0.1, 0.2, 0.4, 1.0, 4.0]),
     "batchtopk": ("k", [16, 48, 128]),
+    "matryoshka_batchtopk": ("k", [16, 48, 128]),  # its default ladder of prefixes (minisae/matryoshka.py)
 }
 # The one setting `layers` uses per variant unless --setting says otherwise: a middle
 # point of the sweep (L0 about 20-50 on SmolLM2's layer 15).
-LAYERS_SETTING = {"relu": 1.5, "gated": 2.0, "topk": 48, "jumprelu": 1.0, "batchtopk": 48}
+LAYERS_SETTING = {"relu": 1.5, "gated": 2.0, "topk": 48, "jumprelu": 1.0, "batchtopk": 48, "matryoshka_batchtopk": 48}
 # Settings shared by the sweep (per variant); dead_after in tokens, as in Gao et al.
 BASE = {"relu": {}, "gated": {}, "topk": {"dead_after": 500_000}, "batchtopk": {"dead_after": 500_000},
-        "jumprelu": {"bandwidth": 0.05, "theta_init": 0.1}}
+        "matryoshka_batchtopk": {"dead_after": 500_000}, "jumprelu": {"bandwidth": 0.05, "theta_init": 0.1}}
 
 
 def parse_sweep(specs) -> dict:

@@ -11,6 +11,8 @@ import pytest
 import torch
 from hypothesis import assume, given, settings, strategies as st
 
+from minisae import sparse_decode
+from minisae.codes import SparseCode
 from minisae.matryoshka import MatryoshkaBatchTopK, default_prefixes
 from minisae.sae import SAE, part_settings
 from minisae.train import TrainConfig, train
@@ -162,6 +164,44 @@ def test_permuting_latents_inside_groups_keeps_code_and_loss(case, training):
         total2, parts2 = sae.loss(x)
         assert torch.allclose(total2, total, rtol=1e-12, atol=1e-12)
         assert torch.allclose(parts2["prefixes"], parts["prefixes"], rtol=1e-12, atol=1e-12)
+
+
+# -- the sparse path (minisae/sparse_decode.py) -------------------------------------------
+
+@fast
+@given(case=cases, k_aux=st.integers(1, 8), dead_bits=st.integers(0, 2**10 - 1), estimated=st.booleans())
+def test_sparse_path_equals_the_dense_reference(case, k_aux, dead_bits, estimated):
+    """Per-group partial decodes summed prefix by prefix (decode_prefixes, PrefixErrors):
+    the same loss, parts, code, x_hat, threshold and gradients for every parameter as
+    SAE.loss, AuxK at work on random dead latents."""
+    B, D, n_lat, k_frac, bits, seed = case
+    k, prefixes = max(1, round(k_frac * n_lat)), ladders(n_lat, bits)
+    dead = torch.tensor([(dead_bits >> i) & 1 for i in range(n_lat)], dtype=torch.bool)
+    x = randn(B, D, seed=seed)
+    runs = []
+    for sparse in (False, True):
+        sae = random_sae(D, n_lat, seed=seed, k=k, prefixes=prefixes, k_aux=k_aux, dead_after=10).train()
+        sae.samples_since_fired.copy_(torch.where(dead, 10, 9))
+        if not estimated:
+            sae.activation.threshold.fill_(-1.0)
+        total, parts = sparse_decode.sparse_loss(sae, x) if sparse else sae.loss(x)
+        runs.append((sae, total, parts, grads(sae, total)))
+    (ref, t_ref, p_ref, g_ref), (sp, t_sp, p_sp, g_sp) = runs
+    assert isinstance(p_sp["f"], SparseCode) and set(p_sp) == set(p_ref)
+    assert torch.allclose(t_sp, t_ref, rtol=1e-10, atol=1e-12)
+    for name in ("recon", "prefixes", "auxk", "x_hat"):
+        assert torch.allclose(p_sp[name], p_ref[name], rtol=1e-10, atol=1e-12), name
+    f_sp, f_ref = p_sp["f"].to_dense(), p_ref["f"].detach()
+    assert torch.equal(f_sp > 0, f_ref > 0) and torch.allclose(f_sp, f_ref, rtol=1e-12, atol=1e-14)
+    for name in g_ref:
+        assert torch.allclose(g_sp[name], g_ref[name], rtol=1e-9, atol=1e-12), name
+    assert torch.equal(sp.activation.threshold, ref.activation.threshold)
+
+
+def test_the_loop_takes_the_sparse_path_below_the_crossover():
+    sae = SAE(8, 64, MatryoshkaBatchTopK(64, k=2, prefixes=(4, 16))).train()
+    loss, parts = sparse_decode.loss_function(sae)(torch.randn(32, 8))
+    assert isinstance(parts["code"], SparseCode) and parts["prefixes"] > 0
 
 
 # -- shapes, signs, the training step ------------------------------------------------------

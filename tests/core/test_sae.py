@@ -18,6 +18,7 @@ from minisae.sae import ReLU, SAE, make_sae, variant_classes, variant_name
 from minisae.train import TrainConfig, train
 
 VARIANTS = list(variant_classes())
+BATCHTOPKS = ("batchtopk", "matryoshka_batchtopk")  # the same code: a batch-wide top-k, then a threshold
 pytestmark = pytest.mark.usefixtures("one_thread")
 fast = settings(max_examples=25, deadline=None)
 sizes = st.tuples(st.integers(1, 4), st.integers(1, 5), st.integers(1, 8))  # B, D, F
@@ -44,12 +45,12 @@ def naive_forward(sae, x):
         elif variant == "topk":
             top = sorted(range(n_lat), key=lambda i: pre[i], reverse=True)[:part.k]
             f.append([max(pre[i], 0.0) if i in top else 0.0 for i in range(n_lat)])
-        elif variant == "batchtopk" and not part.training:
+        elif variant in BATCHTOPKS and not part.training:
             t = float(part.threshold)
             f.append([max(p, 0.0) if max(p, 0.0) > t else 0.0 for p in pre])
         else:  # batchtopk training: ReLU(pre), rank filled in below across the whole batch
             f.append([max(p, 0.0) for p in pre])
-    if variant == "batchtopk" and part.training:
+    if variant in BATCHTOPKS and part.training:
         entries = sorted(((v, b, i) for b, row in enumerate(f) for i, v in enumerate(row)), reverse=True)
         keep = {(b, i) for _, b, i in entries[:part.k * len(f)]}
         f = [[v if (b, i) in keep else 0.0 for i, v in enumerate(row)] for b, row in enumerate(f)]
@@ -74,7 +75,7 @@ def tensors_of(sae):
 @given(shape=sizes, seed=st.integers(0, 2**16), k_frac=st.floats(0, 1))
 def test_forward_matches_naive_reference(random_sae, variant, training, shape, seed, k_frac):
     B, D, n_lat = shape
-    settings_ = {"k": 1 + int(k_frac * (n_lat - 1))} if variant in ("topk", "batchtopk") else {}
+    settings_ = {"k": 1 + int(k_frac * (n_lat - 1))} if variant in ("topk", *BATCHTOPKS) else {}
     sae = random_sae(variant, D, n_lat, seed=seed, **settings_).train(training)
     x = torch.randn(B, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     f_ref, x_hat_ref = naive_forward(sae, x)
@@ -140,11 +141,11 @@ def decision_margin(sae, x):
         return pre.abs().min().item()
     if name == "jumprelu":
         return (z - part.theta).abs().min().item()
-    if name == "batchtopk" and not part.training:
+    if name in BATCHTOPKS and not part.training:
         return (z - part.threshold).abs().min().item()
-    if name in ("topk", "batchtopk"):
-        k = part.k * (x.shape[0] if name == "batchtopk" else 1)
-        vals = (z.flatten()[None] if name == "batchtopk" else pre).sort(-1, descending=True).values
+    if name in ("topk", *BATCHTOPKS):
+        k = part.k * (x.shape[0] if name in BATCHTOPKS else 1)
+        vals = (z.flatten()[None] if name in BATCHTOPKS else pre).sort(-1, descending=True).values
         if k >= vals.shape[-1]:
             return math.inf
         gap = vals[:, k - 1] - vals[:, k]  # a tie at the k-th place matters only if it is kept > 0
@@ -214,13 +215,13 @@ def test_identity_dictionary_reconstructs_nonnegative_inputs_exactly(variant, tr
     TopK/BatchTopK: k = D, threshold 0): every input x >= 0 is its own code and reconstruction."""
     x = torch.from_numpy(x)
     D = x.shape[1]
-    sae = make_sae(variant, D, D, **({"k": D} if variant in ("topk", "batchtopk") else {})).double().train(training)
+    sae = make_sae(variant, D, D, **({"k": D} if variant in ("topk", *BATCHTOPKS) else {})).double().train(training)
     with torch.no_grad():
         for p in sae.parameters():
             p.zero_()
         sae.W_enc.copy_(torch.eye(D))
         sae.W_dec.copy_(torch.eye(D))
-        if variant == "batchtopk":
+        if variant in BATCHTOPKS:
             sae.activation.threshold.fill_(0.0)
     assert torch.equal(sae.encode(x), x)
     assert torch.equal(sae(x), x)
@@ -256,7 +257,7 @@ def test_remove_parallel_grad_without_grad_is_a_no_op():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_decoder_rows_unit_norm_after_a_training_step(variant):
-    sae = make_sae(variant, 6, 10, seed=1, **({"k": 3} if variant in ("topk", "batchtopk") else {}))
+    sae = make_sae(variant, 6, 10, seed=1, **({"k": 3} if variant in ("topk", *BATCHTOPKS) else {}))
     before = sae.W_dec.detach().clone()
     data = iter([torch.randn(16, 6, generator=torch.Generator().manual_seed(0))])
     train(sae, data, TrainConfig(n_samples=16, batch_size=16, lr=0.05), log=False)
@@ -332,7 +333,8 @@ def test_batchtopk_inference_before_training_is_a_value_error():
 NON_DEFAULT = {"relu": {"sparsity_coef": 0.123}, "gated": {"sparsity_coef": 0.2},
                "jumprelu": {"sparsity_coef": 0.3, "bandwidth": 0.05, "theta_init": 0.02},
                "topk": {"k": 3, "k_aux": 2, "aux_coef": 0.1, "dead_after": 1234},
-               "batchtopk": {"k": 3, "k_aux": 5, "dead_after": 99, "threshold_momentum": 0.05}}
+               "batchtopk": {"k": 3, "k_aux": 5, "dead_after": 99, "threshold_momentum": 0.05},
+               "matryoshka_batchtopk": {"k": 3, "prefixes": (2, 6, 12), "k_aux": 5, "threshold_momentum": 0.05}}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

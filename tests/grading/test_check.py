@@ -76,9 +76,15 @@ def sign_flip_p(d):
     return float((null >= d.mean().abs() - 1e-12).double().mean())
 
 
+def matryoshka_loss(x, f, W_dec, b_dec, prefixes):
+    x_hats = b_dec + (f[:, :, None] * W_dec[None]).cumsum(1)  # (B, F, D): row i decodes latents 0..i
+    err = x[:, None] - x_hats[:, torch.tensor(prefixes) - 1]  # (B, G, D)
+    return (err ** 2).sum(-1).mean(0).sum()
+
+
 RIGHT = {"encode": encode, "l1_loss": l1_loss, "topk_activation": topk_activation,
          "gated_forward": gated_forward, "JumpReLUFn": JumpReLUFn, "auxk_loss": auxk_loss,
-         "sign_flip_p": sign_flip_p}
+         "sign_flip_p": sign_flip_p, "matryoshka_loss": matryoshka_loss}
 
 
 @pytest.mark.parametrize("name", list(RIGHT))
@@ -91,9 +97,9 @@ def test_a_right_answer_written_differently_passes(name):
 def test_reference_solutions_pass_and_templates_are_skipped(capsys):
     assert main(EXERCISES / "solutions.py") == 0
     out = capsys.readouterr().out
-    assert out.count(" PASS") == len(exercises()) == 7 and "7 passed, 0 failed" in out
+    assert out.count(" PASS") == len(exercises()) == 8 and "8 passed, 0 failed" in out
     for template, n in ((EXERCISES / "ch2_sae.py", 2), (EXERCISES / "ch3_variants.py", 4),
-                        (EXERCISES / "ch7_autointerp.py", 1)):
+                        (EXERCISES / "ch7_autointerp.py", 1), (EXERCISES / "ch10_absorption.py", 1)):
         assert main(template) == 0
         out = capsys.readouterr().out
         assert out.count("SKIP") == n and f"0 passed, 0 failed, {n} not done yet" in out
@@ -177,6 +183,22 @@ def _all_dead_k(x, pre, x_hat, W_dec, dead, k_aux, aux_coef):  # k_aux ignored: 
     return _auxk(x, pre, x_hat, W_dec, dead, k_aux=pre.shape[1], aux_coef=aux_coef)
 
 
+def _matryoshka(x, f, W_dec, b_dec, prefixes, bias=True, extra=0, groups=False, inner_grad=True, inner_only=False,
+                per_sample=False, batch=torch.mean, over_prefixes=torch.sum):
+    """The Matryoshka loss with one of its steps changed, for the wrong implementations below."""
+    terms, a = [], 0
+    for m in prefixes:
+        if inner_only and m == prefixes[-1]:
+            break
+        lo = a if groups else 0
+        W = W_dec if inner_grad or m == prefixes[-1] else W_dec.detach()
+        x_hat = f[:, lo:m + extra] @ W[lo:m + extra] + (b_dec if bias else 0)  # (B, D)
+        err = (x - x_hat).pow(2).sum(-1)  # (B,)
+        terms.append(err if per_sample else batch(err, 0))
+        a = m
+    return over_prefixes(torch.stack(terms), 0) if terms else x.new_zeros(())
+
+
 # (exercise, what is wrong, the implementation, the property that must catch it)
 WRONG = [
     ("encode", "no ReLU", lambda x, W, b, bd: (x - bd) @ W.T + b, "nonnegative"),
@@ -229,6 +251,18 @@ WRONG = [
     ("sign_flip_p", "only the flips that keep the first sign, halved",
      lambda d: float(((_signs(len(d))[_signs(len(d))[:, 0] > 0] @ d).abs() / len(d)
                       >= d.mean().abs() - 1e-12).double().mean() / 2), "zeros"),
+    ("matryoshka_loss", "one loss per sample (no batch mean)", lambda *a: _matryoshka(*a, per_sample=True), "scalar"),
+    ("matryoshka_loss", "b_dec forgotten", lambda *a: _matryoshka(*a, bias=False), "whole"),
+    ("matryoshka_loss", "summed over the batch", lambda *a: _matryoshka(*a, batch=torch.sum), "whole"),
+    ("matryoshka_loss", "the whole dictionary's term left out (only the inner prefixes)",
+     lambda *a: _matryoshka(*a, inner_only=True), "whole"),
+    ("matryoshka_loss", "the prefix m read as m + 1 latents", lambda *a: _matryoshka(*a, extra=1), "naive"),
+    ("matryoshka_loss", "averaged over the prefixes instead of summed",
+     lambda *a: _matryoshka(*a, over_prefixes=torch.mean), "naive"),
+    ("matryoshka_loss", "each group [a, m) decoded alone, not the whole prefix",
+     lambda *a: _matryoshka(*a, groups=True), "naive"),
+    ("matryoshka_loss", "the inner prefixes' terms train no decoder (W_dec detached)",
+     lambda *a: _matryoshka(*a, inner_grad=False), "grad_W_dec"),
 ]
 
 
