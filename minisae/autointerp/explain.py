@@ -15,12 +15,13 @@ For each latent i, from one pass over held-out contexts (N, T) (codes f_i at eve
     scorer sees       n_score other firing windows, evenly spaced over the ranks, and as
                       many silent windows (f_i = 0 on every token), drawn with the seed
 
-Three explanations of each latent are scored the same way: the explainer's; a token-set
-baseline with no language model (the latent's most frequent activating tokens in the
-explainer's examples: 'the tokens "x", "y", "z"'); and the control, another latent's
-explanation (a seeded derangement, minisae.autointerp.scoring). An LLM explanation is worth
-something only where it beats both. The token set is also read by a rule (scoring.TokenRule:
-yes where one of its tokens appears), which separates the explanation from the scorer.
+Four explanations of each latent are scored the same way (minisae.autointerp.verdict), the
+known answers first: a token-set baseline with no language model (the latent's most
+frequent activating tokens in the explainer's examples: 'the tokens "x", "y", "z"'),
+another latent's token set, the explainer's sentence, and another latent's sentence (a
+seeded derangement, minisae.autointerp.scoring). A scorer that cannot tell the token set
+from the shuffled one is blind, and its verdict on the sentences is not a result. The
+token set is also read by a rule (scoring.TokenRule: yes where one of its tokens appears).
 """
 
 import dataclasses
@@ -56,15 +57,6 @@ def make_chat(cfg: ExplainConfig):
     return chat.LocalChat.from_gguf(cfg.chat_weights, temperature=cfg.temperature, seed=cfg.seed, bf16=cfg.chat_bf16)
 
 
-# ---------------------------------------------------------------- codes of the chosen latents
-
-
-# ---------------------------------------------------------------- examples for explainer and scorer
-
-
-# ---------------------------------------------------------------- the explainer's prompt
-
-
 # ---------------------------------------------------------------- one SAE
 
 def _mean(values):
@@ -78,7 +70,7 @@ def summarize(rows) -> dict:
     for kind in ("explanation", "baseline", "control", "baseline_rule"):
         for method, key in (("detection", "balanced_accuracy"), ("detection", "auroc"),
                             ("simulation", "correlation")):
-            vals = [r["scores"][kind].get(method, {}).get(key) for r in rows]
+            vals = [r["scores"].get(kind, {}).get(method, {}).get(key) for r in rows]
             out[f"{kind}_{method}_{key}"] = _mean(vals)
     out["explain_s_per_latent"] = _mean([r["explain_s"] for r in rows])
     out["score_s_per_latent"] = _mean([r["score_s"] for r in rows])
@@ -103,14 +95,15 @@ def explain_latents(chat, hsae, model, tokenizer, contexts, a, stats, latents, c
                                         cfg.seed + i) if cfg.style == "contrastive" else ()
             reply = chat.complete(explainer_messages(tokenizer, explain, lens["promoted"] if cfg.lens else None,
                                                      cfg.style, contrast),
-                                  cfg.max_new_tokens, seed=cfg.seed + i, stop=STOP)
+                                  cfg.max_new_tokens, seed=cfg.seed + i, stop=STOP) if cfg.explainer else None
             row.update(examples=explain, held_out=held, labels=labels, reply=reply,
-                       explanation=clean_explanation(reply), baseline=token_set_explanation(tokenizer, explain),
+                       explanation=clean_explanation(reply) if cfg.explainer else None,
+                       baseline=token_set_explanation(tokenizer, explain),
                        explain_s=time.time() - t0)
         rows.append(row)
         bar.update(j + 1, extra=f", {row['explain_s']:.1f}s last")
     bar.close(len(latents))
-    scored = [r for r in rows if r["explanation"] is not None]
+    scored = [r for r in rows if r["baseline"] is not None]  # the latents with windows to score
     if len(scored) < 2:
         raise ValueError(f"only {len(scored)} of the {len(latents)} latents fire in 2 or more contexts: "
                          "scan more text (--tokens) or pick other latents")
@@ -121,8 +114,10 @@ def explain_latents(chat, hsae, model, tokenizer, contexts, a, stats, latents, c
         held = held_out_for_scoring(r["held_out"], r["labels"], tokenizer)
         ctrl = scored[perm[j]]
         r["control_from"] = ctrl["latent"]
-        r["scores"] = score_latent(chat, {"baseline": r["baseline"], "baseline_control": ctrl["baseline"],
-                                          "explanation": r["explanation"], "control": ctrl["explanation"]},
+        kinds = {"baseline": r["baseline"], "baseline_control": ctrl["baseline"]}  # the known answers first
+        if cfg.explainer:
+            kinds.update(explanation=r["explanation"], control=ctrl["explanation"])
+        r["scores"] = score_latent(chat, kinds,
                                    held, cfg.methods, cfg.seed + r["latent"])
         r["score_s"] = time.time() - t0
         r["scores"]["baseline_rule"] = score(TokenRule(), r["baseline"], held, cfg.methods)  # no LLM: instant
@@ -137,10 +132,11 @@ def print_scores(rows, file=None):
     for r in rows:
         print(f"\nlatent {r['latent']}: {r['explanation']}", file=file)
         for kind in ("explanation", "baseline", "control", "baseline_control", "baseline_rule"):
-            s = r["scores"][kind]
+            s = r["scores"].get(kind)
             if not s:  # the token rule reads detection and simulation only
                 continue
-            what = r["baseline"] if kind == "baseline" else f"from latent {r['control_from']}" if "control" in kind else ""
+            what = r["baseline"] if kind == "baseline" else \
+                f"from latent {r['control_from']}" if "control" in kind else ""
             cells = [f"detection bal.acc {f(s, 'detection', 'balanced_accuracy')} AUROC {f(s, 'detection', 'auroc')}",
                      f"simulation r {f(s, 'simulation', 'correlation')}"] if kind == "baseline_rule" or \
                 {"detection", "simulation"} & set(s) else []
@@ -156,9 +152,10 @@ def render_page(title: str, rows, tokenizer) -> str:
     page = render_html(title, rows, tokenizer)
     for r in rows:
         s = r["scores"]
-        cell = lambda k: (f"detection {s[k].get('detection', {}).get('balanced_accuracy', math.nan):.2f}, "
-                          f"simulation r {s[k].get('simulation', {}).get('correlation', math.nan):.2f}")
-        note = (f'<p><b>explanation:</b> {html.escape(r["explanation"])} ({cell("explanation")})<br>'
+        cell = lambda k: (f"detection {s.get(k, {}).get('detection', {}).get('balanced_accuracy', math.nan):.2f}, "
+                          f"simulation r {s.get(k, {}).get('simulation', {}).get('correlation', math.nan):.2f}")
+        text = html.escape(r["explanation"] or "(no explainer)")
+        note = (f'<p><b>explanation:</b> {text} ({cell("explanation")})<br>'
                 f'<b>token-set baseline:</b> {html.escape(r["baseline"])} ({cell("baseline")})<br>'
                 f'<b>control</b> (latent {r["control_from"]}\'s explanation): {cell("control")}</p>')
         head = f'<section id="latent-{r["latent"]}"><h2>latent {r["latent"]}</h2>'
@@ -204,7 +201,8 @@ def run(cfg: ExplainConfig) -> list:
             raise ValueError(f"{cfg.run_dir}/saes holds no SAE: give the folder of a `python -m minisae lm` run")
     else:
         paths = [src.sae]
-    hsae, model, tok = load_with_model(paths[0], src.model, src.layer, src.site, src.weights, src.device)
+    hsae, model, tok = load_with_model(paths[0], src.model, src.layer, src.site, src.weights, src.device,
+                                       latents=cfg.latents)
     contexts = load_text(src, tok, hsae.model_name)
     x = hook_activations(model, hsae.hook, contexts, src.bf16)  # (N, T-1, D)
     chat = make_chat(cfg)
@@ -272,22 +270,28 @@ def write_comparison(summaries, cfg: ExplainConfig, effects=()):
 
 def compare(files, figures) -> list:
     """The comparison (tables, autointerp_results.json, figures) from explain runs' files
-    explanations-NAME.json, e.g. of SAEs from different lm runs; a run with another
-    --style is named "NAME style" and compared, latent by latent, with the plain run of its
-    SAE (verdict.paired_by_latent). Returns the summaries."""
+    explanations-NAME.json, e.g. of SAEs from different lm runs. A run is named "NAME",
+    "NAME style" for another --style, "NAME (no explainer)" for --no-explainer; every run
+    with explanations is compared, latent by latent, with the first such run of its SAE
+    (verdict.paired_by_latent) by every scorer validated there. Returns the summaries."""
     results = [json.loads(Path(f).read_text()) for f in files]
-    plain = {r["summary"]["sae"]: r for r in results if r["config"].get("style", "plain") == "plain"}
-    effects = []
+    base, effects = {}, []
     for r in results:
-        style, name = r["config"].get("style", "plain"), r["summary"]["sae"]
-        if style != "plain":
-            r["summary"]["sae"] = f"{name} {style}"
-            for m in (m for m in r["config"]["methods"] if m in (plain[name]["config"]["methods"] if name in plain
-                                                                 else ()) and m != "intruder"):
-                effects.append({"sae": name, "style": style, "method": m,
-                                **paired_by_latent(plain[name]["latents"], r["latents"], m)})
-    cfg = dataclasses.replace(ExplainConfig(source=None), figures=Path(figures),
-                              methods=tuple(results[0]["config"]["methods"]))
+        c, name = r["config"], r["summary"]["sae"]
+        style, explainer = c.get("style", "plain"), c.get("explainer", True)
+        r["summary"]["sae"] = name + (f" {style}" if explainer and style != "plain" else "") + \
+            ("" if explainer else " (no explainer)")
+        if not explainer:
+            continue
+        if name not in base:
+            base[name] = r
+            continue
+        ok = {m for m, v in base[name]["summary"]["verdict"].items() if v["validated"]}  # blind: no results
+        for m in (m for m in c["methods"] if m in ok):
+            effects.append({"sae": name, "style": r["summary"]["sae"], "base": base[name]["summary"]["sae"],
+                            "method": m, **paired_by_latent(base[name]["latents"], r["latents"], m)})
+    methods = tuple(dict.fromkeys(m for r in results for m in r["config"]["methods"]))
+    cfg = dataclasses.replace(ExplainConfig(source=None), figures=Path(figures), methods=methods)
     summaries = [r["summary"] for r in results]
     write_comparison(summaries, cfg, effects)
     return summaries

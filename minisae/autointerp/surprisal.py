@@ -24,7 +24,8 @@ import math
 
 from minisae.autointerp.scoring import auroc
 
-PREFIX = "Below are short text excerpts on which one neuron of a language model fires.\nThe neuron fires on: {}\nExcerpts:\n"
+PREFIX = ("Below are short text excerpts on which one neuron of a language model fires.\n"
+          "The neuron fires on: {}\nExcerpts:\n")
 NEUTRAL = "Various unrelated sentences."  # delphi's explanation-free prompt
 
 

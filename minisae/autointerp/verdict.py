@@ -21,7 +21,6 @@ from minisae.autointerp.intruder import intruder_score
 from minisae.autointerp.scoring import detection_score, overlap_score, simulation_score
 from minisae.autointerp.stats import ALPHA, paired, separates
 from minisae.autointerp.surprisal import NEUTRAL, mean_logprobs, surprisal_score
-from minisae.configs import AUTOINTERP_METHODS as METHODS
 SCORE_KEY = {"detection": "auroc", "simulation": "correlation", "surprisal": "gap", "overlap": "gap",
              "intruder": "p_correct"}
 KINDS = ("baseline", "baseline_control", "explanation", "control")  # the known answers first
@@ -86,28 +85,31 @@ def _ci(t) -> str:
 
 
 def verdict_markdown(summaries) -> str:
-    """The chapter's table: per SAE and scorer, its validation, then its result or 'blind'."""
-    lines = ["| SAE | L0 | scorer (per latent) | validation: token set - shuffled, p | explanation [95% CI] "
-             "| control [95% CI] | explanation - control, p | latents |", "|" + "---|" * 8]
+    """The chapter's table: per SAE and scorer, its validation (token set vs shuffled token
+    set), then the explainer's result (explanation vs shuffled explanation), or 'blind'."""
+    lines = ["| SAE | L0 | scorer (per latent) | latents | token set [95% CI] | shuffled token set | "
+             "validation: difference, p | explanation [95% CI] | shuffled explanation | difference, p |",
+             "|" + "---|" * 10]
     for s in summaries:
         for m, v in s["verdict"].items():
             res, val = v["result"], v["validation"]
-            if val is None:
-                check = "no explanation; control = chance"
+            if val is None:  # the intruder: no explanation, its control is chance
+                check = ["", "", "no explanation; vs chance"]
             else:
-                check = f"{val['diff'][0]:+.3f}, p={val['p_sign_flip']:.4f} " + ("valid" if v["validated"] else "**blind**")
-            shown = v["validated"] is not False  # a blind scorer's numbers are not results
+                check = [_ci(val["score"]), _ci(val["control"]), f"{val['diff'][0]:+.3f}, p={val['p_sign_flip']:.4f} "
+                         + ("valid" if v["validated"] else "**blind**")]
+            shown = v["validated"] is not False and res["n"] > 0  # a blind scorer's numbers are not results
             cells = [_ci(res["score"]), _ci(res["control"]), f"{res['diff'][0]:+.3f}, p={res['p_sign_flip']:.4f}"] \
-                if shown else ["(blind)"] * 3
-            lines.append(f"| {s['sae']} | {s['l0']:.1f} | {m} ({SCORE_KEY[m]}) | {check} | " + " | ".join(cells)
-                         + f" | {res['n']} |")
+                if shown else ["(blind)" if v["validated"] is False else "(no explainer)"] * 3
+            n = val["n"] if val else res["n"]
+            lines.append(f"| {s['sae']} | {s['l0']:.1f} | {m} ({SCORE_KEY[m]}) | {n} | "
+                         + " | ".join(check + cells) + " |")
     return "\n".join(lines) + f"\n\n(sign-flip test over latents, two-sided; valid: p < {ALPHA} and positive)"
 
 
 def effects_markdown(effects) -> str:
-    """The effect of each explainer style: its explanations' score minus the plain ones', same latents."""
-    lines = ["| SAE | style | scorer | style [95% CI] | plain [95% CI] | style - plain, p | latents |",
-             "|" + "---|" * 7]
-    lines += [f"| {e['sae']} | {e['style']} | {e['method']} ({SCORE_KEY[e['method']]}) | {_ci(e['score'])} | "
+    """The effect of an explainer style: its explanations' score minus the base run's, same latents."""
+    lines = ["| run | vs | scorer | run [95% CI] | vs [95% CI] | run - vs, p | latents |", "|" + "---|" * 7]
+    lines += [f"| {e['style']} | {e['base']} | {e['method']} ({SCORE_KEY[e['method']]}) | {_ci(e['score'])} | "
               f"{_ci(e['control'])} | {e['diff'][0]:+.3f}, p={e['p_sign_flip']:.4f} | {e['n']} |" for e in effects]
     return "\n".join(lines)

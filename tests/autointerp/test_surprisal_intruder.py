@@ -164,21 +164,23 @@ def test_compare_writes_the_table_and_figure_and_style_effects_pair_by_latent(tm
     import json
     from minisae.autointerp import explain
     files = []
-    for name, shift, style, n in (("topk", 0.3, "plain", 100), ("relu", 0.0, "plain", 100), ("topk", 0.3, "fewshot", 40)):
+    runs = (("topk", 0.3, "plain", 100), ("relu", 0.0, "plain", 100), ("topk", 0.3, "fewshot", 40))
+    for name, shift, style, n in runs:
         rows = fake_rows(n, shift, seed=len(name))
         summary = {"sae": name, "l0": 30.0, "n_latents": n,
                    "verdict": verdict.verdict(rows, ("surprisal", "overlap", "intruder"))}
         files.append(tmp_path / f"explanations-{name}-{style}.json")
-        files[-1].write_text(json.dumps({"config": {"methods": ["surprisal", "overlap", "intruder"], "style": style},
+        config = {"methods": ["surprisal", "overlap", "intruder"], "style": style, "explainer": name == "topk"}
+        files[-1].write_text(json.dumps({"config": config,
                                          "summary": summary, "latents": rows}))
     summaries = explain.compare(files, tmp_path / "fig")
     out = capsys.readouterr().out
-    assert [s["sae"] for s in summaries] == ["topk", "relu", "topk fewshot"]
+    assert [s["sae"] for s in summaries] == ["topk", "relu (no explainer)", "topk fewshot"]
     effects = json.loads((tmp_path / "fig" / "autointerp_results.json").read_text())["style_effects"]
     assert [(e["sae"], e["style"], e["method"], e["n"]) for e in effects] == \
-        [("topk", "fewshot", "surprisal", 40), ("topk", "fewshot", "overlap", 40)]
+        [("topk", "topk fewshot", "surprisal", 40)]  # overlap is blind in the base run: no effect shown
     assert effects[0]["diff"][0] == pytest.approx(0.0, abs=1e-12)  # the same draws: no effect
-    assert "| topk | fewshot | surprisal (gap) |" in out
+    assert "| topk fewshot | topk | surprisal (gap) |" in out
     assert (tmp_path / "fig" / "autointerp_verdict.png").stat().st_size > 10_000
     assert not (tmp_path / "fig" / "autointerp_scores.png").exists()  # no detection / simulation scored
     saved = json.loads((tmp_path / "fig" / "autointerp_results.json").read_text())
@@ -189,3 +191,100 @@ def test_compare_writes_the_table_and_figure_and_style_effects_pair_by_latent(tm
         r["scores"]["explanation"]["surprisal"]["gap"] += 0.2
     t = verdict.paired_by_latent(a, b, "surprisal")
     assert t["n"] == 50 and t["diff"][0] == pytest.approx(0.2) and t["p_sign_flip"] < 1e-3
+
+
+class ToyTokenizer:
+    """Token t decodes to ' t{t}' (the subject model's tokens, as text for the chat model)."""
+
+    def decode(self, ids):
+        return "".join(f" t{t}" for t in ids)
+
+
+class Explainer:
+    """complete() from a script (the tiny chat's greedy text is noise); the rest is the tiny LocalChat."""
+
+    def __init__(self, chat):
+        self.chat, self.prompts = chat, []
+
+    def complete(self, messages, max_tokens, seed=None, stop=()):
+        self.prompts.append(messages)
+        return "The token" + messages[-1]["content"].split("<<")[1].split(">>")[0] + "."
+
+    def __getattr__(self, name):  # text_logprobs, option_probs: the real local model
+        return getattr(self.chat, name)
+
+
+@pytest.mark.slow
+def test_explain_sae_runs_the_new_scorers_deterministically(gpt2, tiny, tmp_path):
+    from minisae.autointerp import explain as E
+    from minisae.configs import SAESource
+    from minisae.pipeline.hooked_sae import HookedSAE
+    from minisae.sae import make_sae
+    sae = make_sae("relu", 64, 32, seed=0)
+    with torch.no_grad():
+        sae.b_enc.fill_(-1.0)  # sparse: most latents fire on a few tokens
+    hsae = HookedSAE(sae.eval(), "gpt2-random", "blocks.1.hook_resid_post", 30.0)
+    contexts = torch.randint(8, 500, (24, 32), generator=torch.Generator().manual_seed(1))
+    contexts[:, 0] = 50256
+    x = E.hook_activations(gpt2, hsae.hook, contexts)  # (N, T-1, D)
+    cfg = E.ExplainConfig(SAESource(sae=tmp_path / "s.pt"), n_latents=4, n_explain=4, n_score=3, window=8, after=2,
+                          style="contrastive", methods=("surprisal", "overlap", "intruder"), out=tmp_path / "out")
+    explainers = [Explainer(tiny), Explainer(tiny)]
+    runs = [E.explain_sae(e, hsae, gpt2, ToyTokenizer(), contexts, x, cfg, "s") for e in explainers]
+    assert explainers[0].prompts and all("Excerpts where it does NOT fire" in m[-1]["content"]
+                                         for m in explainers[0].prompts)  # the contrastive style
+    strip = lambda r: [{k: v for k, v in row.items() if not k.endswith("_s")} for row in r["latents"]]
+    assert strip(runs[0]) == strip(runs[1]) and runs[0]["summary"]["verdict"] == runs[1]["summary"]["verdict"]
+    for r in runs[0]["latents"]:
+        assert set(r["scores"]) >= {*verdict.KINDS, "intruder"}
+        s = r["scores"]["baseline"]["surprisal"]
+        assert len(s["gains"]) == len(r["labels"]) and not math.isnan(s["gap"])
+        assert 0 <= r["scores"]["intruder"]["p_correct"] <= 1
+    v = runs[0]["summary"]["verdict"]
+    assert set(v) == {"surprisal", "overlap", "intruder"} and v["surprisal"]["result"]["n"] == len(runs[0]["latents"])
+
+
+def test_explainer_styles():
+    from minisae.autointerp.prompts import FEWSHOT_ANSWER, explainer_messages
+    tok = ToyTokenizer()
+    ex = [{"tokens": [1, 2, 3], "acts": [0.0, 2.0, 0.0]}, {"tokens": [4, 5], "acts": [1.0, 0.0]}]
+    silent = [{"tokens": [8, 9], "acts": [0.0, 0.0]}]
+    plain = explainer_messages(tok, ex)
+    assert [m["role"] for m in plain] == ["system", "user"] and "<< t2>>" in plain[-1]["content"]
+    assert explainer_messages(tok, ex, style="plain", contrast=silent) == plain  # contrast only in its style
+    unmarked = explainer_messages(tok, ex, style="unmarked")[-1]["content"]
+    assert "<<" not in unmarked and "1.  t1 t2 t3" in unmarked and "activation" not in unmarked
+    contrastive = explainer_messages(tok, ex, style="contrastive", contrast=silent)[-1]["content"]
+    assert contrastive.startswith(plain[-1]["content"].rsplit("\n\n", 1)[0]) and "NOT fire:\n-  t8 t9" in contrastive
+    few = explainer_messages(tok, ex, style="fewshot")
+    assert [m["role"] for m in few] == ["system", "user", "assistant", "user"] and few[2]["content"] == FEWSHOT_ANSWER
+    assert few[-1] == plain[-1]
+    with pytest.raises(ValueError, match="style"):
+        explainer_messages(tok, ex, style="vibes")
+
+
+@pytest.mark.slow
+def test_without_an_explainer_only_the_known_answers_are_scored(gpt2, tiny, tmp_path):
+    from minisae.autointerp import explain as E
+    from minisae.configs import SAESource
+    from minisae.pipeline.hooked_sae import HookedSAE
+    from minisae.sae import make_sae
+    sae = make_sae("relu", 64, 32, seed=0)
+    with torch.no_grad():
+        sae.b_enc.fill_(-1.0)
+    hsae = HookedSAE(sae.eval(), "gpt2-random", "blocks.1.hook_resid_post", 30.0)
+    contexts = torch.randint(8, 500, (24, 32), generator=torch.Generator().manual_seed(1))
+    contexts[:, 0] = 50256
+    x = E.hook_activations(gpt2, hsae.hook, contexts)
+    cfg = E.ExplainConfig(SAESource(sae=tmp_path / "s.pt"), n_latents=4, n_explain=4, n_score=3, window=8, after=2,
+                          explainer=False, methods=("surprisal", "overlap"), out=tmp_path / "out")
+    e = Explainer(tiny)
+    res = E.explain_sae(e, hsae, gpt2, ToyTokenizer(), contexts, x, cfg, "s")
+    assert e.prompts == [] and len(res["latents"]) >= 2  # no explainer call
+    for r in res["latents"]:
+        assert r["explanation"] is None and set(r["scores"]) == {"baseline", "baseline_control", "baseline_rule"}
+    v = res["summary"]["verdict"]["surprisal"]
+    assert v["validation"]["n"] == len(res["latents"]) and v["result"]["n"] == 0
+    table = verdict.verdict_markdown([res["summary"]])  # 4 latents cannot pass: blind before "no explainer"
+    assert "**blind**" in table and f"| surprisal (gap) | {len(res['latents'])} |" in table
+    assert "(no explainer)" in (tmp_path / "out" / "explanations-s.html").read_text(encoding="utf-8")
