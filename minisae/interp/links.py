@@ -116,7 +116,8 @@ def run(cfg) -> dict:
     ablation edges from SAE A (cfg.source) to SAE B (cfg.sae_b), printed, in links.json
     and two figures in cfg.out."""
     src = cfg.source
-    hsae_a, model, tok = load_with_model(src.sae, src.model, weights=src.weights, device=src.device)
+    hsae_a, model, tok = load_with_model(src.sae, src.model, weights=src.weights, device=src.device,
+                                         latents=cfg.latents)
     hsae_b = HookedSAE.load(cfg.sae_b).check_site(hsae_a.model_name).check_model(model)
     hsae_b.sae.to(model_device(model))
     check_order(model, hsae_a.hook, hsae_b.hook)

@@ -64,7 +64,7 @@ def collect_pairs(model, contexts, hook_in: str, hook_out: str, max_norm=None, b
         xs.append(acts[hook_in][keep])
         ys.append(acts[hook_out][keep])
         if bar:
-            bar.update(s + batch_size)
+            bar.update(min(s + batch_size, len(contexts)))
     if bar:
         bar.close(len(contexts))
     return torch.cat(xs), torch.cat(ys)
@@ -72,6 +72,9 @@ def collect_pairs(model, contexts, hook_in: str, hook_out: str, max_norm=None, b
 
 def pair_batches(x, y, batch_size: int, seed: int = 0):
     """Endless shuffled (x, y) batches, a new permutation each pass."""
+    if len(x) < batch_size:
+        raise ValueError(f"{len(x)} (input, output) pairs are fewer than one batch of {batch_size}: "
+                         "collect more tokens or use a smaller batch")
     g = torch.Generator().manual_seed(seed)
     while True:
         perm = torch.randperm(len(x), generator=g)  # (N,)
@@ -90,7 +93,7 @@ def train_transcoder(model, contexts, layer: int, variant: str = "relu", expansi
     x, y = collect_pairs(model, contexts, hook_in, hook_out, max_norm)  # (N, D) each, raw
     sae = make_sae(variant, model.d_model, expansion * model.d_model, seed=seed, **settings)
     with torch.no_grad():
-        sae.b_dec.copy_((y * s_out).mean(0))  # the mean output: y_hat starts at the mean-ablation
+        sae.b_dec.copy_((y * s_out).mean(0))  # the mean output, as b_dec = the data mean for an SAE
     cfg = TrainConfig(n_samples=n_samples, batch_size=batch_size, lr=lr, seed=seed, resample_every=0)
     train(sae, pair_batches(x * s_in, y * s_out, batch_size, seed), cfg, log=log)
     return {"sae": sae.eval(), "hook_in": hook_in, "hook_out": hook_out, "scale_in": s_in, "scale_out": s_out,
@@ -231,7 +234,7 @@ def run(cfg) -> dict:
     if cfg.variant in ARCHITECTURES:
         save_transcoder(tc, out / name, cfg.model, {"settings": settings})
         summary["saved"] = str(out / name)
-    atomic_write_text(out / "transcoder_results.json", json.dumps(summary, indent=1))
+    atomic_write_text(out / "transcoder_results.json", json.dumps(summary, indent=1) + "\n")
     print(f"{tc['hook_in']} -> {tc['hook_out']}: L0 {res['l0']:.1f}, FVU {res['fvu']:.3f}, loss recovered "
           f"{res['loss_recovered_zero']:.3f} vs zero-ablation ({res['loss_recovered_mean']:.3f} vs mean), "
           f"KL {res['kl_tc']:.4f} (zero {res['kl_zero']:.4f}, mean {res['kl_mean']:.4f}); "

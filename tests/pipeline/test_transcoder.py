@@ -114,6 +114,7 @@ def test_command_errors():
 @pytest.mark.skipif(not (os.environ.get("MINISAE_GPT2_TOKENIZER_DIR") and
                          (Path(os.environ["MINISAE_GPT2_TOKENIZER_DIR"]) / "encoder.json").exists()),
                     reason="set MINISAE_GPT2_TOKENIZER_DIR to a folder with GPT-2's encoder.json + vocab.bpe")
+@pytest.mark.slow
 def test_command(tmp_path, monkeypatch):
     from minisae.__main__ import main
     monkeypatch.setenv("MINISAE_CACHE", str(tmp_path / "cache"))
