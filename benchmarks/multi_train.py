@@ -11,12 +11,16 @@ inflate them less than wall time), measured in one run, one after the other.
 --compile also times the step of one SAE per variant with TrainConfig.compile against the
 eager step (the CPU's fast path), after a first call that compiles.
 
+--stack times the one product every SAE's step makes, pre = (x - b_dec) W_enc^T + b_enc,
+for the 20 SAEs as 20 `addmm` against one `baddbmm` over weights stacked (20, F, D): what
+stacking the SAEs would save on this machine, and whether it gives the same numbers.
+
 --toy-job runs the whole toy job (`python -m minisae toy`, every worker, figures and all)
 twice in this run: each SAE trained alone in its own worker task, as before
 `minisae.toy.run.passes`, and one pass per variant; wall seconds, and whether every
 number of toy_results.json but the timings is the same.
 
-    python benchmarks/multi_train.py [--frac 0.2] [--dim 256] [--compile] [--toy-job]
+    python benchmarks/multi_train.py [--frac 0.2] [--dim 256] [--compile] [--stack] [--toy-job]
 """
 
 import argparse
@@ -28,8 +32,8 @@ from pathlib import Path
 import torch
 
 from minisae.configs import ToyConfig
-from minisae.toy import run as toy
 from minisae.multi_train import multi_train
+from minisae.toy import run as toy
 from minisae.toy.run import SETTINGS, SWEEP, VARIANTS, data_stream, make_data, make_variant
 from minisae.train import Trainer, train
 
@@ -73,10 +77,33 @@ def step_seconds(variant, data, scale, cfg, compile: bool, steps: int = 30):
     return sorted(times[1:])[steps // 2]
 
 
+def stacked_product(saes, data, cfg, repeats: int = 20):
+    """Median seconds of N addmm and of one baddbmm for the encoder product of N SAEs,
+    and the largest difference between their results."""
+    x = data.sample(cfg.batch_size, torch.Generator().manual_seed(1))[0]  # (B, D)
+    W = torch.stack([s.W_enc.detach() for s in saes])  # (N, F, D)
+    b_enc = torch.stack([s.b_enc.detach() for s in saes])[:, None, :]  # (N, 1, F)
+    b_dec = torch.stack([s.b_dec.detach() for s in saes])[:, None, :]  # (N, 1, D)
+    one_by_one = lambda: [torch.addmm(s.b_enc, x - s.b_dec, s.W_enc.T) for s in saes]  # N x (B, F)
+    stacked = lambda: torch.baddbmm(b_enc, x - b_dec, W.transpose(1, 2))  # (N, B, F)
+    with torch.no_grad():
+        times = {}
+        for name, fn in (("addmm", one_by_one), ("baddbmm", stacked)):
+            fn()
+            runs = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                runs.append(time.perf_counter() - t0)
+            times[name] = sorted(runs)[repeats // 2]
+        diff = (torch.stack(one_by_one()) - stacked()).abs().max().item()
+    return times["addmm"], times["baddbmm"], diff
+
+
 def without_times(obj):
-    """toy_results.json without its timings (they differ from run to run)."""
+    """toy_results.json without its timings (they differ from run to run): *seconds, train_s."""
     if isinstance(obj, dict):
-        return {k: without_times(v) for k, v in obj.items() if not k.endswith("seconds")}
+        return {k: without_times(v) for k, v in obj.items() if not k.endswith(("seconds", "_s"))}
     return [without_times(v) for v in obj] if isinstance(obj, list) else obj
 
 
@@ -99,6 +126,7 @@ def main():
     ap.add_argument("--frac", type=float, default=0.2, help="fraction of the toy job's samples per SAE")
     ap.add_argument("--dim", type=int, default=256, help="the data's dimension (the toy's --dim)")
     ap.add_argument("--compile", action="store_true", help="also time the compiled step against the eager one")
+    ap.add_argument("--stack", action="store_true", help="also time the encoder product, N addmm against one baddbmm")
     ap.add_argument("--toy-job", action="store_true", help="also time the whole toy job, SAEs alone against one pass")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -120,6 +148,10 @@ def main():
             eager, fused = step_seconds(v, data, scale, cfg, False), step_seconds(v, data, scale, cfg, True)
             print(f"  {v:10s} eager {eager * 1e3:6.1f} ms   compiled {fused * 1e3:6.1f} ms   "
                   f"compiled / eager {fused / eager:.2f}")
+    if args.stack:
+        t_each, t_stacked, diff = stacked_product(together, data, cfg)
+        print(f"encoder product of the {len(together)} SAEs (median of 20): {len(together)} addmm {t_each * 1e3:.1f} ms, "
+              f"one baddbmm {t_stacked * 1e3:.1f} ms, ratio {t_each / t_stacked:.2f}x; largest difference {diff:.2e}")
     if args.toy_job:
         t_alone, r_alone = toy_job(alone=True)
         t_pass, r_pass = toy_job(alone=False)

@@ -31,7 +31,6 @@ import itertools
 import os
 import statistics
 import subprocess
-import sys
 import time
 
 import torch

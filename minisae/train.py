@@ -100,7 +100,10 @@ class Trainer:
         x, target = x if isinstance(x, tuple) else (x, None)  # a transcoder reads x, reconstructs target
         if target is not None and (group or cfg.resample_every):
             raise ValueError("a transcoder trains in one process, without resampling (its dead latents would "
-                             "get input directions as outputs): use TopK or BatchTopK (AuxK), resample_every=0")
+                             "get input directions as outputs): set resample_every=0 (TopK and BatchTopK "
+                             "revive dead latents with AuxK)")
+        # the fast paths reconstruct x itself: a transcoder takes the reference loss
+        loss_fn = self.loss_fn if target is None else partial(reference_loss, sae, target=target)
         if x.shape[0] * self.world != cfg.batch_size:
             raise ValueError(f"data gave a batch of {x.shape[0]} on each of {self.world} process(es), "
                              f"config says {cfg.batch_size} in all")
@@ -110,10 +113,7 @@ class Trainer:
         coef_scale = min(1.0, (step + 1) / self.coef_warm)
         # forward and loss
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            if target is not None:  # the fast paths reconstruct x itself: a transcoder takes the reference
-                loss, parts = reference_loss(sae, x, coef_scale, target=target)
-            else:
-                loss, parts = self.ddp(x, coef_scale) if self.ddp else self.loss_fn(x, coef_scale)
+            loss, parts = self.ddp(x, coef_scale) if self.ddp else loss_fn(x, coef_scale)
         self.losses[step - first] = loss.detach()
         self.finite[step - first] = torch.isfinite(x).all() & (target is None or torch.isfinite(target).all())
         # backward, decoder constraint, step

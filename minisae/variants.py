@@ -193,7 +193,7 @@ class BatchTopK(nn.Module):
         the (K*B)-th largest lies above t, so the K*B largest candidates are the answer;
         else (an unlucky sample, or fewer than K*B positive entries) the whole matrix is
         searched. ReLU is monotone, so pre is compared as it is: no (B, F) copy of ReLU(pre)."""
-        (B, n_latents), n = pre.shape, self.k * pre.shape[0]
+        n_latents, n = pre.shape[1], self.k * pre.shape[0]
         flat = pre.flatten()  # (B*F,)
         cand = (flat > guess_cut(flat, n)).nonzero().squeeze(1)  # (C,) ascending: row-major
         if cand.numel() >= n:

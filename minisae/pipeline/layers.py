@@ -37,7 +37,7 @@ from pathlib import Path
 
 from minisae import plots
 from minisae.formats.common import tidy
-from minisae.models import load_model, weights_identity
+from minisae.models import known_d_model, load_model, weights_identity
 from minisae.models.hooks import hook_name
 from minisae.pipeline import activations, data, evaluate
 from minisae.pipeline.sweep import (LAYERS_SETTING, SWEEPS, check_sae_settings, config_dict, parse_sweep,
@@ -82,6 +82,9 @@ def run(cfg) -> list:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("`layers` runs in one process; under torchrun use `lm` (one hook point per call)")
     data.check_text_files(cfg.text)
+    d = known_d_model(cfg.model, cfg.weights)
+    if d is not None:  # a bad setting fails before anything is loaded (again below, on the model)
+        check_sae_settings({variant: (knob, [value])}, cfg, d)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(cfg.model, weights=cfg.weights)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from minisae import distributed, plots, utils
 from minisae.formats.common import tidy
-from minisae.models import load_model, weights_identity
+from minisae.models import known_d_model, load_model, weights_identity
 from minisae.models.hooks import hook_name
 from minisae.pipeline import activations, data, evaluate
 from minisae.pipeline.activations import MAX_NORM_MULTIPLE
@@ -68,6 +68,9 @@ def run(cfg) -> list:
     bad = [v for v in list(cfg.variants) if v not in SWEEPS]
     if bad:
         raise ValueError(f"unknown variant(s) {bad}; valid variants: {', '.join(SWEEPS)}")
+    d = known_d_model(cfg.model, cfg.weights)
+    if d is not None:  # a bad k or setting fails before anything is loaded (again below, on the model)
+        check_sae_settings(sweeps, cfg, d)
     group = distributed.from_env(device)
     if group:
         device = group.device

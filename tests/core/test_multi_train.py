@@ -20,7 +20,8 @@ SETTINGS = {"relu": [{"sparsity_coef": c} for c in (0.05, 0.3, 2.0)],
             "gated": [{"sparsity_coef": c} for c in (0.05, 0.3, 2.0)],
             "jumprelu": [{"sparsity_coef": c, "bandwidth": 0.05, "theta_init": 0.05} for c in (0.005, 0.02, 0.2)],
             "topk": [{"k": k, "dead_after": 3 * B} for k in (1, 2, 4)],
-            "batchtopk": [{"k": k, "dead_after": 3 * B} for k in (1, 2, 4)]}
+            "batchtopk": [{"k": k, "dead_after": 3 * B} for k in (1, 2, 4)],
+            "matryoshka_batchtopk": [{"k": k, "dead_after": 3 * B} for k in (1, 2, 4)]}
 DATA = SparseFeatures(SparseFeaturesConfig(n_features=40, d=D, mean_active=3, seed=0))
 
 

@@ -16,7 +16,7 @@ from toy_models.sparse_features import SparseFeatures, SparseFeaturesConfig
 VARIANTS = list(variant_classes())
 pytestmark = pytest.mark.usefixtures("one_thread")
 SETTINGS = {"relu": {"sparsity_coef": 1e-2}, "gated": {"sparsity_coef": 1e-2}, "jumprelu": {"sparsity_coef": 1e-2},
-            "topk": {"k": 4}, "batchtopk": {"k": 4}}
+            "topk": {"k": 4}, "batchtopk": {"k": 4}, "matryoshka_batchtopk": {"k": 4}}
 
 
 def toy_data(seed=0):
@@ -238,7 +238,7 @@ def test_resample_reinitialises_only_dead_latents(random_sae, variant):
             assert torch.equal(p[alive], before[name][alive]), name
         else:
             assert torch.equal(p, before[name]), name
-    if variant == "batchtopk":
+    if variant in ("batchtopk", "matryoshka_batchtopk"):
         assert torch.equal(sae.activation.threshold, before["activation.threshold"])
     # new decoder rows: unit-norm directions of pool inputs, centred on b_dec
     candidates = torch.cat(pool) - sae.b_dec
@@ -310,7 +310,7 @@ def test_short_training_on_toy_data_learns(variant):
     held_out = [data.sample(256, torch.Generator().manual_seed(99))[0]]
     sae = make_sae(variant, 16, 32, seed=0, **SETTINGS[variant])
     sae.init_b_dec_(data.sample(512, torch.Generator().manual_seed(5))[0])
-    if variant == "batchtopk":  # its inference threshold comes from a training-mode pass
+    if variant in ("batchtopk", "matryoshka_batchtopk"):  # its inference threshold comes from a training-mode pass
         sae.train()(held_out[0])
     before = evaluate_sae(sae, held_out)["fvu"]
     cfg = TrainConfig(n_samples=64 * 200, batch_size=64, lr=3e-3, log_every=20)

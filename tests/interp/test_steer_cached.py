@@ -34,30 +34,37 @@ def vector(d, norm, seed=0):
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_cached_steering_equals_the_plain_loop(name, request):
+    """Every hook site; three rows in one batch (unsteered, a vector, its negative), each
+    against a plain run of its own."""
     model = request.getfixturevalue(name)
     ids = prompt(model.vocab_size)
     for L in range(model.n_layer):
         for site in SITES:
             hook = f"blocks.{L}.hook_{site}"
             vec = vector(model.d_model, 2.0 if name == "gpt2" else 20.0, seed=L)
-            logits = []
-            got = S.generate_cached(model, ids, 6, push=(hook, vec), logits=logits)
-            assert got == S.generate(model, ids, 6, hooks={hook: S.add_hook(vec)})
-            # each step's logits: those of one plain forward over the whole final sequence
-            with torch.no_grad():
-                full = model(torch.tensor([ids + got]), hooks={hook: S.add_hook(vec)})[0]  # (T, V)
-            torch.testing.assert_close(torch.stack(logits), full[len(ids) - 1:-1].float(), rtol=1e-4, atol=1e-4)
-    assert S.generate_cached(model, ids, 6) == S.generate(model, ids, 6)  # no push: the unsteered model
+            vectors, logits = (None, vec, -vec), []
+            rows = S.generate_cached(model, ids, 6, hook, vectors, logits=logits)
+            for r, (v, got) in enumerate(zip(vectors, rows)):
+                hooks = None if v is None else {hook: S.add_hook(v)}
+                assert got == S.generate(model, ids, 6, hooks=hooks)
+                # each step's logits: those of one plain forward over the whole final sequence
+                with torch.no_grad():
+                    full = model(torch.tensor([ids + got]), hooks=hooks)[0]  # (T, V)
+                torch.testing.assert_close(torch.stack([step[r] for step in logits]), full[len(ids) - 1:-1].float(),
+                                           rtol=1e-4, atol=1e-4)
+            assert rows[1] != rows[0] or rows[2] != rows[0]  # the push changes something
+    assert S.generate_cached(model, ids, 6) == [S.generate(model, ids, 6)]  # no vector: the unsteered model
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_cached_sampling_draws_as_the_plain_loop(name, request):
+    """Each row samples what a run of its own samples: its own generator, the same seed."""
     model = request.getfixturevalue(name)
     ids, hook = prompt(model.vocab_size, seed=1), "blocks.1.hook_resid_mid"
     vec = vector(model.d_model, 1.0)
     kw = dict(sample=True, temperature=1.5, seed=7)
-    assert (S.generate_cached(model, ids, 8, push=(hook, vec), **kw)
-            == S.generate(model, ids, 8, hooks={hook: S.add_hook(vec)}, **kw))
+    rows = S.generate_cached(model, ids, 8, hook, (vec, None), **kw)
+    assert rows == [S.generate(model, ids, 8, hooks={hook: S.add_hook(vec)}, **kw), S.generate(model, ids, 8, **kw)]
 
 
 def test_every_new_position_passes_the_hook_once(llama):
