@@ -39,7 +39,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Each flag's help ends with its default, except where there is none to show."""
 
     def _get_help_string(self, action):
-        if action.required or isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction)):
+        if action.required or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
+                                                  argparse._HelpAction)):
             return action.help
         return super()._get_help_string(action)
 
@@ -149,13 +150,29 @@ def toy_run(args):
     return toy.run(args.out, seed=args.seed, quick=args.quick, n_features=args.features, dim=args.dim)
 
 
+def absorption_flags(p):
+    d = lambda name: default(C.AbsorptionConfig, name)
+    p.add_argument("--out", type=Path, default=d("out"), help="where results and figures go")
+    p.add_argument("--seed", type=int, default=d("seed"), help="the data; the SAEs' seeds are counted from it")
+    p.add_argument("--quick", action="store_true", help="a short run (~30 s; the tests use it)")
+    p.add_argument("--variants", type=comma_list, default=",".join(d("variants")),
+                   help="comma-separated, from relu,gated,topk,jumprelu,batchtopk,matryoshka_batchtopk")
+
+
+def absorption_run(args):
+    C.check_out(args.out)
+    from minisae.toy import absorption
+    make = C.AbsorptionConfig.quick if args.quick else C.AbsorptionConfig
+    return absorption.run(make(out=args.out, seed=args.seed, variants=args.variants))
+
+
 def lm_cmd_flags(p):
     lm_flags(p, C.SweepConfig)
     g = p.add_argument_group("the sweep")
     g.add_argument("--layer", type=int, default=default(C.SweepConfig, "layer"),
                    help="the hook point is blocks.LAYER.hook_SITE")
     g.add_argument("--variants", type=comma_list, default=",".join(default(C.SweepConfig, "variants")),
-                   help="comma-separated, from relu,gated,topk,jumprelu,batchtopk")
+                   help="comma-separated, from relu,gated,topk,jumprelu,batchtopk,matryoshka_batchtopk")
     g.add_argument("--sweep", action="append", default=[],
                    help="VARIANT:KNOB=V1,V2,... e.g. topk:k=16,32,64 (repeatable); default: minisae.pipeline.sweep.SWEEPS")
     g.add_argument("--distribute", default=default(C.SweepConfig, "distribute"), choices=("data", "sweep"),
@@ -178,7 +195,8 @@ def layers_cmd_flags(p):
     lm_flags(p, C.LayersConfig)
     g = p.add_argument_group("the layers")
     g.add_argument("--layers", default=d("layers"), help="e.g. 0-29, 0-29:2 (every other), 0,5,10 (None: all)")
-    g.add_argument("--variant", default=d("variant"), help="relu, gated, topk, jumprelu, batchtopk")
+    g.add_argument("--variant", default=d("variant"),
+                   help="relu, gated, topk, jumprelu, batchtopk, matryoshka_batchtopk")
     g.add_argument("--setting", default=d("setting"), help="KNOB=VALUE, e.g. k=32 or sparsity_coef=2 "
                    "(None: a middle point of lm's sweep, minisae.pipeline.sweep.LAYERS_SETTING)")
     g.add_argument("--max-disk-gb", type=float, default=d("max_disk_gb"),
@@ -261,6 +279,8 @@ def explain_flags(p):
     p.add_argument("--window", type=int, default=d("window"), help="tokens per window")
     p.add_argument("--lens", action="store_true", help="also show the explainer the logit-lens tokens")
     p.add_argument("--style", default=d("style"), help="explainer prompt: plain, unmarked, contrastive, fewshot")
+    p.add_argument("--no-explainer", dest="explainer", action="store_false",
+                   help="score only the known answers (token sets vs shuffled): validate the scorers, no explainer")
     p.add_argument("--methods", type=comma_list, default=",".join(d("methods")),
                    help="scorers, from detection,simulation,surprisal,overlap,intruder")
     p.add_argument("--endpoint", default=d("endpoint"), help="an OpenAI-compatible URL, e.g. http://localhost:8080/v1 "
@@ -357,13 +377,14 @@ def transcoder_run(args):
 
 
 def check_flags(p):
-    p.add_argument("file", type=Path, help="your copy of exercises/ch2_sae.py or exercises/ch3_variants.py")
+    p.add_argument("file", type=Path, help="your copy of an exercise file: exercises/ch2_sae.py, ch3_variants.py, "
+                   "ch7_autointerp.py or ch10_absorption.py")
 
 
 def check_run(args):
     if not args.file.is_file() or args.file.suffix != ".py":  # before the checker (and torch) is imported
-        raise ValueError(f"{args.file}: no such Python file; give your copy of exercises/ch2_sae.py or "
-                         "ch3_variants.py")
+        raise ValueError(f"{args.file}: no such Python file; give your copy of exercises/ch2_sae.py, "
+                         "ch3_variants.py, ch7_autointerp.py or ch10_absorption.py")
     from minisae.grading import check
     code = check.main(args.file)
     if code:
@@ -374,6 +395,8 @@ def check_run(args):
 # name: (help, flags, run)
 COMMANDS = {
     "toy": ("every SAE variant on synthetic features + the superposition figures", toy_flags, toy_run),
+    "absorption": ("SAE variants on hierarchical synthetic features: absorption, MCC, F1 against the truth",
+                   absorption_flags, absorption_run),
     "lm": ("a sparsity sweep of SAE variants on a language model's activations", lm_cmd_flags, lm_run),
     "layers": ("one SAE per layer: L0, FVU and loss recovered against depth", layers_cmd_flags, layers_run),
     "features": ("max-activating examples and logit lens of SAE latents (terminal + HTML)", features_flags,
@@ -387,7 +410,7 @@ COMMANDS = {
               norms_flags, norms_run),
     "transcoder": ("a transcoder in place of an MLP (its input -> its output), spliced in: loss recovered, KL",
                    transcoder_flags, transcoder_run),
-    "check": ("grade your exercises (chapters 2 and 3) by Hypothesis properties and minisae's own code",
+    "check": ("grade your exercises (chapters 2, 3, 7 and 10) by Hypothesis properties and minisae's own code",
               check_flags, check_run),
     "convert": ("rewrite an SAE in SAELens's or sparsify's layout (from either, a hub folder or an old .pt)",
                 convert_flags, convert_run),
@@ -419,8 +442,10 @@ def entry(argv=None) -> int:
         return 0
     try:
         main(argv)
-    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
-        msg = " ".join(str(e).split()) or type(e).__name__
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError) as e:  # a file where a folder goes (or the reverse): what the path is, in one line
+        msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
+        msg = " ".join(msg.split()) or type(e).__name__
         print(f"minisae: error: {msg}  (--debug shows the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

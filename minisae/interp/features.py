@@ -176,7 +176,8 @@ def run(cfg) -> list:
     latents' statistics, logit lens and max-activating examples, in the terminal and as
     an HTML page in cfg.out."""
     src = cfg.source
-    hsae, model, tok = load_with_model(src.sae, src.model, src.layer, src.site, src.weights, src.device)
+    hsae, model, tok = load_with_model(src.sae, src.model, src.layer, src.site, src.weights, src.device,
+                                       latents=cfg.latents)
     latents = parse_latents(cfg.latents, hsae.n_latents) if cfg.latents else None
     contexts = load_text(src, tok, hsae.model_name)
     if latents is None:  # a first pass ranks all latents; the second keeps the examples

@@ -19,6 +19,12 @@ MODEL_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt2-random", "s
 # blocks of each model, known without loading it, so that --layer is checked first
 # (tests/models compare them with the loaded models; a --weights file for smollm2 may differ)
 N_LAYERS = {"gpt2": 12, "gpt2-medium": 24, "gpt2-large": 36, "gpt2-xl": 48, "gpt2-random": 4, "smollm2": 30}
+D_MODEL = {"gpt2": 768, "gpt2-medium": 1024, "gpt2-large": 1280, "gpt2-xl": 1600, "gpt2-random": 64, "smollm2": 576}
+
+
+def known_d_model(name: str, weights=None):
+    """d_model of a model without loading it; None where a --weights file may change it."""
+    return D_MODEL.get(name) if weights is None or name.startswith("gpt2") else None
 
 
 def load_model(name: str, weights=None, cache_dir=None):

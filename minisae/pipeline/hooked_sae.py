@@ -91,6 +91,15 @@ class HookedSAE:
             asked = ", ".join(f"{k} {v}" for k, v in (("layer", layer), ("site", site)) if v is not None)
             raise ValueError(f"this SAE was trained at {self.hook}, not at {asked}: "
                              "a dictionary only reads the activations it was trained on")
+        md = self.extra.get("saelens_metadata") or {}  # what a SAELens file says of its model
+        if md.get("prepend_bos") is False:
+            raise ValueError("this SAE was trained on contexts without BOS (its SAELens metadata says prepend_bos: "
+                             "false); minisae's contexts always start with BOS, so it would read other activations")
+        kwargs = md.get("model_from_pretrained_kwargs")
+        if isinstance(kwargs, dict) and kwargs.get("center_writing_weights") is True:
+            raise ValueError("this SAE was trained on TransformerLens's model with center_writing_weights (each "
+                             "position's mean over d_model removed from the residual stream); minisae's models "
+                             "keep it, so the SAE would read other activations")
         return self
 
     def check_model(self, model):
@@ -127,11 +136,14 @@ class HookedSAE:
         return cls(sae, meta.get("model"), meta["hook"], meta["scale"], meta.get("max_norm"), meta.get("mean"), extra)
 
 
-def load_with_model(path, model_name=None, layer=None, site=None, weights=None, device="cpu"):
+def load_with_model(path, model_name=None, layer=None, site=None, weights=None, device="cpu", latents=None):
     """(hooked SAE, model, tokenizer): an SAE and the model it was trained on, checked.
-    An SAE file that does not name its model (sparsify's) runs on `model_name`."""
+    An SAE file that does not name its model (sparsify's) runs on `model_name`. `latents`
+    ('3,17' or a list of indices) are checked against the SAE before the model is loaded."""
     device = resolve_device(device)  # "auto", "cuda:1", ...: an absent device fails before any loading
     hsae = HookedSAE.load(path).check_site(model_name, layer, site)
+    if latents is not None:
+        parse_latents(latents, hsae.n_latents) if isinstance(latents, str) else check_latents(latents, hsae.n_latents)
     if hsae.model_name is None:
         if model_name is None:
             raise ValueError(f"{path} does not say which model it was trained on: name it with --model")

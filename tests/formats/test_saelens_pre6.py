@@ -110,3 +110,29 @@ def test_convert_carries_saelens_metadata_through(tmp_path, version):
     x = torch.randn(100, D, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert close(theirs.encode(x), formats.load(path)[0].encode(x))
+
+
+def test_an_sae_trained_without_bos_is_refused_before_a_model(tmp_path, gpt2):
+    """minisae's contexts always start with BOS and its models keep the residual stream's
+    per-position mean: an SAE whose metadata says prepend_bos false, or that its model was
+    loaded with center_writing_weights, would read other activations than it was trained
+    on; it opens (and converts), but is refused before a model is loaded for it."""
+    from minisae.pipeline.hooked_sae import HookedSAE
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path / "sae"
+    path.mkdir()
+    save_safetensors(path / "sae_weights.safetensors", {
+        "W_enc": torch.randn(64, 128, generator=g).numpy(), "W_dec": torch.randn(128, 64, generator=g).numpy(),
+        "b_enc": torch.zeros(128).numpy(), "b_dec": torch.zeros(64).numpy()})
+    for bos, centered, match in ((True, False, None), (False, False, "prepend_bos: false"),
+                                 (True, True, "center_writing_weights")):
+        (path / "cfg.json").write_text(json.dumps({
+            "architecture": "standard", "d_in": 64, "d_sae": 128, "sae_lens_version": "6.1.0",
+            "metadata": {"model_name": "gpt2", "hook_name": "blocks.1.hook_resid_pre", "prepend_bos": bos,
+                         "model_from_pretrained_kwargs": {"center_writing_weights": centered}}}))
+        hsae = HookedSAE.load(path)
+        if match is None:
+            hsae.check_site("gpt2").check_model(gpt2)
+        else:
+            with pytest.raises(ValueError, match=match):
+                hsae.check_site("gpt2")  # before any model is loaded

