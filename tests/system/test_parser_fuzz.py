@@ -35,7 +35,6 @@ import json
 import os
 import re
 import select
-import struct
 import subprocess
 import sys
 from collections import Counter
