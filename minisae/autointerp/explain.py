@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from minisae import formats, plots
-from minisae.autointerp import chat
+from minisae.autointerp import chat, endpoint
 from minisae.autointerp.examples import (contrast_windows, held_out_for_scoring, hook_activations, latent_codes,
                                          split_examples)
 from minisae.autointerp.prompts import STOP, clean_explanation, explainer_messages, token_set_explanation
@@ -52,7 +52,7 @@ from minisae.utils import Progress, atomic_write_text, model_device
 def make_chat(cfg: ExplainConfig):
     """The explainer and scorer: an OpenAI-compatible endpoint, or SmolLM2 run locally."""
     if cfg.endpoint:
-        return chat.OpenAIChat(cfg.endpoint, cfg.api_model, cfg.api_key_env, cfg.timeout, cfg.retries,
+        return endpoint.OpenAIChat(cfg.endpoint, cfg.api_model, cfg.api_key_env, cfg.timeout, cfg.retries,
                                temperature=cfg.temperature, seed=cfg.seed)
     return chat.LocalChat.from_gguf(cfg.chat_weights, temperature=cfg.temperature, seed=cfg.seed, bf16=cfg.chat_bf16)
 

@@ -16,7 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from minisae.autointerp.chat import PLACEHOLDER, EndpointError, LocalChat, OpenAIChat, render_chat
+from minisae.autointerp.chat import PLACEHOLDER, LocalChat, render_chat
+from minisae.autointerp.endpoint import EndpointError, OpenAIChat
 from minisae.models.bpe import BPETokenizer, bytes_to_unicode
 from minisae.models.llama import Llama, LlamaConfig
 

@@ -21,7 +21,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minisae.autointerp.chat import EndpointError, OpenAIChat
+from minisae.autointerp.endpoint import EndpointError, OpenAIChat
 
 MSGS = [{"role": "user", "content": "Is it yes or no?"}]
 TOKEN = {"token": "Yes", "logprob": -0.1, "top_logprobs": [{"token": "Yes", "logprob": -0.1},

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from minisae.autointerp import intruder, surprisal
-from minisae.autointerp.chat import EndpointError, LocalChat, OpenAIChat
+from minisae.autointerp.chat import LocalChat
+from minisae.autointerp.endpoint import EndpointError, OpenAIChat
 from minisae.models.bpe import BPETokenizer, bytes_to_unicode
 from minisae.models.llama import Llama, LlamaConfig
 
