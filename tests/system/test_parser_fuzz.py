@@ -259,7 +259,7 @@ def test_gguf_absurd_lengths(gguf_worker, data):
 
 
 def test_gguf_issue_example_block_count(gguf_worker):
-    """The issue's case: llama.block_count set to 10^6 in place (a one-field change)."""
+    """llama.block_count set to 10^6 in place (a one-field change)."""
     start, size, _ = next(f for f in GGUF_FIELDS if f[2] == "llama.block_count")
     answer = gguf_worker.load(GGUF[:start] + (10**6).to_bytes(size, "little") + GGUF[start + size:])
     assert "llama.block_count) = 1000000" in answer.get("error", "")
