@@ -124,16 +124,16 @@ def load_sparsify():
     return importlib.import_module("sparsify.sparse_coder"), importlib.import_module("sparsify.config")
 
 
-def sparsify_step(mods, D, F, B, k, steps, warmup) -> float:
-    """sparsify's Trainer step for one SAE (auxk_alpha = 0, its default; fvu loss)."""
+def sparsify_train(mods, D, F, k, lr, data, n_steps):
+    """sparsify's Trainer loop for one SAE (auxk_alpha = 0, its default; fvu loss), n_steps
+    batches from `data`: the steps minisae's are compared with."""
     sparse_coder, config = mods
     torch.manual_seed(0)
     sae = sparse_coder.SparseCoder(D, config.SparseCoderConfig(num_latents=F, k=k))
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
     since_fired = torch.zeros(F, dtype=torch.long)
     did_fire = torch.zeros(F, dtype=torch.bool)
-    data = TimedBatches(pool_of(D, B))
-    for _ in range(warmup + steps + 1):
+    for _ in range(n_steps):
         x = next(data)
         sae.set_decoder_norm_to_unit_norm()
         out = sae(x)
@@ -146,6 +146,12 @@ def sparsify_step(mods, D, F, B, k, steps, warmup) -> float:
         since_fired += x.shape[0]
         since_fired[did_fire] = 0
         did_fire.zero_()
+
+
+def sparsify_step(mods, D, F, B, k, steps, warmup) -> float:
+    """The fastest step of sparsify_train after `warmup` steps."""
+    data = TimedBatches(pool_of(D, B))
+    sparsify_train(mods, D, F, k, 1e-4, data, warmup + steps + 1)
     return data.step_time(warmup)
 
 

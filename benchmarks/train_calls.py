@@ -38,7 +38,7 @@ import torch
 import minisae
 from minisae.sae import make_sae
 from minisae.train import TrainConfig, train
-from sae_train import load_sparsify
+from sae_train import load_sparsify, sparsify_train
 
 def clock():
     return time.process_time() if torch.get_num_threads() == 1 else time.perf_counter()
@@ -78,28 +78,10 @@ def minisae_call(variant, D, F, k, B, n_steps, pool):
 
 
 def sparsify_call(mods, D, F, k, B, n_steps, pool):
-    """sae_train.sparsify_step's loop, n_steps steps, with the setup inside the timing."""
-    sparse_coder, config = mods
+    """sae_train.sparsify_train, n_steps steps, with the setup inside the timing."""
     data = TimedPool(pool)
     t = clock()
-    torch.manual_seed(0)
-    sae = sparse_coder.SparseCoder(D, config.SparseCoderConfig(num_latents=F, k=k))
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
-    since_fired = torch.zeros(F, dtype=torch.long)
-    did_fire = torch.zeros(F, dtype=torch.bool)
-    for _ in range(n_steps):
-        x = next(data)
-        sae.set_decoder_norm_to_unit_norm()
-        out = sae(x)
-        did_fire[out.latent_indices.flatten()] = True
-        float(out.fvu.detach())  # the Trainer's running average
-        out.fvu.backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
-        opt.step()
-        opt.zero_grad()
-        since_fired += x.shape[0]
-        since_fired[did_fire] = 0
-        did_fire.zero_()
+    sparsify_train(mods, D, F, k, 1e-3, data, n_steps)
     return clock() - t, data.steps()
 
 

@@ -250,15 +250,7 @@ def steer(model, tokenizer, hsae, latent: int, strength: float, prompt: str, n_t
 def run(cfg) -> dict:
     """`python -m minisae steer` (cfg: minisae.configs.SteerConfig); with cfg.out, what it
     prints to stdout is also written to cfg.out/steer-{latent}.txt."""
-    src = cfg.source
-    if not cfg.new_tokens > 0:
-        raise ValueError(f"--tokens must be a positive number of tokens to generate, got {cfg.new_tokens}")
-    if not math.isfinite(cfg.strength):
-        raise ValueError(f"--strength must be a finite number, got {cfg.strength}")
-    if cfg.sample and not 0 < cfg.temperature < float("inf"):
-        raise ValueError(f"--temperature must be positive, got {cfg.temperature}")
-    if cfg.unit not in ("mean", "max"):
-        raise ValueError(f"--unit must be mean or max, got {cfg.unit!r}")
+    src = cfg.check().source  # the settings, before anything loads (SteerConfig.check)
     hsae, model, tok = load_with_model(src.sae, src.model, src.layer, src.site, src.weights, src.device,
                                        latents=[cfg.latent])  # a bad latent fails before the model loads
     encode_prompt(tok, cfg.prompt)  # and so does an empty prompt
