@@ -94,10 +94,18 @@ def make_data(n_features: int, dim: int, seed: int):
     return data, math.sqrt(dim) / x.norm(dim=-1).mean().item()
 
 
+# The SAEs' weights are drawn from a seed apart from the data's. `make_sae` draws W_dec
+# as `unit_vectors(F, D)` from its seed, and SparseFeatures draws its true dictionary the
+# same way from its own: with one seed for both, every SAE would start at the truth
+# (MMCS 1.0 before the first step) and the job would measure keeping features, not finding them.
+INIT_SEED = 100
+
+
 def make_variant(variant, settings, data, scale: float, cfg: ToyConfig, n_samples: int):
     """An SAE and its TrainConfig; settings in the units of inputs at E||x|| = sqrt(D),
     scale: the data's (`make_data`)."""
-    sae = make_sae(variant, data.cfg.d, cfg.n_latents, seed=cfg.seed, **in_data_units(variant, settings, scale))
+    sae = make_sae(variant, data.cfg.d, cfg.n_latents, seed=cfg.seed + INIT_SEED,
+                   **in_data_units(variant, settings, scale))
     init = torch.Generator().manual_seed(cfg.seed + 1)
     sae.init_b_dec_(data.sample(4096, init)[0])
     tcfg = TrainConfig(n_samples=n_samples, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
