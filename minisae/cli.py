@@ -84,7 +84,9 @@ def lm_flags(p, cls):
 SAE_HELP = ("an SAE: a directory in SAELens's layout (cfg.json + sae_weights.safetensors, as `lm` and `layers` "
             "write them) or sparsify's (cfg.json + sae.safetensors), an old minisae .pt file, or "
             "hf:OWNER/REPO/PATH[@REVISION], a folder of a Hugging Face hub repository in either layout "
-            "(each file downloaded within 10 minutes in all, checked, then cached)")
+            "(each file downloaded within 10 minutes in all, checked, then cached), or saelens:RELEASE/ID, "
+            "a SAE by its SAELens release name, e.g. saelens:gpt2-small-res-jb/blocks.8.hook_resid_pre "
+            "(looked up in minisae's copy of SAELens's table, then downloaded from the hub)")
 
 
 def sae_source_flags(p, sae_flag="--sae", tokens_flag="--tokens", tokens_default=65_536, site_checks=True):
@@ -109,7 +111,16 @@ def sae_source_flags(p, sae_flag="--sae", tokens_flag="--tokens", tokens_default
                    "cuda, cuda:N, mps")
 
 
+def check_release(sae):
+    """A SAELens release name (saelens:RELEASE/ID) must be in the table: checked before any
+    model or file is loaded."""
+    if str(sae).startswith("saelens:"):
+        from minisae.formats import releases
+        releases.lookup(sae)
+
+
 def sae_source(args) -> C.SAESource:
+    check_release(args.sae)
     if args.model is not None:
         check_model(args.model, getattr(args, "layer", None), args.weights)
     return from_args(C.SAESource, args)  # checked by the command's config, after its own flags
@@ -311,7 +322,7 @@ def convert_flags(p):
     p.add_argument("--force", action="store_true", help="also replace a .pt file or an SAE directory another "
                    "tool wrote at dst (never a folder holding other files)")
     p.add_argument("--timeout", type=float, default=600.0,  # minisae.models.hub.DOWNLOAD_TIMEOUT
-                   help="total seconds for each hub file of an hf: src "
+                   help="total seconds for each hub file of an hf: or saelens: src "
                    "(every wait included); the download stops there and leaves nothing in the cache")
     p.add_argument("--to", default="saelens", choices=("saelens", "sparsify"),
                    help="the layout to write: saelens (every variant), sparsify (TopK only)")
@@ -321,6 +332,7 @@ def convert_run(args):
     if not args.timeout > 0:
         raise ValueError(f"--timeout must be positive, got {args.timeout}")
     C.check_sae_path(args.src, "the source")
+    check_release(args.src)
     C.check_out(args.dst.parent, "the destination's folder")
     from minisae import formats
     return formats.convert(args.src, args.dst, args.to, force=args.force, timeout=args.timeout)

@@ -63,8 +63,9 @@ def check_site(site, layer):
 
 
 def check_sae_path(sae, flag: str = "--sae"):
-    """A local SAE path must exist (hf:OWNER/REPO/PATH is checked when it is downloaded)."""
-    if sae is not None and not str(sae).startswith("hf:") and not os.path.lexists(sae):
+    """A local SAE path must exist (hf:OWNER/REPO/PATH is checked when it is downloaded,
+    saelens:RELEASE/ID by the command line against minisae/formats/releases.py's table)."""
+    if sae is not None and not str(sae).startswith(("hf:", "saelens:")) and not os.path.lexists(sae):
         raise ValueError(f"{flag} {sae}: no such SAE file or directory")
 
 
@@ -170,7 +171,7 @@ class LayersConfig(LMConfig):
 @dataclass
 class SAESource:
     """An SAE file, the model it was trained on, and text to run it over."""
-    sae: str  # an SAE: a directory in SAELens's or sparsify's layout, an old .pt, or hf:OWNER/REPO/PATH
+    sae: str  # an SAE: a SAELens or sparsify directory, an old .pt, hf:OWNER/REPO/PATH, saelens:RELEASE/ID
     model: Optional[str] = None  # only as a check: the SAE's own model is the one loaded
     layer: Optional[int] = None  # check that the SAE was trained at this layer
     site: Optional[str] = None  # ... and at this site

@@ -2,7 +2,9 @@
 API): the same small interface as minisae/autointerp/chat.py's LocalChat, over HTTP with
 urllib, a total deadline per request (retries included) and every answer checked before
 it is read: an unreachable server or an answer we cannot read is one EndpointError,
-'<URL>: <what was wrong>'.
+'<URL>: <what was wrong>'. The deadline holds to a fraction of a second whatever the server
+does (minisae/models/hub.py's stream: each read waits at most what is left of it, and a timer
+shuts a connection that drips its headers or body past it).
 """
 
 import json

@@ -15,6 +15,10 @@ minisae writes an SAE as a directory in SAELens's layout, and reads three layout
                                                    -> minisae/formats/npz.py
     hf:OWNER/REPO/PATH[@REVISION]                  either directory layout on the Hugging Face hub,
                                                    downloaded once into the cache (minisae/models/hub.py)
+    saelens:RELEASE/ID                             a SAELens release name, e.g.
+                                                   saelens:gpt2-small-res-jb/blocks.8.hook_resid_pre: the hub
+                                                   folder SAELens's table names, its config overrides applied
+                                                   (minisae/formats/releases.py)
 
     load(path)                    -> (sae, meta)   meta: model, hook, scale, max_norm, mean, layout, ...
     save(sae, path, layout, **meta)                fold meta['scale'] into the weights, write DIR
@@ -32,10 +36,12 @@ and HookedSAE.save / HookedSAE.load (minisae/pipeline/hooked_sae.py) are the ent
 """
 
 import os
+import zipfile
 from pathlib import Path
 
-from minisae.formats import foreign_pt, legacy, npz, saelens, sparsify
+from minisae.formats import foreign_pt, legacy, npz, releases, saelens, sparsify
 from minisae.formats.common import MAX_CFG_BYTES, SAE_FILES, is_sparsify_cfg, read_cfg, regular_file, tidy, write_dir
+from minisae.formats.saelens import SAELENS_METADATA
 from minisae.models.hub import DOWNLOAD_TIMEOUT, hub_file, parse_hub_ref
 from minisae.models.safetensors import read_header
 from minisae.sae import part_settings
@@ -80,10 +86,24 @@ def resolve(ref, timeout: float = DOWNLOAD_TIMEOUT) -> Path:
     """A local path for `ref`: itself, or for hf:OWNER/REPO/PATH[@REVISION] the cached
     download of that hub folder (cfg.json first, then the weights file its layout names),
     each file within `timeout` seconds and checked before it is cached: cfg.json must be
-    a JSON object of at most MAX_CFG_BYTES, the weights a safetensors file."""
+    a JSON object of at most MAX_CFG_BYTES, the weights a safetensors file. For
+    saelens:RELEASE/ID, the folder SAELens's table names, with the files of its layout."""
+    if releases.is_release(ref):
+        r = releases.lookup(ref)
+        if r.conversion is not None:  # Gemma Scope's params.npz, dictionary_learning's config.json + ae.pt
+            checks = {"params.npz": npz.headers, "config.json": read_cfg, "ae.pt": zip_file}
+            for name in r.files:
+                local = hub_file(r.repo, f"{r.path}/{name}", timeout=timeout,
+                                 max_bytes=MAX_CFG_BYTES if name == "config.json" else None, verify=checks[name])
+            return Path(local).parent
+        return hub_folder(r.repo, r.path, "main", timeout)  # its folder may hold what hf: names refuse (':')
     if not str(ref).startswith(HUB_PREFIX):
         return Path(ref)
-    repo, folder, revision = parse_hub_ref(str(ref)[len(HUB_PREFIX):])
+    return hub_folder(*parse_hub_ref(str(ref)[len(HUB_PREFIX):]), timeout)
+
+
+def hub_folder(repo: str, folder: str, revision: str, timeout: float) -> Path:
+    """The cached download of a hub folder in SAELens's or sparsify's layout (see resolve)."""
     join = lambda name: f"{folder}/{name}" if folder else name
     cfg = Path(hub_file(repo, join("cfg.json"), revision, timeout=timeout, max_bytes=MAX_CFG_BYTES,
                         verify=read_cfg))
@@ -92,12 +112,19 @@ def resolve(ref, timeout: float = DOWNLOAD_TIMEOUT) -> Path:
     return cfg.parent
 
 
+def zip_file(path):
+    """ValueError unless `path` is a zip archive (torch.save's format since torch 1.6)."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a torch.save file (a zip archive)")
+
+
 # ---------------------------------------------------------------- load, save, convert
 
 def load(path, timeout: float = DOWNLOAD_TIMEOUT) -> tuple:
     """(sae, meta) from any layout; the SAE in eval mode, float32 unless the file is float64.
     What a killed writer of this SAE left is tidied first (common.tidy: a replacement
     killed half-way leaves the old SAE)."""
+    release = releases.lookup(path) if releases.is_release(path) else None  # an unknown name: before any download
     local = resolve(path, timeout)
     tidy(local.parent)
     layout = detect(local)
@@ -105,7 +132,15 @@ def load(path, timeout: float = DOWNLOAD_TIMEOUT) -> tuple:
         local = local.parent
     if layout == "pt" and local.is_dir():  # dictionary_learning's DIR/ae.pt (+ DIR/config.json)
         local = local / "ae.pt"
-    sae, meta = READERS[layout].load(local)
+    if release is not None and layout == "saelens":  # the release's overrides, applied as SAELens applies them
+        scale = {} if release.norm_scaling_factor is None else {"norm_scaling_factor": release.norm_scaling_factor}
+        sae, meta = saelens.load(local, overrides={**release.overrides, **scale})
+    else:
+        sae, meta = READERS[layout].load(local)
+    if release is not None and layout != "saelens":  # what the table says of a file that does not
+        carried = {k: v for k, v in release.overrides.items() if k in SAELENS_METADATA}
+        meta = {**meta, "model": meta.get("model") or release.model,
+                "saelens_metadata": {**(meta.get("saelens_metadata") or {}), **carried}}
     return sae.eval(), {**meta, "layout": layout, "source": str(path)}
 
 

@@ -132,10 +132,12 @@ def to_files(sae, /, scale: float = 1.0, model=None, hook=None, max_norm=None, m
     return cfg, t, "sae_weights.safetensors"
 
 
-def load(path) -> tuple:
-    """(minisae SAE, meta) from a SAELens directory, written by minisae or by SAELens."""
+def load(path, overrides=None) -> tuple:
+    """(minisae SAE, meta) from a SAELens directory, written by minisae or by SAELens.
+    `overrides` (a SAELens release's config_overrides, minisae/formats/releases.py) replace
+    cfg.json's fields as SAELens replaces them; those that are metadata go into metadata."""
     cfg_path, w_path = path / "cfg.json", path / "sae_weights.safetensors"
-    cfg = read_cfg(cfg_path)
+    cfg = {**read_cfg(cfg_path), **(overrides or {})}
     md = cfg.get("metadata", {})
     if not isinstance(md, dict):
         raise ValueError(f"{cfg_path}: metadata must be a JSON object, got {md!r:.60}")
@@ -143,6 +145,8 @@ def load(path) -> tuple:
         md = {**{k: v for k, v in cfg.items() if k in SAELENS_METADATA}, "model_name": cfg.get("model_name"),
               "hook_name": cfg.get("hook_name", cfg.get("hook_point")),
               "hook_head_index": cfg.get("hook_head_index", cfg.get("hook_point_head_index"))}
+    else:
+        md = {**md, **{k: v for k, v in (overrides or {}).items() if k in SAELENS_METADATA}}
     ours = md.get("minisae") or {}
     if not isinstance(ours, dict):
         raise ValueError(f"{cfg_path}: metadata.minisae must be a JSON object, got {ours!r:.60}")

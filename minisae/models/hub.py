@@ -3,8 +3,9 @@
     cached_path(url) -> local path:  <cache>/<host>/<url path>, downloaded on first use
     hub_file(repo, path, revision)   the same for a file of a Hugging Face hub repository,
                                      checked against the sha256 the hub states for it
-    stream(request, deadline, ...)   one HTTP request, its answer passed on as it arrives
-                                     (the chat client of minisae/autointerp/chat.py uses it too)
+    stream(request, deadline, ...)   one HTTP request, its answer passed on as it arrives, all of it
+                                     by the deadline (the chat client of minisae/autointerp/endpoint.py
+                                     uses it too)
 
 The cache is `~/.cache/minisae` (override with the MINISAE_CACHE environment variable or
 the `cache_dir` argument). A download streams into `.NAME.PID.part` next to its final
@@ -15,13 +16,15 @@ filesystem): an interrupted, corrupt or wrong download (an HTML error page serve
 cfg.json) never leaves a file that a later run would mistake for a good one. A `.part`
 file that a killed download left is deleted by the next download into that folder.
 
-Every request has a total deadline (`timeout` seconds for the whole transfer): the
-request is sent with what is left of it (at most STALL) as the socket's timeout, and the
-deadline is checked after every piece of the answer, so a server that stalls is given
-up on at the deadline, and one that drips a byte every few seconds within one more wait.
-It also has a size cap, checked against the Content-Length the server announces before
-anything is stored, and counted while the body arrives. Every failure is one HTTPFailure, a ValueError whose text is
-`<URL>: <what was wrong>`: an HTTP error status, a redirect loop, a refused connection,
+Every request has a total deadline (`timeout` seconds for the whole transfer) that holds
+to a fraction of a second, whatever the server does: before every read of the body the
+socket's timeout is set to what is left of the deadline (at most STALL), so no single
+wait outlasts it; and a timer shuts the connection at the deadline, which ends the waits
+a timeout cannot bound (a server that drips its status line and headers, or a chunked
+body, one byte at a time: each byte resets the socket's timeout). It also has a size cap,
+checked against the Content-Length the server announces before anything is stored, and
+counted while the body arrives. Every failure is one HTTPFailure, a ValueError whose text
+is `<URL>: <what was wrong>`: an HTTP error status, a redirect loop, a refused connection,
 the deadline, a body cut short or too long, an answer that is not HTTP at all.
 """
 
@@ -32,6 +35,7 @@ import re
 import shutil
 import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -86,22 +90,86 @@ class Deadline:
         return left
 
 
-def stream(request, deadline: Deadline, max_bytes: float, write, label=None, opener=None, on_headers=None) -> int:
-    """Send `request` (a URL or a urllib Request), pass its body to write(chunk) as it
-    arrives, and return the number of bytes; HTTPFailure for anything that goes wrong. No
-    wait outlasts the deadline (or STALL); a body longer than max_bytes is refused, from
-    its Content-Length when the server states one; `label` draws a progress line,
-    on_headers(headers) sees the answer's headers."""
-    url = request if isinstance(request, str) else request.full_url
-    done, wait, bar = 0, min(deadline.left(url), STALL), None  # wait: the socket's timeout, the longest one
+class Watch:
+    """Shuts a request's connection when its deadline passes. The socket's timeout bounds
+    one wait; a server that sends a byte now and then (its status line, its headers, a
+    chunked body) resets it every time, so only a timer can end the request on time.
+    shutdown() wakes a read blocked in another thread (close() would not): the reader sees
+    the connection end, and `fired` tells stream that this end was the deadline's."""
+
+    def __init__(self, deadline: Deadline):
+        self.sock, self.fired, self.lock = None, False, threading.Lock()
+        self.timer = threading.Timer(max(deadline.end - time.monotonic(), 0.0), self.fire)
+        self.timer.daemon = True  # never keeps the process alive
+
+    def connected(self, sock):
+        """The socket of a new connection (each redirect opens one): the one the timer shuts."""
+        with self.lock:
+            self.sock = sock
+            if self.fired:
+                shut(sock)
+        return sock
+
+    def fire(self):
+        with self.lock:
+            self.fired = True
+            if self.sock is not None:
+                shut(self.sock)
+
+
+def shut(sock):
     try:
-        with (opener or urllib.request.build_opener()).open(request, timeout=wait) as r:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed
+        pass
+
+
+def watched_handlers(watch: Watch) -> list:
+    """urllib's HTTP and HTTPS handlers, with every connection's socket handed to `watch`
+    as soon as it exists (before the TLS handshake, which a server can drip too)."""
+    def connection(cls):
+        def make(host, **kwargs):
+            conn = cls(host, **kwargs)
+            conn._create_connection = lambda *a, **k: watch.connected(socket.create_connection(*a, **k))
+            return conn
+        return make
+
+    class HTTP(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(connection(http.client.HTTPConnection), req)
+
+    class HTTPS(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(connection(http.client.HTTPSConnection), req, context=self._context)
+
+    return [HTTP(), HTTPS()]
+
+
+def stream(request, deadline: Deadline, max_bytes: float, write, label=None, handlers=(), on_headers=None) -> int:
+    """Send `request` (a URL or a urllib Request), pass its body to write(chunk) as it
+    arrives, and return the number of bytes; HTTPFailure for anything that goes wrong. The
+    whole request ends by the deadline (no wait outlasts it, nor STALL); a body longer
+    than max_bytes is refused, from its Content-Length when the server states one; `label`
+    draws a progress line, on_headers(headers) sees the answer's headers; `handlers` are
+    more urllib handlers (one that does not follow redirects)."""
+    url = request if isinstance(request, str) else request.full_url
+    done, wait, bar = 0, min(deadline.left(url), STALL), None  # wait: the socket's timeout now
+    watch = Watch(deadline)
+    watch.timer.start()
+    try:
+        with urllib.request.build_opener(*handlers, *watched_handlers(watch)).open(request, timeout=wait) as r:
             if on_headers:
                 on_headers(r.headers)
             head = getattr(request, "method", None) == "HEAD"  # an answer without a body
             total = None if head else content_length(url, r, max_bytes)
             bar = Progress(label, total or 0, "MB", scale=1e6) if label else None
-            while chunk := r.read1(CHUNK):  # read1: whatever arrived, so the deadline is checked often
+            while True:
+                wait = min(deadline.left(url), STALL)
+                if watch.sock is not None:
+                    watch.sock.settimeout(wait)  # this read ends by the deadline
+                chunk = r.read1(CHUNK)  # read1: whatever arrived, so the deadline is checked often
+                if not chunk:
+                    break
                 done += len(chunk)
                 if done > max_bytes:
                     raise HTTPFailure(url, f"the answer is longer than the {max_bytes:,.0f} bytes allowed", False)
@@ -111,7 +179,8 @@ def stream(request, deadline: Deadline, max_bytes: float, write, label=None, ope
                     raise HTTPFailure(url, f"cannot store the answer: {e}", False) from None
                 if bar:
                     bar.update(done)  # redraws twice a second at most
-                deadline.left(url)
+            if watch.fired:  # the end of the body was the timer's shutdown, not the server's
+                raise HTTPFailure(url, f"timed out: no complete answer within {deadline.seconds:g} s", True)
             if bar:
                 bar.close(done)
                 bar = None
@@ -120,9 +189,12 @@ def stream(request, deadline: Deadline, max_bytes: float, write, label=None, ope
     except urllib.error.HTTPError as e:  # an answer, with an error status
         raise http_error(url, e) from None
     except (OSError, http.client.HTTPException) as e:  # no answer, or not an HTTP one
+        if watch.fired:  # the timer shut the connection
+            raise HTTPFailure(url, f"timed out: no complete answer within {deadline.seconds:g} s", True) from None
         deadline.left(url)  # a wait cut short by the deadline says so
         raise HTTPFailure(url, describe(e, wait), True) from None
     finally:
+        watch.timer.cancel()
         if bar:
             print(file=sys.stderr)  # end the progress line: the error gets a line of its own
     if total is not None and done != total:
@@ -270,7 +342,7 @@ def hub_sha256(url: str, deadline: Deadline):
     answers = []
     try:
         stream(urllib.request.Request(url, method="HEAD"), deadline, float("inf"), None,
-               opener=urllib.request.build_opener(NoRedirect), on_headers=answers.append)
+               handlers=[NoRedirect()], on_headers=answers.append)
         headers = answers[0]
     except HTTPFailure as e:
         if e.status in (301, 302, 303, 307, 308):

@@ -16,6 +16,36 @@ pick the positions and undo the scale in the same way. `HookedSAE` does it once:
                                            what one unit of latent i's code adds to x_raw
 
 `mean` is the mean raw activation over the training data (for mean-ablation baselines).
+
+What an SAE expects of its model. SAELens records how its model was loaded; two settings
+change the activations an SAE reads:
+
+  center_writing_weights (model_from_pretrained_kwargs; GPT-2 SAEs trained on TransformerLens's
+    model, e.g. gpt2-small-res-jb). TransformerLens centres every weight that writes to the
+    residual stream over d_model: W_E, W_pos, and each attention and MLP output projection
+    and bias (W - mean_D W). Each write w is then w - mean(w). Every read of the residual
+    stream goes through a LayerNorm, LN(x) = g (x - mean x) / std(x - mean x) + b, which
+    gives the same output for x and x + c 1 (c any number per position), so every block
+    computes what it computed before, and by induction the centred model's residual is
+    the raw one minus its mean over d_model, x_c = P x with P = I - 1 1^T / D, at every
+    hook, with the same logits (tests/pipeline/test_centred_writes.py checks it). Such an
+    SAE reads P x. Centring before encoding is the same as centring the encoder's rows:
+
+        W_enc (P x - b_dec) + b_enc = (W_enc P)(x - b_dec) + b_enc - s,   s = mean(b_dec) W_enc 1   (F,)
+
+    (P is symmetric and P b_dec = b_dec - mean(b_dec) 1), so HookedSAE folds it into the
+    dictionary once: W_enc <- W_enc P, b_enc <- b_enc - s, and for a gated SAE, whose
+    magnitude path is exp(r_mag) (pre - b_enc) + b_mag, b_mag <- b_mag - exp(r_mag) s. The
+    fold is idempotent (W_enc P has zero row sums, so s = 0 the second time) and every
+    reader of hsae.sae gets the codes of P x. The reconstruction x_hat is one of P x: in
+    raw units it is x_hat + mean(x) 1 (reconstruct_raw), which is what a splice writes
+    back. With LayerNorm downstream the added mean changes no logit (the argument above);
+    it makes x_hat - x the SAE's error in the raw stream. A model without LayerNorm
+    (RMSNorm: x / rms(x) changes with x + c 1, as in SmolLM2) is refused: there the
+    centred model would compute something else.
+  prepend_bos: false. minisae's contexts always start with BOS (pipeline/data.py
+    make_contexts) and its tools read the positions after it; an SAE trained without BOS
+    is refused in one line.
 Saved (`save`, minisae/formats/__init__.py: SAELens's layout) the scale is folded into the weights,
 so the file reads raw activations and loads back with scale = 1; `load` also reads
 sparsify's layout, hub folders (hf:OWNER/REPO/PATH) and old minisae .pt files.
@@ -46,6 +76,15 @@ class HookedSAE:
     def __post_init__(self):
         if not (isinstance(self.scale, (int, float)) and 0 < self.scale < float("inf")):
             raise ValueError(f"the activation scale must be positive, got {self.scale!r}")
+        if self.centred:
+            centre_encoder_(self.sae)
+
+    @property
+    def centred(self) -> bool:
+        """Whether the SAE reads the residual stream of TransformerLens's centred model
+        (its SAELens metadata says center_writing_weights): P x, x's mean over d_model removed."""
+        kwargs = (self.extra.get("saelens_metadata") or {}).get("model_from_pretrained_kwargs")
+        return isinstance(kwargs, dict) and kwargs.get("center_writing_weights") is True
 
     # -- on raw activations ------------------------------------------------------------
     def positions(self, act, bos: bool = True):
@@ -57,8 +96,16 @@ class HookedSAE:
         return self.sae.encode(x.to(self.sae.W_dec.device, torch.float32) * self.scale)
 
     def decode_raw(self, f):
-        """codes f (N, F) -> reconstruction (N, D) in raw units."""
+        """codes f (N, F) -> reconstruction (N, D) in raw units (of P x for a centred SAE)."""
         return self.sae.decode(f) / self.scale
+
+    def reconstruct_raw(self, x):
+        """x (N, D) raw -> what a splice writes in its place, (N, D): decode_raw(encode_raw(x)),
+        plus x's mean over d_model for a centred SAE (which reconstructs P x)."""
+        x_hat = self.decode_raw(self.encode_raw(x))  # (N, D)
+        if self.centred:
+            x_hat = x_hat + x.to(x_hat).mean(-1, keepdim=True)
+        return x_hat
 
     def encode_positions(self, act, bos: bool = True):
         """act (B, T, D) raw, on any device -> (f (B, T, F) with zeros where the SAE does not
@@ -94,12 +141,8 @@ class HookedSAE:
         md = self.extra.get("saelens_metadata") or {}  # what a SAELens file says of its model
         if md.get("prepend_bos") is False:
             raise ValueError("this SAE was trained on contexts without BOS (its SAELens metadata says prepend_bos: "
-                             "false); minisae's contexts always start with BOS, so it would read other activations")
-        kwargs = md.get("model_from_pretrained_kwargs")
-        if isinstance(kwargs, dict) and kwargs.get("center_writing_weights") is True:
-            raise ValueError("this SAE was trained on TransformerLens's model with center_writing_weights (each "
-                             "position's mean over d_model removed from the residual stream); minisae's models "
-                             "keep it, so the SAE would read other activations")
+                             "false); minisae's contexts always start with BOS and its tools read the positions "
+                             "after it, so the SAE would read other activations")
         return self
 
     def check_model(self, model):
@@ -109,6 +152,10 @@ class HookedSAE:
         if getattr(model, "d_model", self.d) != self.d:
             raise ValueError(f"the SAE reads {self.d}-wide activations but {self.model_name} has "
                              f"d_model {model.d_model}")
+        if self.centred and not isinstance(getattr(model, "ln_f", None), torch.nn.LayerNorm):
+            raise ValueError("this SAE reads a residual stream with centred writes (SAELens: center_writing_weights), "
+                             f"which equals the raw one minus its mean only under LayerNorm; {self.model_name} "
+                             "normalises otherwise (RMSNorm)")
         return self
 
     # -- files ---------------------------------------------------------------------------
@@ -134,6 +181,19 @@ class HookedSAE:
         extra = {k: v for k, v in meta.items() if k not in ("model", "hook", "scale", "max_norm", "mean", "settings",
                                                             "variant", "layout", "source")}
         return cls(sae, meta.get("model"), meta["hook"], meta["scale"], meta.get("max_norm"), meta.get("mean"), extra)
+
+
+@torch.no_grad()
+def centre_encoder_(sae):
+    """Fold x -> P x (x's mean over d_model removed) into the encoder, in place: W_enc <- W_enc P,
+    b_enc <- b_enc - s, b_mag <- b_mag - exp(r_mag) s (gated), s = mean(b_dec) W_enc 1 (the
+    module docstring derives it). Idempotent."""
+    s = sae.b_dec.mean() * sae.W_enc.sum(1)  # (F,)
+    sae.W_enc.sub_(sae.W_enc.mean(1, keepdim=True))  # (F, D): each row centred, W_enc P
+    sae.b_enc.sub_(s)
+    if hasattr(sae.activation, "b_mag"):  # gated: pi_mag = exp(r_mag) (pre - b_enc) + b_mag
+        sae.activation.b_mag.sub_(torch.exp(sae.activation.r_mag) * s)
+    return sae
 
 
 def load_with_model(path, model_name=None, layer=None, site=None, weights=None, device="cpu", latents=None):

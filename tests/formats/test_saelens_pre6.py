@@ -113,19 +113,20 @@ def test_convert_carries_saelens_metadata_through(tmp_path, version):
 
 
 def test_an_sae_trained_without_bos_is_refused_before_a_model(tmp_path, gpt2):
-    """minisae's contexts always start with BOS and its models keep the residual stream's
-    per-position mean: an SAE whose metadata says prepend_bos false, or that its model was
-    loaded with center_writing_weights, would read other activations than it was trained
-    on; it opens (and converts), but is refused before a model is loaded for it."""
+    """minisae's contexts always start with BOS: an SAE whose metadata says prepend_bos
+    false would read other activations than it was trained on; it opens (and converts),
+    but is refused before a model is loaded for it. One whose model was loaded with
+    center_writing_weights is read on minisae's GPT-2 with its input centred
+    (tests/pipeline/test_centred_writes.py checks the model side)."""
     from minisae.pipeline.hooked_sae import HookedSAE
     g = torch.Generator().manual_seed(0)
     path = tmp_path / "sae"
     path.mkdir()
     save_safetensors(path / "sae_weights.safetensors", {
         "W_enc": torch.randn(64, 128, generator=g).numpy(), "W_dec": torch.randn(128, 64, generator=g).numpy(),
-        "b_enc": torch.zeros(128).numpy(), "b_dec": torch.zeros(64).numpy()})
-    for bos, centered, match in ((True, False, None), (False, False, "prepend_bos: false"),
-                                 (True, True, "center_writing_weights")):
+        "b_enc": torch.zeros(128).numpy(), "b_dec": torch.randn(64, generator=g).numpy()})
+    x = torch.randn(10, 64, generator=g)
+    for bos, centered, match in ((True, False, None), (False, False, "prepend_bos: false"), (True, True, None)):
         (path / "cfg.json").write_text(json.dumps({
             "architecture": "standard", "d_in": 64, "d_sae": 128, "sae_lens_version": "6.1.0",
             "metadata": {"model_name": "gpt2", "hook_name": "blocks.1.hook_resid_pre", "prepend_bos": bos,
@@ -133,6 +134,9 @@ def test_an_sae_trained_without_bos_is_refused_before_a_model(tmp_path, gpt2):
         hsae = HookedSAE.load(path)
         if match is None:
             hsae.check_site("gpt2").check_model(gpt2)
+            x_in = x - x.mean(-1, keepdim=True) if centered else x
+            assert hsae.centred == centered
+            assert torch.allclose(hsae.encode_raw(x), formats.load(path)[0].encode(x_in), atol=1e-4)
         else:
             with pytest.raises(ValueError, match=match):
                 hsae.check_site("gpt2")  # before any model is loaded

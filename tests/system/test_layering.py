@@ -33,7 +33,8 @@ LAYERS = {
     "models": ["minisae.models.hooks", "minisae.models.safetensors", "minisae.models.gguf",
                "minisae.models.bpe", "minisae.models.hub", "minisae.models.gpt2", "minisae.models.llama",
                "minisae.models.llama_gguf", "minisae.models.kv_cache", "minisae.models"],
-    "formats": ["minisae.formats.common", "minisae.formats.saelens", "minisae.formats.sparsify",
+    "formats": ["minisae.formats.common", "minisae.formats.releases", "minisae.formats.saelens",
+                "minisae.formats.sparsify",
                 "minisae.formats.legacy", "minisae.formats.npz", "minisae.formats.foreign_pt", "minisae.formats"],
     "pipeline": ["minisae.pipeline", "minisae.pipeline.data", "minisae.pipeline.activations",
                  "minisae.pipeline.batches", "minisae.pipeline.hooked_sae", "minisae.pipeline.evaluate",
@@ -61,6 +62,7 @@ LOCAL_OK = {
 }
 # Third-party modules that may be imported inside a function: heavy or optional.
 HEAVY = {"matplotlib": "slow to import, only for figures", "jinja2": "optional: only for a GGUF chat template",
+         "yaml": "optional: only to regenerate minisae/formats/releases.json.gz from sae-lens's yaml",
          "hypothesis": "a test-time dependency of the grader", "torch.distributed": "only under torchrun"}
 
 
