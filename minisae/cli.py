@@ -388,6 +388,31 @@ def transcoder_run(args):
     return transcoder.run(cfg)
 
 
+def first_letter_flags(p):
+    d = lambda name: default(C.FirstLetterConfig, name)
+    p.add_argument("--sae", dest="saes", action="append", required=True,
+                   help="repeatable, every SAE at the same hook point of one model: " + SAE_HELP)
+    p.add_argument("--model", default=d("model"), help="a check: the SAEs' own model is the one loaded; for a "
+                   "file that does not name its model (sparsify's), the model to load")
+    p.add_argument("--weights", type=Path, default=d("weights"), help="a local weights file for the model")
+    p.add_argument("--per-letter", type=int, default=d("per_letter"),
+                   help="at most this many vocabulary words per first letter (seeded)")
+    p.add_argument("--n-icl", type=int, default=d("n_icl"), help="example lines in the prompt before each word")
+    p.add_argument("--batch-size", type=int, default=d("batch_size"), help="words per forward")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the model (as `lm --bf16` trains)")
+    p.add_argument("--device", default=d("device"), help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--seed", type=int, default=d("seed"), help="the words, their split and the prompt's examples")
+    p.add_argument("--out", type=Path, default=d("out"), help="folder of first_letter_results.json and the figure")
+
+
+def first_letter_run(args):
+    cfg = from_args(C.FirstLetterConfig, args, saes=tuple(args.saes)).check()
+    if cfg.model is not None:
+        check_model(cfg.model, None, cfg.weights)
+    from minisae.interp import first_letter
+    return first_letter.run(cfg)
+
+
 def check_flags(p):
     p.add_argument("file", type=Path, help="your copy of an exercise file: exercises/ch2_sae.py, ch3_variants.py, "
                    "ch7_autointerp.py or ch10_absorption.py")
@@ -422,6 +447,8 @@ COMMANDS = {
               norms_flags, norms_run),
     "transcoder": ("a transcoder in place of an MLP (its input -> its output), spliced in: loss recovered, KL",
                    transcoder_flags, transcoder_run),
+    "first-letter": ("a first-letter probe, k-sparse probing of SAE latents and their absorption rate (SAEBench)",
+                     first_letter_flags, first_letter_run),
     "check": ("grade your exercises (chapters 2, 3, 7 and 10) by Hypothesis properties and minisae's own code",
               check_flags, check_run),
     "convert": ("rewrite an SAE in SAELens's or sparsify's layout (from either, a hub folder or an old .pt)",

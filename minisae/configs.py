@@ -480,3 +480,58 @@ class AbsorptionConfig:
     @classmethod
     def quick(cls, **kw):
         return cls(**{"n_samples": 60_000, "sweep_samples": 20_000, "n_seeds": 1, "eval_samples": 4096, **kw})
+
+
+@dataclass
+class FirstLetterConfig:
+    """`python -m minisae first-letter` (minisae/interp/first_letter.py): a first-letter probe
+    at the SAEs' hook, k-sparse probing of their latents, and absorption (Chanin et al. 2024;
+    SAEBench's absorption eval). Thresholds are SAEBench's unless said otherwise."""
+    saes: tuple = ()  # SAE paths (local or hf:), all at one hook point of one model
+    model: Optional[str] = None  # a check, as SAESource.model: the SAEs' own model is loaded
+    weights: Optional[Path] = None  # a local weights file for the model
+    per_letter: int = 1000  # at most this many words per first letter (a seeded sample of the vocabulary)
+    test_frac: float = 0.2  # held out per letter (SAEBench: 0.2)
+    n_icl: int = 10  # example lines in the prompt before the word (SAEBench: 10)
+    probe_l2: float = 1e-5  # L2 on the probe's weights, activations scaled to mean norm 1 (best of 1e-2..1e-6 on
+    #                         a validation fifth of the training words of SmolLM2, layer 15: 0.931)
+    sparse_l2: float = 1e-4  # L2 on the k-sparse probes' weights (SAE codes in their own units)
+    probe_steps: int = 300  # L-BFGS iterations per fit
+    max_k: int = 10  # k-sparse probes for k = 1..max_k (SAEBench: 10)
+    report_ks: tuple = (1, 2, 3, 5, 10)  # the k whose F1 the results report
+    split_f1_jump: float = 0.03  # a letter's main latents grow while the training F1 rises by more
+    cos_threshold: float = 0.025  # cos(decoder row, probe) of an absorbing latent, at least
+    proj_threshold: float = 0.4  # its share of the word's projection on the probe, at least
+    frac_cos: float = 0.1  # the absorption fraction: cos(decoder row, probe) of a sharing latent, at least
+    frac_latents: int = 3  # ... and at most this many sharing latents
+    min_probe_f1: float = 0.6  # letters whose held-out probe F1 is lower are left out of the mean
+    min_tokens: int = 10  # ... and letters with fewer measured words
+    batch_size: int = 256  # words per forward
+    bf16: bool = False  # bfloat16 autocast for the model (as the SAEs were trained, for `lm --bf16`)
+    device: str = "auto"
+    seed: int = 0  # the word sample, the split and the prompt's examples
+    out: Path = Path("runs/first_letter")  # folder of first_letter_results.json and the figure
+
+    def check(self):
+        if not self.saes:
+            raise ValueError("give at least one --sae")
+        for sae in self.saes:
+            check_sae_path(sae)
+        for name in ("per_letter", "probe_steps", "max_k", "batch_size", "min_tokens", "frac_latents"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.n_icl < 0:
+            raise ValueError(f"--n-icl must be 0 or more, got {self.n_icl}")
+        if not 0 < self.test_frac < 1:
+            raise ValueError(f"--test-frac must be in (0, 1), got {self.test_frac}")
+        for name in ("probe_l2", "sparse_l2"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+        if not self.report_ks or any(not 1 <= k <= self.max_k for k in self.report_ks):
+            raise ValueError(f"report_ks must lie in 1..max_k ({self.max_k}), got {self.report_ks}")
+        for name in ("split_f1_jump", "cos_threshold", "proj_threshold", "frac_cos", "min_probe_f1"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        check_files([self.weights] if self.weights is not None else [], "--weights")
+        check_out(self.out)
+        return self
