@@ -280,6 +280,40 @@ def links_run(args):
     return links.run(cfg)
 
 
+def circuit_flags(p):
+    d = lambda name: default(C.CircuitConfig, name)
+    p.add_argument("--prompt", required=True, help="the text whose next token the graph explains (BOS is added)")
+    p.add_argument("--sae", nargs="+", required=True, help="SAEs at several layers, in any order: SAE folders, or a "
+                   "run folder of `python -m minisae layers` (its saes/ holds one SAE per layer)")
+    p.add_argument("--model", default=d("model"), help="a check: the SAEs' model is the one loaded")
+    p.add_argument("--weights", type=Path, default=d("weights"), help="a local weights file for the model")
+    p.add_argument("--layers", default=d("layers"), help="only the SAEs at these layers, e.g. 3-27:3 (None: all)")
+    p.add_argument("--target-token", default=d("target_token"),
+                   help="the logit to explain, one token with its leading space (e.g. ' Paris'); None: the top one")
+    p.add_argument("--logits", type=int, default=d("logits"), help="top logits shown as nodes")
+    p.add_argument("--node-threshold", type=float, default=d("node_threshold"),
+                   help="keep the nodes holding this share of the influence on the target")
+    p.add_argument("--edge-threshold", type=float, default=d("edge_threshold"),
+                   help="then the edges holding this share of the edge scores")
+    p.add_argument("--scan-tokens", type=int, default=d("scan_tokens"),
+                   help="held-out tokens scanned for the kept latents' examples")
+    p.add_argument("--examples", type=int, default=d("examples"), help="max-activating examples per latent")
+    p.add_argument("--interventions", type=int, default=d("interventions"),
+                   help="latents ablated per prompt to check the graph (0: none)")
+    p.add_argument("--check-prompts", nargs="*", default=d("check_prompts"), help="more prompts for the interventions")
+    p.add_argument("--name", default=d("name"), help="the page is OUT/circuit-NAME.html")
+    p.add_argument("--out", type=Path, default=d("out"), help="folder of the page, circuit_results.json and the figure")
+
+
+def circuit_run(args):
+    cfg = from_args(C.CircuitConfig, args)
+    if cfg.model is not None:
+        check_model(cfg.model, None, cfg.weights, cfg.layers)
+    cfg.check()
+    from minisae.interp import interventions
+    return interventions.run(cfg)
+
+
 def explain_flags(p):
     d = lambda name: default(C.ExplainConfig, name)
     p.add_argument("--latents", default=d("latents"), help="comma-separated latent indices (None: a random sample)")
@@ -441,6 +475,8 @@ COMMANDS = {
     "steer": ("generate text while adding a latent's decoder direction at the SAE's hook", steer_flags,
               steer_run),
     "links": ("cross-layer feature links: decoder cosines and ablation edges", links_flags, links_run),
+    "circuit": ("one prompt's attribution graph over SAEs at several layers: pruned, an HTML page, interventions",
+                circuit_flags, circuit_run),
     "explain": ("explain latents with a language model and score the explanations (validated scorers)",
                 explain_flags, explain_run),
     "norms": ("activation norms at a hook as multiples of the median: the histogram behind the sink rule",
@@ -451,7 +487,8 @@ COMMANDS = {
                      first_letter_flags, first_letter_run),
     "check": ("grade your exercises (chapters 2, 3, 7 and 10) by Hypothesis properties and minisae's own code",
               check_flags, check_run),
-    "convert": ("rewrite an SAE in SAELens's or sparsify's layout (from either, a hub folder or an old .pt)",
+    "convert": ("rewrite an SAE in SAELens's or sparsify's layout (from either, a hub folder, a SAELens release "
+                "name or an old .pt)",
                 convert_flags, convert_run),
 }
 

@@ -11,6 +11,7 @@ lists; results files record them with `dataclasses.asdict`.
     NormsConfig       `norms`: activation norms / median norm at one hook point
     SAESource         an SAE file, the model it reads and some text: `features`, `steer`, `links`
       FeaturesConfig, SteerConfig, LinksConfig, ExplainConfig
+    CircuitConfig     `circuit`: one prompt's attribution graph across layers, checked by interventions
 
 The synthetic datasets of toy_models/ keep their configs there (toy_models imports nothing
 from minisae). This file imports nothing but the standard library, so
@@ -264,6 +265,49 @@ class LinksConfig:
         check_out(self.out)
         self.source.check()
         check_sae_path(self.sae_b, "--sae-b")
+        return self
+
+
+@dataclass
+class CircuitConfig:
+    """`circuit`: an attribution graph of one prompt over SAEs at several layers (minisae.interp.circuit)."""
+    prompt: str = ""
+    sae: list = field(default_factory=list)  # SAE folders, or run folders whose saes/ holds one SAE per layer
+    model: Optional[str] = None  # a check (and the model for an SAE file that does not name one)
+    weights: Optional[Path] = None  # a local weights file for the model
+    layers: Optional[str] = None  # of a run's SAEs, only these layers (e.g. 3-27:3); None: all
+    target_token: Optional[str] = None  # the logit to explain; None: the top next-token logit
+    logits: int = 5  # top logits shown as nodes (the target added if it is not among them)
+    node_threshold: float = 0.8  # keep the nodes holding this share of the influence on the target
+    edge_threshold: float = 0.98  # then the edges holding this share of the edge scores
+    scan_tokens: int = 16_384  # held-out tokens scanned for the kept latents' max-activating examples
+    examples: int = 5  # max-activating examples per latent on the page
+    interventions: int = 20  # latents ablated per prompt (the strongest of each pruned graph); 0: none
+    check_prompts: list = field(default_factory=list)  # more prompts for the interventions
+    name: str = "circuit"  # the page is OUT/circuit-NAME.html
+    out: Path = Path("runs/circuit")
+
+    def check(self):
+        if not self.prompt.strip() or any(not p.strip() for p in self.check_prompts):
+            raise ValueError("--prompt (and every --check-prompts) must be a non-empty text")
+        if not self.sae:
+            raise ValueError("--sae needs at least one SAE or run folder")
+        for path in self.sae:
+            check_sae_path(path)
+        for flag, v in (("--node-threshold", self.node_threshold), ("--edge-threshold", self.edge_threshold)):
+            if not 0 < v <= 1:
+                raise ValueError(f"{flag} must be in (0, 1], got {v}")
+        for flag, v in (("--logits", self.logits), ("--scan-tokens", self.scan_tokens), ("--examples", self.examples)):
+            if not v > 0:
+                raise ValueError(f"{flag} must be positive, got {v}")
+        if self.interventions < 0:
+            raise ValueError(f"--interventions must be 0 or more, got {self.interventions}")
+        if self.layers is not None and not LAYERS.fullmatch(self.layers):
+            raise ValueError(f"--layers {self.layers!r}: expected e.g. 3-27:3 or 15,16")
+        if not re.fullmatch(r"[\w.-]+", self.name):
+            raise ValueError(f"--name {self.name!r}: use letters, digits, '.', '_' or '-'")
+        check_files([self.weights] if self.weights is not None else [], "--weights")
+        check_out(self.out)
         return self
 
 
