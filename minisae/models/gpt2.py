@@ -6,11 +6,12 @@ Per block L (pre-LayerNorm residual network, GPT-2 paper section 2.3):
     attn_out   = c_proj(softmax(causal(q k^T / sqrt(d_head))) v),
                  q, k, v = split(c_attn(ln_1(resid_pre)))     blocks.L.hook_attn_out
     resid_mid  = resid_pre + attn_out                         blocks.L.hook_resid_mid
-    mlp_out    = c_proj(gelu(c_fc(ln_2(resid_mid))))          blocks.L.hook_mlp_out
+    mlp_in     = (resid_mid - mean) / std                     blocks.L.ln2.hook_normalized
+    mlp_out    = c_proj(gelu(c_fc(w_2 * mlp_in + b_2)))       blocks.L.hook_mlp_out
     resid_post = resid_mid + mlp_out                          blocks.L.hook_resid_post
 
 with x = wte[idx] + wpe[pos] entering block 0 and logits = ln_f(x) @ wte^T after the
-last block (the unembedding is tied to the token embedding). Module names are the
+last block (the unembedding is tied to the token embedding); ln_2(x) = w_2 * mlp_in + b_2. Module names are the
 checkpoint keys (`h.0.attn.c_attn`, `ln_f`, ...) so loading is a name-for-name copy.
 There is no dropout: this model is for reading activations, not for training.
 
@@ -30,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minisae.models.bpe import BPETokenizer
-from minisae.models.hooks import StopForward, all_hook_names, check_hook_names, run_hook
+from minisae.models.hooks import SITES, StopForward, all_hook_names, check_hook_names, hook_name, run_hook
 from minisae.models.hub import HF, HTTPFailure, cached_path
 from minisae.models.safetensors import load_safetensors, read_header
 
@@ -54,6 +55,17 @@ CONFIGS = {
     # tiny random model with the real vocab: exercises the whole pipeline with no download
     "gpt2-random": GPT2Config(n_layer=4, n_head=4, d_model=64),
 }
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (the same parameters, weight and bias), split in two for the mlp_in hook:
+    normalize(x) = (x - mean x) / sqrt(var x + eps), affine(n) = weight * n + bias."""
+
+    def normalize(self, x):
+        return F.layer_norm(x, self.normalized_shape, eps=self.eps)
+
+    def affine(self, n):
+        return n * self.weight + self.bias
 
 
 class CausalSelfAttention(nn.Module):
@@ -87,16 +99,17 @@ class Block(nn.Module):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_epsilon)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_epsilon)
+        self.ln_2 = LayerNorm(cfg.d_model, eps=cfg.layer_norm_epsilon)
         self.mlp = MLP(cfg)
-        self.names = [f"blocks.{layer}.hook_{site}" for site in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")]
+        self.names = [hook_name(layer, site) for site in SITES]
 
     def forward(self, x, hooks=None, stop_at=None):  # x (B, T, D)
-        pre, attn, mid, mlp, post = self.names
+        pre, attn, mid, mlp_in, mlp, post = self.names
         x = run_hook(pre, x, hooks, stop_at)
         attn_out = run_hook(attn, self.attn(self.ln_1(x)), hooks, stop_at)
         x = run_hook(mid, x + attn_out, hooks, stop_at)
-        mlp_out = run_hook(mlp, self.mlp(self.ln_2(x)), hooks, stop_at)
+        n = run_hook(mlp_in, self.ln_2.normalize(x), hooks, stop_at)  # (B, T, D): before ln_2's weight and bias
+        mlp_out = run_hook(mlp, self.mlp(self.ln_2.affine(n)), hooks, stop_at)
         return run_hook(post, x + mlp_out, hooks, stop_at)  # (B, T, D)
 
 

@@ -74,7 +74,8 @@ def forward_cached(model, idx, cache=None, hooks=None):
         a, kv = _attend(attn, norm1(x), cos, sin, None if cache is None else cache[L])
         a = run_hook(hook_name(L, "attn_out"), a, hooks, None)  # (B, S, D)
         x = run_hook(hook_name(L, "resid_mid"), x + a, hooks, None)
-        m = run_hook(hook_name(L, "mlp_out"), mlp(norm2(x)), hooks, None)  # (B, S, D)
+        n = run_hook(hook_name(L, "mlp_in"), norm2.normalize(x), hooks, None)  # (B, S, D): before norm2's weight
+        m = run_hook(hook_name(L, "mlp_out"), mlp(norm2.affine(n)), hooks, None)  # (B, S, D)
         x = run_hook(hook_name(L, "resid_post"), x + m, hooks, None)
         new_cache.append(kv)
     return x, new_cache

@@ -5,7 +5,8 @@ One block, for the residual stream x (B, T, D):
 
     a = Attn(RMSNorm(x))                 grouped-query causal attention with rotary positions
     x = x + a
-    m = W_down (SiLU(W_gate n) * W_up n),  n = RMSNorm(x)      (SwiGLU, Shazeer 2020)
+    m = W_down (SiLU(W_gate n) * W_up n),  n = RMSNorm(x)      (SwiGLU, Shazeer 2020;
+                                                   x / rms(x) is the mlp_in hook)
     x = x + m
 
     RMSNorm(x) = w * x / sqrt(mean(x^2) + eps)          (Zhang & Sennrich 2019; no mean, no bias)
@@ -121,10 +122,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
         self.eps = eps
 
-    def forward(self, x):
+    def normalize(self, x):
+        """x / rms(x), before the weight: the mlp_in hook point (models/hooks.py)."""
         # in float32 even under bf16 autocast, as HF LlamaRMSNorm does: mean(x^2) is a long sum
         x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    def affine(self, n):
+        return self.weight * n
+
+    def forward(self, x):
+        return self.affine(self.normalize(x))
 
 
 def rotary_cos_sin(T: int, head_dim: int, base: float, device=None):
@@ -239,8 +247,9 @@ class Llama(nn.Module):
                 a = run_hook(hook_name(L, "attn_out"), block.self_attn(block.input_layernorm(x), cos, sin),
                              hooks, stop_at)                                              # (B, T, D)
                 x = run_hook(hook_name(L, "resid_mid"), x + a, hooks, stop_at)
-                m = run_hook(hook_name(L, "mlp_out"), block.mlp(block.post_attention_layernorm(x)),
-                             hooks, stop_at)                                              # (B, T, D)
+                norm = block.post_attention_layernorm
+                n = run_hook(hook_name(L, "mlp_in"), norm.normalize(x), hooks, stop_at)   # (B, T, D): x / rms(x)
+                m = run_hook(hook_name(L, "mlp_out"), block.mlp(norm.affine(n)), hooks, stop_at)  # (B, T, D)
                 x = run_hook(hook_name(L, "resid_post"), x + m, hooks, stop_at)
         except StopForward as stop:
             return stop.act

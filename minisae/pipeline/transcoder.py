@@ -4,7 +4,7 @@ An SAE reconstructs its own input. A transcoder (Dunefsky, Chlenski & Nanda 2024
 "Transcoders Find Interpretable LLM Feature Circuits") reads what goes into an MLP and
 predicts what comes out, so that it can stand in for the MLP:
 
-    x     = s_in  * resid_mid          the MLP's input (before its norm), scaled    (N, D)
+    x     = s_in  * mlp_in             the MLP's normalised input, scaled           (N, D)
     y     = s_out * mlp_out            the MLP's output, scaled                     (N, D)
     f     = sigma(W_enc (x - b_dec) + b_enc)                                          (N, F)
     y_hat = W_dec^T f + b_dec,         loss = ||y - y_hat||^2 + sparsity
@@ -13,20 +13,32 @@ It is minisae's SAE with another target (`SAE.loss(x, target=y)`), trained by th
 loop fed (x, y) pairs (minisae/train.py). Subtracting b_dec, an output-space vector, from
 the input is only a reparametrisation of the encoder bias (b_enc - W_enc b_dec), which
 the saved file folds away. Each side gets its own scale (E||s x|| = sqrt(D), as for SAEs).
-The input is resid_mid rather than the normalised input the MLP reads (SAELens's
-transcoders use ln2.hook_normalized): the models have no hook after the norm, so the
-transcoder learns the norm too.
+mlp_in is blocks.L.ln2.hook_normalized, the hook SAELens's transcoders read (resid_mid
+/ its rms, before the norm's weight: minisae/models/hooks.py), so the MLP is a function
+of x alone. `site="resid_mid"` reads the residual before the norm instead, and the
+transcoder has to learn the norm too.
 
-Evaluation splices it in place of the MLP: at every position but BOS (and the sinks of
-resid_mid), mlp_out is replaced by y_hat / s_out computed from that forward's own
-resid_mid, and the next-token loss is compared with zero- and mean-ablating mlp_out:
+A skip transcoder (Paulo, Shabalin & Belrose 2025, "Transcoders Beat Sparse
+Autoencoders for Interpretability"; Anthropic's cross-layer transcoders) adds a dense
+linear path, y_hat = W_dec^T f + b_dec + W_skip x, so the latents only carry what is not
+linear in x. Here W_skip is the least-squares fit of y on x (centred, in float64), made
+once before training, and the latents are trained on the residual y - W_skip x: two
+stages rather than the joint training of the papers, which may leave some loss behind.
+`linear=True` keeps W_skip alone (every latent off): the dense baseline the latents of a
+skip transcoder have to add to.
+
+Evaluation splices it in place of the MLP: at every position but BOS (and, reading
+resid_mid, its sinks: mlp_in has a norm of about sqrt(D) everywhere), mlp_out is replaced by
+y_hat / s_out computed from that forward's own input, and the next-token loss is compared
+with zero- and mean-ablating mlp_out:
 
     loss recovered (vs ablation a) = (CE_a - CE_tc) / (CE_a - CE_clean),   KL(clean || tc)
 
 Saved in SAELens's transcoder layout (architecture "transcoder" for ReLU,
-"jumprelu_transcoder" for JumpReLU; SAELens has no TopK transcoder), which computes
-f = sigma(x_raw W_enc + b_enc), y_raw = f W_dec + b_dec, so with r = s_in / s_out:
-W_enc' = r W_enc^T, b_enc' = (b_enc - W_enc b_dec) / s_out, b_dec' = b_dec / s_out,
+"jumprelu_transcoder" for JumpReLU, "skip_transcoder" and "jumprelu_skip_transcoder" with
+W_skip; SAELens has no TopK transcoder), which computes f = sigma(x_raw W_enc + b_enc),
+y_raw = f W_dec + b_dec (+ x_raw W_skip^T), so with r = s_in / s_out: W_enc' = r W_enc^T,
+b_enc' = (b_enc - W_enc b_dec) / s_out, b_dec' = b_dec / s_out, W_skip' = r W_skip,
 threshold' = theta / s_out (codes in raw output units, as for minisae's SAE files).
 """
 
@@ -47,7 +59,27 @@ from minisae.sae import make_sae, variant_name
 from minisae.train import TrainConfig, train
 from minisae.utils import Progress, atomic_write_text, model_device
 
-ARCHITECTURES = {"relu": "transcoder", "jumprelu": "jumprelu_transcoder"}
+ARCHITECTURES = {"relu": "transcoder", "jumprelu": "jumprelu_transcoder"}  # with "skip_" before "transcoder"
+SKIP = {"skip_transcoder": "transcoder", "jumprelu_skip_transcoder": "jumprelu_transcoder"}  # SAELens's names
+
+
+def architecture(variant: str, skip: bool) -> str:
+    return ARCHITECTURES[variant].replace("transcoder", "skip_transcoder") if skip else ARCHITECTURES[variant]
+
+
+def fit_skip(x, y, rcond: float = 1e-6):
+    """W_skip (D_out, D_in): the least-squares linear map from x to y, both (N, D), centred
+    (the offset is left to b_dec), solved in float64 by SVD, minimum norm: directions of x
+    with a singular value under rcond x the largest get none (GPT-2's LayerNorm output
+    sums to 0 over D, so one direction of x is empty and W_skip would be arbitrary there)."""
+    xc, yc = x.double() - x.double().mean(0), y.double() - y.double().mean(0)  # (N, D)
+    return torch.linalg.lstsq(xc, yc, rcond=rcond, driver="gelsd").solution.T.float()  # (D_out, D_in)
+
+
+def transcode(tc: dict, x):
+    """y_hat (N, D_out) of a transcoder dict for scaled inputs x (N, D_in), skip path included."""
+    y_hat = tc["sae"](x)  # (N, D_out)
+    return y_hat if tc.get("W_skip") is None else y_hat + x @ tc["W_skip"].to(x).T
 
 
 def collect_pairs(model, contexts, hook_in: str, hook_out: str, max_norm=None, batch_size: int = 8,
@@ -84,20 +116,29 @@ def pair_batches(x, y, batch_size: int, seed: int = 0):
 
 
 def train_transcoder(model, contexts, layer: int, variant: str = "relu", expansion: int = 4, n_samples: int = 100_000,
-                     batch_size: int = 256, lr: float = 1e-3, seed: int = 0, log: bool = True, **settings) -> dict:
-    """A transcoder from resid_mid to mlp_out of block `layer`, trained on `contexts`:
-    {"sae", "hook_in", "hook_out", "scale_in", "scale_out", "max_norm", "mean_out"}."""
-    hook_in, hook_out = hook_name(layer, "resid_mid", model.n_layer), hook_name(layer, "mlp_out")
+                     batch_size: int = 256, lr: float = 1e-3, seed: int = 0, log: bool = True, site: str = "mlp_in",
+                     skip: bool = False, linear: bool = False, **settings) -> dict:
+    """A transcoder from `site` (mlp_in or resid_mid) to mlp_out of block `layer`, trained on
+    `contexts`: {"sae", "W_skip" (None without skip), "hook_in", "hook_out", "scale_in",
+    "scale_out", "max_norm", "mean_out"}."""
+    hook_in, hook_out = hook_name(layer, site, model.n_layer), hook_name(layer, "mlp_out")
     norms = estimate_norms(model, contexts, [hook_in, hook_out])
     (s_in, max_norm), (s_out, _) = norms[hook_in], norms[hook_out]
     x, y = collect_pairs(model, contexts, hook_in, hook_out, max_norm)  # (N, D) each, raw
+    x_s, y_s = x * s_in, y * s_out  # (N, D) each, scaled
+    W_skip = fit_skip(x_s, y_s) if skip or linear else None  # (D, D)
+    target = y_s if W_skip is None else y_s - x_s @ W_skip.T  # (N, D): what the latents have to carry
     sae = make_sae(variant, model.d_model, expansion * model.d_model, seed=seed, **settings)
     with torch.no_grad():
-        sae.b_dec.copy_((y * s_out).mean(0))  # the mean output, as b_dec = the data mean for an SAE
-    cfg = TrainConfig(n_samples=n_samples, batch_size=batch_size, lr=lr, seed=seed, resample_every=0)
-    train(sae, pair_batches(x * s_in, y * s_out, batch_size, seed), cfg, log=log)
-    return {"sae": sae.eval(), "hook_in": hook_in, "hook_out": hook_out, "scale_in": s_in, "scale_out": s_out,
-            "max_norm": max_norm, "mean_out": y.mean(0).tolist()}
+        sae.b_dec.copy_(target.mean(0))  # the mean target, as b_dec = the data mean for an SAE
+        if linear:  # pre = -1 everywhere: no latent fires, y_hat = b_dec + W_skip x
+            sae.W_enc.zero_()
+            sae.b_enc.fill_(-1.0)
+    if not linear:
+        cfg = TrainConfig(n_samples=n_samples, batch_size=batch_size, lr=lr, seed=seed, resample_every=0)
+        train(sae, pair_batches(x_s, target, batch_size, seed), cfg, log=log)
+    return {"sae": sae.eval(), "W_skip": W_skip, "hook_in": hook_in, "hook_out": hook_out, "scale_in": s_in,
+            "scale_out": s_out, "max_norm": max_norm, "mean_out": y.mean(0).tolist()}
 
 
 @torch.no_grad()
@@ -107,7 +148,7 @@ def evaluate_transcoder(model, tc: dict, contexts, batch_size: int = 8, verbose:
     transcoder's L0 and its FVU on the output (the module docstring)."""
     sae, s_in, s_out, max_norm = tc["sae"], tc["scale_in"], tc["scale_out"], tc["max_norm"]
     mean_out = torch.tensor(tc["mean_out"], device=model_device(model))  # (D,)
-    splices = {"tc": lambda x, y: sae(x * s_in) / s_out, "zero": lambda x, y: torch.zeros_like(y),
+    splices = {"tc": lambda x, y: transcode(tc, x * s_in) / s_out, "zero": lambda x, y: torch.zeros_like(y),
                "mean": lambda x, y: mean_out.expand(y.shape)}
     ce = dict.fromkeys(["clean", *splices], 0.0)
     kl = dict.fromkeys(splices, 0.0)
@@ -121,7 +162,7 @@ def evaluate_transcoder(model, tc: dict, contexts, batch_size: int = 8, verbose:
         for name, fn in splices.items():
             seen = {}
 
-            def read_in(act):  # resid_mid of this forward: the transcoder's input
+            def read_in(act):  # mlp_in (or resid_mid) of this forward: the transcoder's input
                 seen["x"] = act
 
             def replace_out(act, fn=fn):  # act (B, T, D): mlp_out, replaced where the transcoder reads
@@ -142,7 +183,8 @@ def evaluate_transcoder(model, tc: dict, contexts, batch_size: int = 8, verbose:
         x, y = x_raw.to(mean_out.device) * s_in, y_raw.to(mean_out.device) * s_out  # (N, D)
         f = sae.encode(x)  # (N, F)
         l0 += (f > 0).sum().item()
-        sq_err += (sae.decode(f) - y).pow(2).sum().item()
+        skip = 0 if tc.get("W_skip") is None else x @ tc["W_skip"].to(x).T  # (N, D)
+        sq_err += (sae.decode(f) + skip - y).pow(2).sum().item()
         sum_y, sum_y2 = sum_y + y.double().sum(0), sum_y2 + y.double().pow(2).sum().item()
         n_pred, n_rows = n_pred + len(targets), n_rows + len(x)
         if bar:
@@ -169,8 +211,11 @@ def save_transcoder(tc: dict, path, model_name: str, extra=None) -> Path:
              "W_dec": sae.W_dec, "b_dec": sae.b_dec / s_out}  # (D, F), (F,), (F, D), (D,)
         if variant == "jumprelu":
             t["threshold"] = sae.activation.theta / s_out
+        if tc.get("W_skip") is not None:
+            t["W_skip"] = tc["W_skip"] * s_in / s_out  # (D_out, D_in)
     t = {k: v.detach().float().contiguous() for k, v in t.items()}
-    cfg = {"architecture": ARCHITECTURES[variant], "d_in": sae.d, "d_sae": sae.n_latents, "d_out": sae.d,
+    cfg = {"architecture": architecture(variant, tc.get("W_skip") is not None),
+           "d_in": sae.d, "d_sae": sae.n_latents, "d_out": sae.d,
            "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": False, "normalize_activations": "none",
            "reshape_activations": "none",
            "metadata": {"sae_lens_version": "6.0.0", "model_name": model_name, "hook_name": tc["hook_in"],
@@ -184,9 +229,10 @@ def load_transcoder(path) -> dict:
     """A transcoder folder written by save_transcoder, as train_transcoder returns it (scales 1)."""
     path = Path(path)
     cfg = read_cfg(path / "cfg.json")
-    variant = {v: k for k, v in ARCHITECTURES.items()}.get(cfg.get("architecture"))
+    arch = cfg.get("architecture")
+    variant = {v: k for k, v in ARCHITECTURES.items()}.get(SKIP.get(arch, arch))
     if variant is None or cfg.get("apply_b_dec_to_input") is not False:
-        raise ValueError(f"{path} is not a ReLU or JumpReLU transcoder in SAELens's layout")
+        raise ValueError(f"{path} is not a ReLU or JumpReLU (skip) transcoder in SAELens's layout")
     try:
         D, F_, d_out = (positive_int(cfg[k], k, path) for k in ("d_in", "d_sae", "d_out"))
         md = cfg["metadata"]
@@ -196,6 +242,8 @@ def load_transcoder(path) -> dict:
     shapes = {"W_enc": (D, F_), "b_enc": (F_,), "W_dec": (F_, d_out), "b_dec": (d_out,)}
     if variant == "jumprelu":
         shapes["threshold"] = (F_,)
+    if arch in SKIP:
+        shapes["W_skip"] = (d_out, D)
     t = read_tensors(path / "sae_weights.safetensors", shapes)
     sae = make_sae(variant, D, F_)
     with torch.no_grad():  # pre = W_enc (x - b_dec) + b_enc with b_enc absorbing W_enc b_dec
@@ -206,7 +254,7 @@ def load_transcoder(path) -> dict:
         if variant == "jumprelu":
             sae.activation.theta.copy_(t["threshold"])
     ours = md.get("minisae", {})
-    return {"sae": sae.eval(), "hook_in": hooks[0], "hook_out": hooks[1], "scale_in": 1.0,
+    return {"sae": sae.eval(), "W_skip": t.get("W_skip"), "hook_in": hooks[0], "hook_out": hooks[1], "scale_in": 1.0,
             "scale_out": 1.0, "max_norm": ours.get("max_norm"), "mean_out": ours.get("mean_out")}
 
 
@@ -217,20 +265,21 @@ def run(cfg) -> dict:
     torch.manual_seed(cfg.seed)
     model, tok = load_model(cfg.model, weights=cfg.weights)
     model.eval()
-    hook_name(cfg.layer, "mlp_out", model.n_layer)  # the layer exists, before any text is read
+    hook_name(cfg.layer, cfg.target, model.n_layer)  # the layer exists, before any text is read
     knob, _, value = (cfg.setting or f"{SWEEPS[cfg.variant][0]}={LAYERS_SETTING[cfg.variant]}").partition("=")
     settings = {**BASE[cfg.variant], knob.strip(): int(value) if knob.strip() == "k" else float(value)}
     train_ctx = load_contexts(tok, name=cfg.model, split="train", ctx_len=cfg.ctx_len, max_tokens=cfg.collect_tokens)
     eval_ctx = load_contexts(tok, name=cfg.model, split="heldout", ctx_len=cfg.ctx_len, max_tokens=cfg.eval_tokens)
     tc = train_transcoder(model, train_ctx, cfg.layer, cfg.variant, cfg.expansion, cfg.tokens, cfg.batch_size,
-                          cfg.lr, cfg.seed, **settings)
+                          cfg.lr, cfg.seed, site=cfg.site, skip=cfg.skip, linear=cfg.linear, **settings)
     res = evaluate_transcoder(model, tc, eval_ctx)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {"model": cfg.model, "hook_in": tc["hook_in"], "hook_out": tc["hook_out"], "variant": cfg.variant,
-               "settings": settings, "n_latents": tc["sae"].n_latents, **res,
+               "skip": cfg.skip or cfg.linear, "linear": cfg.linear, "settings": settings,
+               "n_latents": tc["sae"].n_latents, **res,
                "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()}}
-    name = f"transcoder-blocks.{cfg.layer}-{cfg.variant}"
+    name = f"transcoder-{tc['hook_in']}-{cfg.variant}{'-linear' if cfg.linear else '-skip' if cfg.skip else ''}"
     if cfg.variant in ARCHITECTURES:
         save_transcoder(tc, out / name, cfg.model, {"settings": settings})
         summary["saved"] = str(out / name)

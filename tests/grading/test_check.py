@@ -82,9 +82,17 @@ def matryoshka_loss(x, f, W_dec, b_dec, prefixes):
     return (err ** 2).sum(-1).mean(0).sum()
 
 
+def attribution_edge(x, f_a, W_dec_a, layer, W_enc_b, b_enc_b, b_dec_b, i, j):
+    """Forward mode: the derivative of m_j along latent i's term, one jvp, no backward pass."""
+    def m_j(x):
+        return F.relu((layer(x) - b_dec_b) @ W_enc_b[j] + b_enc_b[j]).sum()
+    delta = f_a[:, i, None] * W_dec_a[i]  # (T, D)
+    return torch.autograd.functional.jvp(m_j, x, delta)[1] / x.shape[0]
+
+
 RIGHT = {"encode": encode, "l1_loss": l1_loss, "topk_activation": topk_activation,
          "gated_forward": gated_forward, "JumpReLUFn": JumpReLUFn, "auxk_loss": auxk_loss,
-         "sign_flip_p": sign_flip_p, "matryoshka_loss": matryoshka_loss}
+         "sign_flip_p": sign_flip_p, "matryoshka_loss": matryoshka_loss, "attribution_edge": attribution_edge}
 
 
 @pytest.mark.parametrize("name", list(RIGHT))
@@ -97,9 +105,10 @@ def test_a_right_answer_written_differently_passes(name):
 def test_reference_solutions_pass_and_templates_are_skipped(capsys):
     assert main(EXERCISES / "solutions.py") == 0
     out = capsys.readouterr().out
-    assert out.count(" PASS") == len(exercises()) == 8 and "8 passed, 0 failed" in out
+    assert out.count(" PASS") == len(exercises()) == 9 and "9 passed, 0 failed" in out
     for template, n in ((EXERCISES / "ch2_sae.py", 2), (EXERCISES / "ch3_variants.py", 4),
-                        (EXERCISES / "ch7_autointerp.py", 1), (EXERCISES / "ch10_absorption.py", 1)):
+                        (EXERCISES / "ch7_autointerp.py", 1), (EXERCISES / "ch10_absorption.py", 1),
+                        (EXERCISES / "ch11_circuits.py", 1)):
         assert main(template) == 0
         out = capsys.readouterr().out
         assert out.count("SKIP") == n and f"0 passed, 0 failed, {n} not done yet" in out
@@ -199,6 +208,25 @@ def _matryoshka(x, f, W_dec, b_dec, prefixes, bias=True, extra=0, groups=False, 
     return over_prefixes(torch.stack(terms), 0) if terms else x.new_zeros(())
 
 
+def _edge(x, f_a, W_dec_a, layer, W_enc_b, b_enc_b, b_dec_b, i, j, per_position=False, relu=True, mean=True,
+          ablation=False, diagonal=False):
+    """The attribution edge with one of its steps changed, for the wrong implementations below."""
+    act = F.relu if relu else (lambda p: p)
+    m = lambda x: act((layer(x) - b_dec_b) @ W_enc_b[j] + b_enc_b[j])  # (T,): f_b_j(t), or its pre-activation
+    delta = f_a[:, i, None] * W_dec_a[i]  # (T, D)
+    T = x.shape[0]
+    if ablation:  # the full ablation, not its first-order term
+        return (m(x).sum() - m(x - delta).sum()) / T
+    if diagonal:  # g_j(t) from f_b_j(t) alone: what position t does to later positions is lost
+        g = torch.stack([torch.autograd.grad(m(torch.cat([x[:t], row[None], x[t + 1:]]))[t], row)[0]
+                         for t, row in enumerate(x.detach().clone().requires_grad_())])  # (T, D)
+    else:
+        xg = x.detach().requires_grad_()
+        g, = torch.autograd.grad(m(xg).sum(), xg)  # (T, D)
+    per_t = (delta * g).sum(-1)  # (T,)
+    return per_t if per_position else per_t.sum() / (T if mean else 1)
+
+
 # (exercise, what is wrong, the implementation, the property that must catch it)
 WRONG = [
     ("encode", "no ReLU", lambda x, W, b, bd: (x - bd) @ W.T + b, "nonnegative"),
@@ -263,6 +291,14 @@ WRONG = [
      lambda *a: _matryoshka(*a, groups=True), "naive"),
     ("matryoshka_loss", "the inner prefixes' terms train no decoder (W_dec detached)",
      lambda *a: _matryoshka(*a, inner_grad=False), "grad_W_dec"),
+    ("attribution_edge", "one edge per position, not summed", lambda *a: _edge(*a, per_position=True), "scalar"),
+    ("attribution_edge", "the full ablation m_j(x) - m_j(x - delta), not its first-order term",
+     lambda *a: _edge(*a, ablation=True), "linear"),
+    ("attribution_edge", "summed over positions, not divided by T", lambda *a: _edge(*a, mean=False), "naive"),
+    ("attribution_edge", "the gradient of B's pre-activation (the ReLU's slope forgotten)",
+     lambda *a: _edge(*a, relu=False), "naive"),
+    ("attribution_edge", "g_j(t) from f_b_j(t) alone (the layer's mixing of positions ignored)",
+     lambda *a: _edge(*a, diagonal=True), "finite_difference"),
 ]
 
 

@@ -22,9 +22,10 @@ def gpt2_64():
     return GPT2(CONFIGS["gpt2-random"]).double().eval()
 
 
-def rms_norm_float64(self, x):
-    """Our RMSNorm rounds to float32 as HF's does; a float64 finite difference needs float64."""
-    return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+def rms_normalize_float64(self, x):
+    """Our RMSNorm rounds to float32 as HF's does; a float64 finite difference needs float64
+    (RMSNorm.forward is affine(normalize(x)), and the MLP's norm runs as the two halves)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
 
 def llama_64():
@@ -90,7 +91,7 @@ def pair(model, random_sae, ctx, variant_a="relu", variant_b="topk", max_norm_a=
 @pytest.mark.parametrize("make_model, variants", [(gpt2_64, ("relu", "topk")), (gpt2_64, ("topk", "jumprelu")),
                                                   (gpt2_64, ("relu", "gated")), (llama_64, ("relu", "topk"))])
 def test_edges_against_finite_differences(random_sae, monkeypatch, make_model, variants):
-    monkeypatch.setattr(RMSNorm, "forward", rms_norm_float64)
+    monkeypatch.setattr(RMSNorm, "normalize", rms_normalize_float64)
     model = make_model()
     ctx = contexts(3, 9, model.vocab_size if hasattr(model, "vocab_size") else 50257)
     ha, hb = pair(model, random_sae, ctx, *variants)
@@ -113,7 +114,7 @@ def test_edges_against_finite_differences(random_sae, monkeypatch, make_model, v
 def test_completeness_needs_the_error_node(random_sae, monkeypatch, make_model):
     """sum_i attr(i -> j) + sum_t attr(e_t -> j) = -(d/d eps) m_j(x_a - eps (x_a - b_a)) / n
     at the positions A reads (A's sinks excluded: max_norm cuts some)."""
-    monkeypatch.setattr(RMSNorm, "forward", rms_norm_float64)
+    monkeypatch.setattr(RMSNorm, "normalize", rms_normalize_float64)
     model = make_model()
     ctx = contexts(3, 10, getattr(model, "vocab_size", 50257), seed=1)
     with torch.no_grad():

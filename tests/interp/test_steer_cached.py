@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from minisae.interp import steer as S
-from minisae.models.hooks import SITES
+from minisae.models.hooks import SITES, hook_name
 from minisae.models.kv_cache import forward_cached
 from minisae.models.llama import Llama, LlamaConfig
 
@@ -40,8 +40,9 @@ def test_cached_steering_equals_the_plain_loop(name, request):
     ids = prompt(model.vocab_size)
     for L in range(model.n_layer):
         for site in SITES:
-            hook = f"blocks.{L}.hook_{site}"
-            vec = vector(model.d_model, 2.0 if name == "gpt2" else 20.0, seed=L)
+            hook = hook_name(L, site)
+            # mlp_in (normalised, then read by an MLP of small random weights) takes a larger push
+            vec = vector(model.d_model, (2.0 if name == "gpt2" else 20.0) * (10 if site == "mlp_in" else 1), seed=L)
             vectors, logits = (None, vec, -vec), []
             rows = S.generate_cached(model, ids, 6, hook, vectors, logits=logits)
             for r, (v, got) in enumerate(zip(vectors, rows)):

@@ -19,7 +19,7 @@ needs_tokenizer = pytest.mark.skipif(
     not os.environ.get("MINISAE_GPT2_TOKENIZER_DIR"),
     reason="set MINISAE_GPT2_TOKENIZER_DIR to a dir with GPT-2's encoder.json + vocab.bpe")
 CFG = CONFIGS["gpt2-random"]
-SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
+SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post")
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,9 @@ def save_hf_checkpoint(hf, path, prefix="transformer.", drop=(), reshape=None):
 
 
 def hf_activations(hf, idx):
-    """Logits and the five hook-point activations per layer, read from HF's modules."""
+    """Logits and the six hook-point activations per layer, read from HF's modules; mlp_in
+    (ln2.hook_normalized) is HF's resid_mid normalised by a naive float64 LayerNorm without
+    weight and bias, and "mlp_input" what HF's MLP reads (ln_2's output)."""
     acts, handles = {}, []
     first = lambda out: out[0] if isinstance(out, tuple) else out
     for layer, block in enumerate(hf.transformer.h):
@@ -66,6 +68,7 @@ def hf_activations(hf, idx):
                 n + "resid_pre", (args or (kw["hidden_states"],))[0]), with_kwargs=True),
             block.attn.register_forward_hook(lambda m, a, out, n=name: acts.__setitem__(n + "attn_out", first(out))),
             block.ln_2.register_forward_pre_hook(lambda m, args, n=name: acts.__setitem__(n + "resid_mid", args[0])),
+            block.mlp.register_forward_pre_hook(lambda m, args, n=name: acts.__setitem__(n + "mlp_input", args[0])),
             block.mlp.register_forward_hook(lambda m, a, out, n=name: acts.__setitem__(n + "mlp_out", first(out))),
             block.register_forward_hook(lambda m, a, out, n=name: acts.__setitem__(n + "resid_post", first(out))),
         ]
@@ -73,6 +76,11 @@ def hf_activations(hf, idx):
         out = hf(idx, output_hidden_states=True)
     for h in handles:
         h.remove()
+    for layer, block in enumerate(hf.transformer.h):
+        x = acts[f"blocks.{layer}.hook_resid_mid"].double()  # (B, T, D)
+        centred = x - x.mean(-1, keepdim=True)
+        n = centred / (centred.pow(2).mean(-1, keepdim=True) + block.ln_2.eps).sqrt()
+        acts[f"blocks.{layer}.ln2.hook_normalized"] = n.float()
     return out.logits, out.hidden_states, acts
 
 
@@ -96,9 +104,14 @@ def test_logits_and_every_hook_point_match_hf(hf_model, ours):
     with torch.no_grad():
         logits = ours(idx, hooks=hooks)
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    mlp_input = {name: ref_acts.pop(name) for name in list(ref_acts) if name.endswith("mlp_input")}
     assert acts.keys() == ref_acts.keys() == set(ours.hook_names())
     for name in ours.hook_names():
         torch.testing.assert_close(acts[name], ref_acts[name], atol=1e-5, rtol=1e-5, msg=name)
+    for layer, block in enumerate(ours.h):  # the MLP reads ln_2's weight and bias applied to mlp_in
+        with torch.no_grad():
+            torch.testing.assert_close(block.ln_2.affine(acts[f"blocks.{layer}.ln2.hook_normalized"]),
+                                       mlp_input[f"blocks.{layer}.hook_mlp_input"], atol=1e-5, rtol=1e-5)
     # HF's hidden_states: entry L is resid_pre of block L; the last has ln_f applied
     for layer in range(CFG.n_layer):
         torch.testing.assert_close(acts[f"blocks.{layer}.hook_resid_pre"], hidden[layer], atol=1e-5, rtol=1e-5)
@@ -130,6 +143,15 @@ def test_hook_semantics():
         # identity and read-only hooks leave the logits bit-for-bit unchanged
         assert torch.equal(model(idx, hooks={"blocks.2.hook_resid_mid": lambda x: x}), base)
         assert torch.equal(model(idx, hooks={"blocks.2.hook_resid_mid": lambda x: None}), base)
+        assert torch.equal(model(idx, hooks={"blocks.2.ln2.hook_normalized": lambda x: x}), base)
+        assert torch.equal(model(idx, stop_at="blocks.2.ln2.hook_normalized"), acts["blocks.2.ln2.hook_normalized"])
+        # splicing mlp_in: ln_2 of resid_mid is ln_2.affine of what the hook returns, nothing else
+        doubled = model(idx, hooks={"blocks.2.ln2.hook_normalized": lambda x: 2 * x})
+        block = model.h[2]
+        by_hand = model(idx, hooks={"blocks.2.hook_mlp_out": lambda x: block.mlp(
+            block.ln_2.affine(2 * acts["blocks.2.ln2.hook_normalized"]))})
+        torch.testing.assert_close(doubled, by_hand, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(doubled, base)
         # a replacing hook changes everything downstream, nothing upstream
         later = {}
         zeroed = model(idx, hooks={"blocks.1.hook_attn_out": torch.zeros_like,
@@ -148,7 +170,7 @@ def test_random_model_is_seeded_and_shaped():
     a, b = GPT2(CFG), GPT2(CFG)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert (a.n_layer, a.d_model, a.vocab_size, a.n_ctx) == (4, 64, 50257, 1024)
-    assert len(a.hook_names()) == 5 * a.n_layer
+    assert len(a.hook_names()) == 6 * a.n_layer
     with torch.no_grad():
         assert a(tokens()).shape == (2, 12, CFG.vocab_size)
         assert a(tokens(), stop_at="blocks.2.hook_resid_pre").shape == (2, 12, CFG.d_model)

@@ -64,14 +64,18 @@ def every_hook_point(model, idx) -> tuple:
 
 
 def hf_every_hook_point(hf, idx) -> tuple:
-    """Logits and our five hook points per layer, read from HF: resid_pre from
-    output_hidden_states, attn_out and mlp_out from forward hooks on self_attn and mlp."""
+    """Logits and our six hook points per layer, read from HF: resid_pre from
+    output_hidden_states, attn_out and mlp_out from forward hooks on self_attn and mlp;
+    mlp_in (ln2.hook_normalized) is resid_mid / rms(resid_mid) by a naive float64 formula,
+    and blocks.L.mlp_input (no hook point) what HF's MLP reads."""
     acts, handles = {}, []
     for L, layer in enumerate(hf.model.layers):
         handles.append(layer.self_attn.register_forward_hook(
             lambda m, a, out, L=L: acts.__setitem__(hook_name(L, "attn_out"), out[0].detach())))
         handles.append(layer.mlp.register_forward_hook(
             lambda m, a, out, L=L: acts.__setitem__(hook_name(L, "mlp_out"), out.detach())))
+        handles.append(layer.mlp.register_forward_pre_hook(
+            lambda m, args, L=L: acts.__setitem__(f"blocks.{L}.mlp_input", args[0].detach())))
     out = hf(idx, output_hidden_states=True)
     for h in handles:
         h.remove()
@@ -79,7 +83,17 @@ def hf_every_hook_point(hf, idx) -> tuple:
         acts[hook_name(L, "resid_pre")] = out.hidden_states[L]
         acts[hook_name(L, "resid_mid")] = acts[hook_name(L, "resid_pre")] + acts[hook_name(L, "attn_out")]
         acts[hook_name(L, "resid_post")] = acts[hook_name(L, "resid_mid")] + acts[hook_name(L, "mlp_out")]
+        x = acts[hook_name(L, "resid_mid")].double()  # (B, T, D)
+        n = x / (x.pow(2).mean(-1, keepdim=True) + hf.config.rms_norm_eps).sqrt()
+        acts[hook_name(L, "mlp_in")] = n.to(acts[hook_name(L, "resid_mid")].dtype)
     return out.logits, acts
+
+
+def assert_mlp_reads_weighted_mlp_in(model, acts, hf_acts, tol):
+    """HF's MLP input is the post-attention RMSNorm's weight times our mlp_in hook."""
+    for L, block in enumerate(model.layers):
+        ours = block.post_attention_layernorm.affine(acts[hook_name(L, "mlp_in")])
+        assert rel_err(ours, hf_acts[f"blocks.{L}.mlp_input"]) < tol, L
 
 
 def rel_err(a, b) -> float:
@@ -117,6 +131,14 @@ def test_hook_replaces_activation():
         logits, acts = every_hook_point(model, idx)
         same = model(idx, hooks={"blocks.0.hook_mlp_out": lambda x: x.clone()})
         assert torch.equal(same, logits)
+        # mlp_in spliced with its own value is the identity; replaced, the MLP reads weight * the new value
+        mlp_in = hook_name(1, "mlp_in")
+        assert mlp_in == "blocks.1.ln2.hook_normalized"
+        assert torch.equal(model(idx, hooks={mlp_in: lambda x: x.clone()}), logits)
+        block = model.layers[1]
+        by_hand = model(idx, hooks={hook_name(1, "mlp_out"): lambda x: block.mlp(
+            block.post_attention_layernorm.affine(-acts[mlp_in]))})
+        torch.testing.assert_close(model(idx, hooks={mlp_in: torch.neg}), by_hand)
         # zeroing block 1's attention and MLP outputs leaves the residual of block 1's input
         zero = {hook_name(1, s): torch.zeros_like for s in ("attn_out", "mlp_out")}
         assert torch.allclose(model(idx, hooks=zero), model.unembed(acts["blocks.1.hook_resid_pre"]))
@@ -199,8 +221,9 @@ def test_tiny_matches_transformers():
         logits, acts = every_hook_point(model, idx)
         hf_logits, hf_acts = hf_every_hook_point(hf, idx)
     assert rel_err(logits, hf_logits) < 1e-12
-    for name in model.hook_names():
-        assert rel_err(acts[name], hf_acts[name]) < 1e-12, name
+    for name in model.hook_names():  # the norms run in float32, as HF's do; the reference mlp_in in float64
+        assert rel_err(acts[name], hf_acts[name]) < (1e-6 if name.endswith("ln2.hook_normalized") else 1e-12), name
+    assert_mlp_reads_weighted_mlp_in(model, acts, hf_acts, 1e-12)
 
 
 def write_tiny_gguf(path, model: Llama, arch="llama", quant=None):
@@ -312,6 +335,7 @@ def test_smollm2_matches_transformers(smollm2):
     assert rel_err(logits, hf_logits) < 1e-4
     for name in model.hook_names():
         assert rel_err(acts[name], hf_acts[name]) < 1e-4, name
+    assert_mlp_reads_weighted_mlp_in(model, acts, hf_acts, 1e-4)
 
 
 @needs_smollm2

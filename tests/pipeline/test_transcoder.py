@@ -81,20 +81,49 @@ def test_splice_against_ablations(tiny):
         assert out[f"loss_recovered_{ablation}"] == pytest.approx(0, abs=1e-5)
 
 
+def test_skip_is_the_least_squares_map_and_linear_is_it_alone(tiny):
+    """W_skip and b_dec satisfy the normal equations: the error is orthogonal to every input
+    dimension and to the constant (GPT-2's mlp_in sums to 0 over D, so W_skip itself is not
+    unique; its fit is); --linear: no latent fires, the output is b_dec + W_skip x; the
+    transcoder reads mlp_in, ln2.hook_normalized, by default."""
+    model, ctx, _ = tiny
+    lin = Tc.train_transcoder(model, ctx, layer=1, variant="topk", expansion=2, n_samples=1024, batch_size=128,
+                              log=False, linear=True, k=4)
+    assert lin["hook_in"] == "blocks.1.ln2.hook_normalized"
+    x, y = Tc.collect_pairs(model, ctx, lin["hook_in"], lin["hook_out"], lin["max_norm"], verbose=False)  # (N, D)
+    xs, ys = (x * lin["scale_in"]).double(), (y * lin["scale_out"]).double()
+    X = torch.cat([xs, torch.ones(len(xs), 1, dtype=torch.float64)], 1)  # (N, D + 1)
+    with torch.no_grad():
+        err = ys - (lin["sae"].b_dec.double() + xs @ lin["W_skip"].double().T)  # (N, D)
+        assert (X.T @ err).abs().max() < 1e-4 * (X.T @ ys).abs().max()  # the normal equations
+        assert (lin["sae"].encode(xs.float()) == 0).all()
+        torch.testing.assert_close(Tc.transcode(lin, xs.float()), lin["sae"].b_dec + xs.float() @ lin["W_skip"].T)
+    res = Tc.evaluate_transcoder(model, lin, ctx, verbose=False)
+    assert res["l0"] == 0 and res["fvu"] < 1 and res["ce_tc"] < res["ce_zero"]
+    skip = Tc.train_transcoder(model, ctx, layer=1, variant="relu", expansion=2, n_samples=1024, batch_size=128,
+                               log=False, skip=True, sparsity_coef=1e-3)
+    assert torch.equal(skip["W_skip"], lin["W_skip"])  # the same fit, then latents trained on its residual
+
+
 @pytest.mark.formats
 @pytest.mark.parametrize("variant", ["relu", "jumprelu"])
-def test_saelens_layout_round_trip(tiny, tmp_path, random_sae, variant):
+@pytest.mark.parametrize("skip", [False, True])
+def test_saelens_layout_round_trip(tiny, tmp_path, random_sae, variant, skip):
     tc = tiny[2] if variant == "relu" else {**tiny[2], "sae": random_sae("jumprelu", 64, 128, dtype=torch.float32)}
+    if skip:
+        tc = {**tc, "W_skip": torch.randn(64, 64, generator=torch.Generator().manual_seed(3)) / 8}
     Tc.save_transcoder(tc, tmp_path / "tc", "gpt2-random")
     back = Tc.load_transcoder(tmp_path / "tc")
-    assert back["hook_in"] == "blocks.1.hook_resid_mid" and back["hook_out"] == "blocks.1.hook_mlp_out"
+    # the hook SAELens's transcoders name: TransformerLens's ln2.hook_normalized
+    assert back["hook_in"] == "blocks.1.ln2.hook_normalized" and back["hook_out"] == "blocks.1.hook_mlp_out"
     x = torch.randn(20, 64) * 0.3  # raw units
-    ours = tc["sae"](x * tc["scale_in"]) / tc["scale_out"]  # (20, D)
+    ours = Tc.transcode(tc, x * tc["scale_in"]) / tc["scale_out"]  # (20, D)
     with torch.no_grad():
-        torch.testing.assert_close(back["sae"](x), ours, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(Tc.transcode(back, x), ours, rtol=1e-5, atol=1e-6)
         sl = pytest.importorskip("sae_lens")
         theirs = sl.SAE.load_from_disk(str(tmp_path / "tc"))
-        assert type(theirs).__name__ == {"relu": "Transcoder", "jumprelu": "JumpReLUTranscoder"}[variant]
+        names = {"relu": "Transcoder", "jumprelu": "JumpReLUTranscoder"}[variant]
+        assert type(theirs).__name__ == (names.replace("Transcoder", "SkipTranscoder") if skip else names)
         torch.testing.assert_close(theirs(x), ours, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(theirs.encode(x), tc["sae"].encode(x * tc["scale_in"]) / tc["scale_out"],
                                    rtol=1e-5, atol=1e-6)
@@ -106,7 +135,9 @@ def test_command_errors():
     from minisae.__main__ import main
     for args, msg in ((["--setting", "k"], "bad --setting"), (["--variant", "foo"], "unknown --variant"),
                       (["--tokens", "0"], "--tokens must be positive"),
-                      (["--model", "gpt2-random", "--layer", "4"], "out of range")):
+                      (["--model", "gpt2-random", "--layer", "4"], "out of range"),
+                      (["--site", "resid_pre"], "reads mlp_in or resid_mid"),
+                      (["--target", "resid_post"], "writes mlp_out")):
         with pytest.raises(ValueError, match=msg):
             main(["transcoder", *args])
 
@@ -122,5 +153,5 @@ def test_command(tmp_path, monkeypatch):
                 "--collect-tokens", "2048", "--eval-tokens", "512", "--batch-size", "128", "--ctx-len", "32",
                 "--out", str(tmp_path / "out")])
     assert json.loads((tmp_path / "out" / "transcoder_results.json").read_text())["ce_tc"] == res["ce_tc"]
-    back = Tc.load_transcoder(tmp_path / "out" / "transcoder-blocks.1-relu")
-    assert back["hook_out"] == "blocks.1.hook_mlp_out"
+    back = Tc.load_transcoder(tmp_path / "out" / "transcoder-blocks.1.ln2.hook_normalized-relu")
+    assert back["hook_out"] == "blocks.1.hook_mlp_out" and back["W_skip"] is None
