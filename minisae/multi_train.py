@@ -24,17 +24,31 @@ Stacking the SAEs' weights would go one step further: where N SAEs share a shape
 which turns N launch sequences into one: the win on a GPU, where a small SAE's step
 waits on kernel launches. On a CPU the products already run at the matrix-multiply rate
 and each SAE's sparse path (minisae/sparse_decode.py) skips most of them, so the steps
-here stay per SAE (benchmarks/multi_train.py measures the pass against one at a time).
+here stay per SAE (benchmarks/multi_train.py measures the pass against one at a time,
+and the stacked product against the N products it would replace).
+
+What a CPU with several cores can use instead is the independence of the SAEs: with
+`threads=T` each batch's steps are handed out to T threads, each running whole SAE
+steps with one intra-op thread. A small SAE's products are too small to split well over
+the cores (the threads of one product wait for each other); T SAEs at a time can keep
+the cores busy without that wait, where the cores are free (the toy sweep 2.06x one at
+a time on an idle 2-core CPU; nothing gained under other jobs: docs/09_gpus.md). Every operation still runs on one thread, as in `train`
+with torch.set_num_threads(1), so each SAE ends bit for bit as trained alone on one
+thread (tests/core/test_multi_train.py); torch releases Python's lock inside its
+operations, so the threads overlap except for the steps' Python.
 """
 
 import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
 
 from minisae.configs import TrainConfig
 from minisae.train import Trainer, next_batch
 from minisae.utils import Progress
 
 
-def multi_train(saes, batches, cfgs, log=True, group=None) -> list:
+def multi_train(saes, batches, cfgs, log=True, group=None, threads: int = 1) -> list:
     """Train the SAEs in place on one iterator of batches (B, D); returns each one's
     history, as `train` returns it. cfgs: one TrainConfig per SAE, or one for all; they
     must agree on batch_size, and may differ in everything else (n_samples, lr,
@@ -43,11 +57,16 @@ def multi_train(saes, batches, cfgs, log=True, group=None) -> list:
 
     Each result's train_seconds is the time of that SAE's own steps plus its share of the
     batch reading (a batch's reading split over the SAEs that used it); "joint_seconds"
-    is the whole pass's wall time."""
+    is the whole pass's wall time. threads: how many SAE steps run at once (module
+    docstring; one process only); 1 runs them in this thread with torch's own threading."""
     cfgs = [cfgs] * len(saes) if isinstance(cfgs, TrainConfig) else list(cfgs)
     if not saes or len(cfgs) != len(saes):
         raise ValueError(f"need one TrainConfig per SAE (or one for all), got {len(cfgs)} for {len(saes)} SAEs")
     batch_size = cfgs[0].batch_size
+    if not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    if threads > 1 and group is not None:  # two threads' collectives would meet other ranks' in another order
+        raise ValueError("threads > 1 trains without a process group: under torchrun, one SAE step at a time")
     if any(c.batch_size != batch_size for c in cfgs):
         raise ValueError(f"the SAEs of one pass read the same batches: batch sizes differ, "
                          f"{sorted({c.batch_size for c in cfgs})}")
@@ -56,18 +75,34 @@ def multi_train(saes, batches, cfgs, log=True, group=None) -> list:
     seconds = [0.0] * len(trainers)
     main = log and (group is None or group.main)
     bar = Progress(f"  training {len(saes)} SAEs", total=n_steps * batch_size, unit="samples") if main else None
-    t_start = time.perf_counter()
-    for step in range(n_steps):
+
+    def step(i, x):  # SAE i's own step, exactly as `train` runs it
         t0 = time.perf_counter()
-        x = next_batch(batches, step, n_steps)  # (B / world, D): read once
-        active = [i for i, t in enumerate(trainers) if step < t.n_steps]
-        read = (time.perf_counter() - t0) / len(active)
-        for i in active:  # each SAE's own step, exactly as `train` runs it
+        trainers[i].step(x)
+        return time.perf_counter() - t0
+
+    n_main = torch.get_num_threads()
+    pool = ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) if threads > 1 else None
+    t_start = time.perf_counter()
+    try:
+        for step_i in range(n_steps):
             t0 = time.perf_counter()
-            trainers[i].step(x)
-            seconds[i] += read + time.perf_counter() - t0
-        if bar:
-            bar.update((step + 1) * batch_size, extra=f" | {len(active)} training")
+            x = next_batch(batches, step_i, n_steps)  # (B / world, D): read once
+            active = [i for i, t in enumerate(trainers) if step_i < t.n_steps]
+            read = (time.perf_counter() - t0) / len(active)
+            if pool:  # the slowest steps first, so that no thread is left with a long one at the end
+                active.sort(key=lambda i: -seconds[i])
+                took = pool.map(step, active, [x] * len(active))
+            else:
+                took = (step(i, x) for i in active)
+            for i, s in zip(active, took):
+                seconds[i] += read + s
+            if bar:
+                bar.update((step_i + 1) * batch_size, extra=f" | {len(active)} training")
+    finally:
+        if pool:
+            pool.shutdown()
+            torch.set_num_threads(n_main)  # the workers' setting is torch's default for new threads
     if bar:
         bar.close(n_steps * batch_size)
     joint = time.perf_counter() - t_start

@@ -115,7 +115,7 @@ class Trainer:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             loss, parts = self.ddp(x, coef_scale) if self.ddp else loss_fn(x, coef_scale)
         self.losses[step - first] = loss.detach()
-        self.finite[step - first] = torch.isfinite(x).all() & (target is None or torch.isfinite(target).all())
+        self.finite[step - first] = all_finite(x) & (target is None or all_finite(target))
         # backward, decoder constraint, step
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -183,6 +183,13 @@ def step_loss(sae, cfg: TrainConfig):
     compiled = torch.compile(partial(reference_loss, sae))
     # coef_scale as a tensor: a Python float that changes every warmup step would recompile
     return lambda x, coef_scale: compiled(x, torch.tensor(coef_scale, device=x.device))
+
+
+def all_finite(x):
+    """() bool: no NaN or Inf in x. Its smallest and largest entries say it (min and max
+    propagate NaN): one pass that writes nothing, where isfinite(x).all() writes a
+    (B, D) mask and reads it again (about a tenth of the time on a CPU)."""
+    return torch.isfinite(torch.stack(torch.aminmax(x))).all()
 
 
 def check_finite_(losses, finite, first: int, lr: float, all_ranks: bool = False):

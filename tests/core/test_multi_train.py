@@ -40,14 +40,16 @@ def without_times(history):
     return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
 
 
-def assert_same_training(jobs, monkeypatch):
-    """jobs: [(variant, i, n_steps)]. Trains them in one pass and one at a time; returns the
-    number of latents resampled in the one-pass run and its results."""
+def assert_same_training(jobs, monkeypatch, threads=1):
+    """jobs: [(variant, i, n_steps)]. Trains them in one pass (its steps in `threads`
+    threads) and one at a time; returns the number of latents resampled in the one-pass
+    run and its results."""
     resampled = []
     resample = minisae.train.resample_dead_
     monkeypatch.setattr(minisae.train, "resample_dead_", lambda *a: resampled.append(resample(*a)) or resampled[-1])
     together = [sae_and_config(*job) for job in jobs]
-    outs = multi_train([s for s, _ in together], sample_stream(DATA, B, seed=5), [c for _, c in together], log=False)
+    outs = multi_train([s for s, _ in together], sample_stream(DATA, B, seed=5), [c for _, c in together], log=False,
+                       threads=threads)
     n_resampled = sum(resampled)
     for (sae, _), out, job in zip(together, outs, jobs):
         alone, cfg = sae_and_config(*job)
@@ -75,6 +77,14 @@ def test_a_pass_of_mixed_variants_and_lengths(monkeypatch):
     assert_same_training(jobs, monkeypatch)
 
 
+def test_a_pass_in_two_threads_equals_the_saes_trained_alone(monkeypatch):
+    """threads=2: two SAEs' steps at a time, each on one intra-op thread; every variant,
+    with resampling and AuxK, each SAE bit for bit as trained alone on one thread."""
+    jobs = [(v, i, n) for i, (v, n) in enumerate(zip(VARIANTS * 2, [12, 25, 7, 25, 19, 25, 3, 12, 25, 9]))]
+    n_resampled, _ = assert_same_training(jobs, monkeypatch, threads=2)
+    assert n_resampled > 0 and torch.get_num_threads() == 1  # the caller's setting is back
+
+
 def test_seconds_split_the_pass():
     """train_seconds: each SAE's own steps and its share of the reading; together the
     SAEs' seconds are the pass's time, less the loop's own bookkeeping."""
@@ -97,6 +107,10 @@ def test_one_config_for_all_and_the_progress_line(capsys):
 def test_bad_input_is_a_clear_error():
     saes = [make_sae("relu", D, F, seed=i) for i in range(2)]
     a, b = TrainConfig(n_samples=4 * B, batch_size=B), TrainConfig(n_samples=4 * B, batch_size=2 * B)
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        multi_train(saes, sample_stream(DATA, B, seed=1), a, threads=0)
+    with pytest.raises(ValueError, match="without a process group"):
+        multi_train(saes, sample_stream(DATA, B, seed=1), a, threads=2, group=object())
     with pytest.raises(ValueError, match="batch sizes differ"):
         multi_train(saes, sample_stream(DATA, B, seed=1), [a, b], log=False)
     with pytest.raises(ValueError, match="one TrainConfig per SAE"):

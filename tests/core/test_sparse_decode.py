@@ -28,6 +28,16 @@ def grads(sae, loss):
 
 
 @fast
+@given(n=st.integers(0, 3000), n_lat=st.sampled_from([1, 3, 512, 2**16, 2**16 + 1]), seed=st.integers(0, 99))
+def test_stable_order_is_torchs_stable_sort(n, n_lat, seed):
+    """The radix sort of 16-bit keys (NumPy) gives the permutation of torch's stable sort,
+    repeated latents kept in their order; above 2^16 latents torch's own sort runs."""
+    g = torch.Generator().manual_seed(seed)
+    cols = torch.randint(0, min(n_lat, 1 + n // 3 + seed), (n,), generator=g) * (n_lat // min(n_lat, 1 + n // 3 + seed))
+    assert torch.equal(sparse_decode.stable_order(cols, n_lat), cols.sort(stable=True).indices)
+
+
+@fast
 @given(variant=st.sampled_from(["topk", "batchtopk"]), B=st.integers(1, 6), D=st.integers(1, 6),
        n_lat=st.integers(1, 10), k_frac=st.floats(0, 1), k_aux=st.integers(1, 8), dead_bits=st.integers(0, 2**10 - 1),
        seed=st.integers(0, 2**16))

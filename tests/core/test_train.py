@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from minisae.metrics import evaluate_sae
 from minisae.sae import make_sae, variant_classes
-from minisae.train import TrainConfig, lr_at, resample_dead_, sample_stream, train
+from minisae.train import TrainConfig, all_finite, lr_at, resample_dead_, sample_stream, train
 from toy_models.sparse_features import SparseFeatures, SparseFeaturesConfig
 
 VARIANTS = list(variant_classes())
@@ -162,6 +162,18 @@ def test_bad_batches_are_value_errors():
         train(sae, iter([bad]), TrainConfig(n_samples=8, batch_size=8), log=False)
     with pytest.raises(ValueError, match="batch of 5"):
         train(sae, iter([randn(5, 4)]), TrainConfig(n_samples=8, batch_size=8), log=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 300), st.integers(0, 10**6), st.sampled_from([None, math.nan, math.inf, -math.inf]),
+       st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+def test_the_finite_check_is_isfinite_all(n, where, bad, dtype):
+    """all_finite (min and max of x, one pass) answers as the plain isfinite(x).all(), a bad
+    value anywhere (the first, the last, the tail a vectorised loop leaves over)."""
+    x = randn(n, 3).to(dtype)
+    if bad is not None:
+        x.view(-1)[where % x.numel()] = bad
+    assert bool(all_finite(x)) == bool(torch.isfinite(x).all()) == (bad is None)
 
 
 # -- resampling dead latents ------------------------------------------------------------
