@@ -16,10 +16,11 @@ single-process step on the global batch. What DDP does not know about, SAEs need
 - resampling: the pool of recent batches is gathered from all ranks (the global
   batches, in order), rank 0 picks the new directions and broadcasts every per-latent
   parameter and its Adam moments (`broadcast_from_main_`), so the ranks stay identical;
-- BatchTopK: its top-k runs over each rank's B/N rows (k*B/N entries), so it is
-  BatchTopK with batch B/N: L0 still averages k per sample, but the selection is per
-  share, not over the global batch. The running threshold is averaged over ranks after
-  every step (`average_buffer_`), so all ranks keep one threshold for inference.
+- BatchTopK: its top-k runs over the global batch, which no rank holds whole; each rank's
+  own k*B largest entries hold all of the global k*B largest, so the ranks gather those,
+  agree on the cut and each keeps its entries above it (`variants.shared_selection`, set
+  up by the trainer through the part's `group`). The running threshold is the same on
+  every rank, and averaged over ranks after every step (`average_buffer_`) all the same.
 
 Backend: `nccl` on CUDA, `gloo` on CPU (tests/system/test_distributed.py spawns 2 CPU
 processes on 127.0.0.1 and checks the result equals single-process training).

@@ -82,6 +82,8 @@ class Trainer:
         sae.train()
         self.loss_fn = step_loss(sae, cfg)  # the fast path where it is faster, else sae.loss (same values)
         self.ddp = distributed.wrap(sae, group, self.loss_fn) if group else None  # [dist] gradients averaged in backward
+        if group and hasattr(sae.activation, "group"):
+            sae.activation.group = group  # [dist] BatchTopK selects over the global batch
         self.log = log and (group is None or group.main)  # only rank 0 prints
         self.opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, fused=True)  # one kernel for all parameters
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -169,6 +171,8 @@ class Trainer:
         if self.bar:
             self.bar.close(self.seen, extra=self.terms)
         self.sae.eval()
+        if getattr(self.sae.activation, "group", None) is not None:
+            self.sae.activation.group = None  # [dist] a single process from here on
         return {"history": self.history, "train_samples": self.seen, "train_seconds": time.time() - self.t0,
                 "config": dataclasses.asdict(self.cfg)}
 

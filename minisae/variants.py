@@ -161,12 +161,18 @@ class BatchTopK(nn.Module):
         self.threshold_momentum = threshold_momentum
         self.register_buffer("threshold", torch.tensor(-1.0))  # -1: not yet estimated
 
+    group = None  # [dist] set by the training loop under torchrun: select over the global batch
+
     def forward(self, pre, sae):
         z = F.relu(pre)  # (B, F)
         if not self.training:
             if self.threshold < 0:
                 raise ValueError("BatchTopK threshold not estimated yet: train the SAE first")
             return z * (z > self.threshold)  # (B, F)
+        if self.group is not None:  # [dist] this rank's share of the global batch's K*B_global largest
+            keep, smallest = shared_selection(z.flatten(), self.k * z.shape[0] * self.group.world)
+            self.update_threshold_(smallest.reshape(1))
+            return z * keep.view_as(z)  # (B, F)
         vals, idx = z.flatten().topk(self.k * z.shape[0])  # (K*B,)
         f = torch.zeros_like(z).flatten().scatter(0, idx, vals).view_as(z)  # (B, F)
         self.update_threshold_(vals)
@@ -195,6 +201,11 @@ class BatchTopK(nn.Module):
         searched. ReLU is monotone, so pre is compared as it is: no (B, F) copy of ReLU(pre)."""
         n_latents, n = pre.shape[1], self.k * pre.shape[0]
         flat = pre.flatten()  # (B*F,)
+        if self.group is not None:  # [dist] as in forward
+            keep, smallest = shared_selection(flat, n * self.group.world)
+            self.update_threshold_(smallest.reshape(1))
+            idx = keep.nonzero().squeeze(1)  # (N,) ascending: rows sorted
+            return idx // n_latents, idx % n_latents
         cand = (flat > guess_cut(flat, n)).nonzero().squeeze(1)  # (C,) ascending: row-major
         if cand.numel() >= n:
             vals, pick = flat[cand].topk(n, sorted=False)  # (K*B,), all > t >= 0
@@ -210,6 +221,23 @@ class BatchTopK(nn.Module):
         # one global threshold: exact for a common scale of all latents (as for the ranking)
         if self.threshold >= 0:
             self.threshold *= n.mean()
+
+
+def shared_selection(flat, n: int):
+    """[dist] BatchTopK over the global batch, from one rank's share flat (N,) of it: a mask
+    of the entries among the n largest of all ranks' entries (and positive), and the
+    smallest positive kept value of all ranks (for the running threshold). Each rank's own
+    n largest hold every entry of the global n largest, so gathering those finds the cut:
+    every rank then keeps what one process would keep of the whole batch (ties aside)."""
+    import torch.distributed as dist
+    mine = flat.topk(min(n, flat.numel()), sorted=False).values  # (n,)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    cut = torch.cat(every).topk(n, sorted=False).values.min()  # () the global n-th largest
+    keep = (flat >= cut) & (flat > 0)  # (N,)
+    smallest = torch.where(keep, flat, float("inf")).min()  # () inf: nothing kept here
+    dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+    return keep, smallest
 
 
 def guess_cut(flat, n: int, sample: int = 2**15):

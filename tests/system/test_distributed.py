@@ -3,8 +3,9 @@
 Two processes on 127.0.0.1 with the gloo backend each train on their half of every
 global batch; one process trains on the global batches. After 300 steps the parameters,
 the Adam moments' effect and the dead-latent counters must agree to float64 rounding,
-for ReLU (with latents that start dead and are resampled on rank 0) and TopK (with dead
-latents, so AuxK acts). Also: devices resolve or fail with a clear error."""
+for ReLU (with latents that start dead and are resampled on rank 0), TopK (with dead
+latents, so AuxK acts), BatchTopK and Matryoshka BatchTopK (whose selection runs over the
+global batch). Also: devices resolve or fail with a clear error."""
 
 import os
 import socket
@@ -24,6 +25,11 @@ CASES = {
     "relu": (dict(sparsity_coef=0.05), dict(resample_every=50, resample_dead_after=B * 20)),
     # TopK: once dead (10 batches), AuxK pulls them towards the error
     "topk": (dict(k=2, dead_after=B * 10, k_aux=8), dict(resample_dead_after=B * 10)),
+    # BatchTopK and Matryoshka: the k*B largest of the global batch, selected across ranks,
+    # one running threshold; AuxK as TopK
+    "batchtopk": (dict(k=2, dead_after=B * 10, k_aux=8), dict(resample_dead_after=B * 10)),
+    "matryoshka_batchtopk": (dict(k=2, prefixes=(8, 32), dead_after=B * 10, k_aux=8),
+                             dict(resample_dead_after=B * 10)),
 }
 
 
