@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minisae.utils import pyplot
+from minisae.utils import atomic_write, pyplot
 
 COLORS = {"relu": "tab:blue", "gated": "tab:orange", "topk": "tab:green", "jumprelu": "tab:red",
           "batchtopk": "tab:purple"}
@@ -442,4 +442,56 @@ def absorption_figures(results: dict, out_dir: Path):
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "absorption_frontier.png", dpi=120)
+    plt.close(fig)
+
+
+def first_letter_figure(results: dict, path):
+    """Per letter: each SAE's absorption rate (top) and absorption fraction (middle), blank where a
+    letter is left out of the means; the probe's held-out accuracy (bottom)."""
+    plt = _plt()
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    fig, axes = plt.subplots(3, 1, figsize=(11, 8), sharex=True, gridspec_kw={"height_ratios": [2, 2, 1]})
+    xs, n = np.arange(len(letters), dtype=float), len(results["saes"])
+    width = 0.8 / max(1, n)
+    for j, row in enumerate(results["saes"]):
+        at = (xs + (j - (n - 1) / 2) * width).tolist()
+        per = row["per_letter"]
+        for ax, key, value in ((axes[0], "absorption_rate", lambda r: r["rate"]),
+                               (axes[1], "absorption_fraction", lambda r: r["fraction_sum"] / r["measured"])):
+            ax.bar(at, [value(per[L]) if L in row["letters"] else float("nan") for L in letters], width,
+                   label=f"{row['name']} (mean {'-' if row[key] is None else format(row[key], '.4f')})")
+    for ax, label in zip(axes, ("absorption rate", "absorption fraction", "probe accuracy")):
+        ax.set_ylabel(label)
+    for ax in axes[:2]:
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.5)  # room for the legend above the bars
+        ax.legend(fontsize=7, ncol=2, loc="upper left")
+    axes[2].bar(xs.tolist(), [results["probe"]["per_letter"][L]["accuracy"] or 0.0 for L in letters], 0.6,
+                color="grey")
+    axes[2].set_xticks(xs.tolist(), list(letters))
+    axes[0].set_title(f"First letters at {results['model']} {results['hook']}, on the words the probe gets right")
+    fig.tight_layout()
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
+    plt.close(fig)
+
+
+CIRCUIT_PANELS = [("graph", "replacement", "graph vs the replacement model\n(SAEs spliced in, errors frozen)"),
+          ("graph", "real", "graph vs the real model\n(one decoder term removed)"),
+          ("real_gradient", "real", "real model's gradient x activation\nvs the real model")]
+
+
+def circuit_interventions_figure(pairs, stats, path):
+    """Predicted against measured change of the target logit, one panel per comparison."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(CIRCUIT_PANELS), figsize=(14, 4.6))
+    for ax, (pred, key, title) in zip(axes, CIRCUIT_PANELS):
+        x = [p[f"predicted_{pred}"] for p in pairs]
+        y = [p[f"measured_{key}"] for p in pairs]
+        ax.scatter(x, y, s=12, alpha=0.7)
+        lo, hi = min(x + y), max(x + y)
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        s = stats[f"{pred}_vs_{key}"]
+        ax.set(xlabel="predicted change of the target logit", ylabel="measured change",
+               title=f"{title}\nPearson {s['pearson']:.2f}, Spearman {s['spearman']:.2f}, n={s['n']}")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)

@@ -57,12 +57,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from minisae import plots
 from minisae.models import load_model
 from minisae.models.hooks import StopForward
 from minisae.models.kv_cache import forward_cached
 from minisae.pipeline.hooked_sae import HookedSAE
 from minisae.sae import variant_name
-from minisae.utils import Progress, atomic_write, atomic_write_text, model_device, pyplot, resolve_device
+from minisae.utils import Progress, atomic_write_text, model_device, resolve_device
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 TEMPLATE = "{word} has the first letter: {upper}\n"  # SAEBench's "{word} has the first letter:" + " X"
@@ -361,38 +362,10 @@ def run(cfg) -> dict:
         "probe": report, "saes": rows, "seconds": time.time() - t0}
     out = Path(cfg.out)
     atomic_write_text(out / "first_letter_results.json", json.dumps(results, indent=1))
-    plot(results, out / "first_letter_absorption.png")
+    plots.first_letter_figure(results, out / "first_letter_absorption.png")
     print(results_table(results))
     print(f"wrote {out / 'first_letter_results.json'} and {out / 'first_letter_absorption.png'}", file=sys.stderr)
     return results
-
-
-def plot(results: dict, path):
-    """Per letter: each SAE's absorption rate (top) and absorption fraction (middle), blank where a
-    letter is left out of the means; the probe's held-out accuracy (bottom)."""
-    plt = pyplot()
-    fig, axes = plt.subplots(3, 1, figsize=(11, 8), sharex=True, gridspec_kw={"height_ratios": [2, 2, 1]})
-    xs, n = torch.arange(len(LETTERS)).float(), len(results["saes"])
-    width = 0.8 / max(1, n)
-    for j, row in enumerate(results["saes"]):
-        at = (xs + (j - (n - 1) / 2) * width).tolist()
-        per = row["per_letter"]
-        for ax, key, value in ((axes[0], "absorption_rate", lambda r: r["rate"]),
-                               (axes[1], "absorption_fraction", lambda r: r["fraction_sum"] / r["measured"])):
-            ax.bar(at, [value(per[L]) if L in row["letters"] else float("nan") for L in LETTERS], width,
-                   label=f"{row['name']} (mean {fmt(row[key], '.4f')})")
-    for ax, label in zip(axes, ("absorption rate", "absorption fraction", "probe accuracy")):
-        ax.set_ylabel(label)
-    for ax in axes[:2]:
-        ax.set_ylim(0, ax.get_ylim()[1] * 1.5)  # room for the legend above the bars
-        ax.legend(fontsize=7, ncol=2, loc="upper left")
-    axes[2].bar(xs.tolist(), [results["probe"]["per_letter"][L]["accuracy"] or 0.0 for L in LETTERS], 0.6,
-                color="grey")
-    axes[2].set_xticks(xs.tolist(), list(LETTERS))
-    axes[0].set_title(f"First letters at {results['model']} {results['hook']}, on the words the probe gets right")
-    fig.tight_layout()
-    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
-    plt.close(fig)
 
 
 def fmt(value, spec: str) -> str:

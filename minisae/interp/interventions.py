@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from minisae import plots
 from minisae.interp import circuit as Ci
 from minisae.interp import circuit_page
 from minisae.interp.features import TopExamples
@@ -34,7 +35,7 @@ from minisae.pipeline.activations import hooks_acts
 from minisae.pipeline.data import load_contexts
 from minisae.pipeline.hooked_sae import HookedSAE
 from minisae.pipeline.layers import parse_layers
-from minisae.utils import Progress, atomic_write, atomic_write_text, pyplot
+from minisae.utils import Progress, atomic_write_text
 
 
 @torch.no_grad()
@@ -114,29 +115,6 @@ def latent_info(model, tok, hsaes, graph, nodes, scan_tokens, k, model_name):
     return {u: {"examples": tops[int(graph.layer[u])].result(int(graph.index[u])),
                 "lens": lens_tokens(model, tok, hsaes[int(graph.layer[u]) - 1].sae.W_dec[int(graph.index[u])].detach(), 6)}
             for u in nodes}
-
-
-PANELS = [("graph", "replacement", "graph vs the replacement model\n(SAEs spliced in, errors frozen)"),
-          ("graph", "real", "graph vs the real model\n(one decoder term removed)"),
-          ("real_gradient", "real", "real model's gradient x activation\nvs the real model")]
-
-
-def plot(pairs, stats, path):
-    """Predicted against measured change of the target logit, one panel per comparison."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(14, 4.6))
-    for ax, (pred, key, title) in zip(axes, PANELS):
-        x = [p[f"predicted_{pred}"] for p in pairs]
-        y = [p[f"measured_{key}"] for p in pairs]
-        ax.scatter(x, y, s=12, alpha=0.7)
-        lo, hi = min(x + y), max(x + y)
-        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-        s = stats[f"{pred}_vs_{key}"]
-        ax.set(xlabel="predicted change of the target logit", ylabel="measured change",
-               title=f"{title}\nPearson {s['pearson']:.2f}, Spearman {s['spearman']:.2f}, n={s['n']}")
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
 
 
 SWEEP = [(0.8, 0.98), (0.7, 0.9), (0.6, 0.8), (0.5, 0.8)]  # (node, edge) thresholds reported for the first prompt
@@ -229,7 +207,7 @@ def run(cfg):
             for h in results["hooks"] if sum(p["hook"] == h for p in pairs) >= 3}
         for key, c in results["correlations"].items():
             print(f"{key}: Pearson {c['pearson']:.3f}, Spearman {c['spearman']:.3f} over {c['n']} ablations")
-        plot(pairs, results["correlations"], out / "circuit_interventions.png")
+        plots.circuit_interventions_figure(pairs, results["correlations"], out / "circuit_interventions.png")
     atomic_write_text(out / "circuit_results.json", json.dumps(results, indent=1) + "\n")
     print(f"wrote {out / 'circuit_results.json'}")
     return results
