@@ -55,6 +55,8 @@ import torch
 
 from minisae.interp.attribution import codes, slopes
 
+MAX_GRAPH_BYTES = 2 * 2**30  # one dense adjacency; pruning holds a few more of its size
+
 EMBED = "blocks.0.hook_resid_pre"  # the embeddings: the residual stream entering block 0
 
 
@@ -155,6 +157,10 @@ def build_graph(model, hsaes, idx, target=None, n_logits: int = 5, chunk: int = 
     for nodes in layers:
         offsets.append(offsets[-1] + len(nodes))
     N = offsets[-1]
+    if N * N * 8 > MAX_GRAPH_BYTES:  # the dense (N, N) matrix, and the pruning's copies of it
+        raise ValueError(f"the graph has {N:,} nodes: its dense {N:,} x {N:,} adjacency needs "
+                         f"{N * N * 8 / 2**30:.1f} GiB (limit {MAX_GRAPH_BYTES / 2**30:.0f} GiB); "
+                         "use fewer layers (--layers), a shorter prompt or sparser SAEs")
     A = torch.zeros(N, N, dtype=torch.float64)
     for k in range(len(layers) - 1):  # edges from layer k into layer k + 1
         hook_k = EMBED if k == 0 else hooks[k - 1]

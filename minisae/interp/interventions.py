@@ -97,6 +97,8 @@ def load_saes(paths, layers=None, model_name=None):
 def latent_info(model, tok, hsaes, graph, nodes, scan_tokens, k, model_name):
     """{node: {lens, examples}} of the latent nodes: one scan of held-out text, reading every
     SAE's hook in one forward pass per batch (features.TopExamples), and the logit lens."""
+    if not nodes:  # pruning kept no latent: nothing to scan
+        return {}
     by_layer = {}
     for u in nodes:
         by_layer.setdefault(int(graph.layer[u]), set()).add(int(graph.index[u]))

@@ -335,3 +335,12 @@ def test_smollm2_end_to_end(tmp_path):
     assert res["prompts"][0]["target_token"] == " Paris" and len(res["interventions"]) == 6
     assert res["correlations"]["real_gradient_vs_real"]["n"] == 6
     assert (tmp_path / "circuit-t.html").read_text().count("<svg") >= 1
+
+
+def test_a_graph_too_large_for_memory_is_one_clear_error(random_sae, monkeypatch):
+    """The adjacency is dense (N, N): a graph past the limit is refused before it is
+    allocated, with the size and what to change (not killed for memory)."""
+    model, hsaes, idx = setup(random_sae, gpt2_64)
+    monkeypatch.setattr(Ci, "MAX_GRAPH_BYTES", 8 * 10 * 10)  # room for 10 nodes
+    with pytest.raises(ValueError, match=r"nodes: its dense .* adjacency needs .*--layers"):
+        Ci.build_graph(model, hsaes, idx)
