@@ -105,7 +105,7 @@ def main():
         print(f"{torch.cuda.get_device_name(device)}: matmul {peak[torch.float32] / 1e12:.1f} TFLOP/s fp32 "
               f"(TF32 {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}), "
               f"{peak[torch.bfloat16] / 1e12:.1f} TFLOP/s bf16; {shape}")
-        print(f"| variant | precision | samples/s | dense-step FLOP/s | of the bf16 matmul roofline |")
+        print("| variant | precision | samples/s | dense-step FLOP/s | of the bf16 matmul roofline |")
         print("|---|---|---|---|---|")
         for bf16 in (False, True):
             args.bf16 = bf16
