@@ -6,34 +6,21 @@ line naming the URL."""
 
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
+from formats.test_hub_deadline import Dripping  # pytest puts tests/ on sys.path
 
 from minisae.autointerp.endpoint import EndpointError, OpenAIChat
 
-DEADLINE, MARGIN, DRIP = 1.5, 0.5, 0.1
+DEADLINE, MARGIN = 1.5, 0.5
 MSGS = [{"role": "user", "content": "Is it yes or no?"}]
 GOOD = b'{"choices": [{"message": {"role": "assistant", "content": "Yes"}}]}'
 
 
-class Slow(BaseHTTPRequestHandler):
+class Slow(Dripping):
     """POST /MODE/v1/chat/completions, slow in MODE's way."""
-    protocol_version = "HTTP/1.1"
     stop = threading.Event()
-
-    def log_message(self, *args):
-        pass
-
-    def drip(self, data: bytes):
-        for b in data:
-            if self.stop.wait(DRIP):
-                return
-            try:
-                self.wfile.write(bytes([b]))
-                self.wfile.flush()
-            except OSError:  # the client gave up
-                return
 
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length", 0)))

@@ -22,19 +22,14 @@ DEADLINE, MARGIN, DRIP = 1.5, 0.5, 0.1
 BODY = b'{"d_in": 8, "d_sae": 16, "architecture": "standard"}'
 
 
-class Slow(http.server.BaseHTTPRequestHandler):
-    """/t/MODE/resolve/main/sae/FILE, slow in MODE's way for every request."""
+class Dripping(http.server.BaseHTTPRequestHandler):
+    """A handler that can write its answer one byte every DRIP seconds (`drip`), until the
+    client gives up or `stop` is set (also the chat endpoint's slow server)."""
     protocol_version = "HTTP/1.1"
     stop = threading.Event()
 
     def log_message(self, *args):
         pass
-
-    def do_HEAD(self):
-        self.answer(head=True)
-
-    def do_GET(self):
-        self.answer(head=False)
 
     def drip(self, data: bytes):
         for b in data:
@@ -45,6 +40,17 @@ class Slow(http.server.BaseHTTPRequestHandler):
                 self.wfile.flush()
             except OSError:  # the client gave up: what the test wants
                 return
+
+
+class Slow(Dripping):
+    """/t/MODE/resolve/main/sae/FILE, slow in MODE's way for every request."""
+    stop = threading.Event()
+
+    def do_HEAD(self):
+        self.answer(head=True)
+
+    def do_GET(self):
+        self.answer(head=False)
 
     def answer(self, head):
         mode = self.path.split("/")[2]
