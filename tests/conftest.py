@@ -6,8 +6,11 @@ parameters at constants, so a test run on it could pass because a term happens t
 by default so that comparisons against naive references can use tight tolerances.
 """
 
+import contextlib
 import importlib.util
 import os
+import threading
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,26 @@ def smollm2_gguf_path():
         return None
     path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
     return path if os.path.isfile(path) else None
+
+
+@contextlib.contextmanager
+def serving(handler):
+    """An HTTP server for `handler` on 127.0.0.1 (a free port), in a thread: its URL. A
+    handler's `stop` event, where it has one, is cleared while it serves and set after, so
+    that a deliberately slow answer ends with the server."""
+    stop = getattr(handler, "stop", None)
+    if stop is not None:
+        stop.clear()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        if stop is not None:
+            stop.set()
+        httpd.shutdown()
+        httpd.server_close()
 
 
 def _random_sae(variant, d, n_latents, seed=0, dtype=torch.float64, **settings):

@@ -14,9 +14,10 @@ import json
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
+from conftest import serving  # pytest puts tests/ on sys.path
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -122,14 +123,8 @@ class Endpoint(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server():
-    Endpoint.stop.clear()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    Endpoint.stop.set()
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(Endpoint) as url:
+        yield url
 
 
 def client(server, mode, **kw):

@@ -6,9 +6,9 @@ line naming the URL."""
 
 import threading
 import time
-from http.server import ThreadingHTTPServer
 
 import pytest
+from conftest import serving  # pytest puts tests/ on sys.path
 from formats.test_hub_deadline import Dripping  # pytest puts tests/ on sys.path
 
 from minisae.autointerp.endpoint import EndpointError, OpenAIChat
@@ -47,14 +47,8 @@ class Slow(Dripping):
 
 @pytest.fixture(scope="module")
 def server():
-    Slow.stop.clear()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    Slow.stop.set()
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(Slow) as url:
+        yield url
 
 
 @pytest.mark.parametrize("mode", ["status", "headers", "late-stall", "chunked"])

@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from conftest import serving  # pytest puts tests/ on sys.path
 import torch
 
 from minisae import formats
@@ -78,14 +79,8 @@ class Slow(Dripping):
 
 @pytest.fixture(scope="module")
 def server():
-    Slow.stop.clear()
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    Slow.stop.set()
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(Slow) as url:
+        yield url
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ import threading
 import time
 
 import pytest
+from conftest import serving  # pytest puts tests/ on sys.path
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -105,14 +106,8 @@ def server(tmp_path_factory, random_sae_module):
     folder = tmp_path_factory.mktemp("hub") / "sae"
     formats.save(random_sae_module, folder, model="gpt2", hook="blocks.1.hook_resid_post")
     Hub.good = {name: (folder / name).read_bytes() for name in FILES}
-    Hub.stop.clear()
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    Hub.stop.set()
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(Hub) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
