@@ -249,3 +249,32 @@ def test_a_killed_download_leaves_a_part_file_the_next_run_removes(hub, tmp_path
     assert cached(tmp_path) == sorted(FILES)  # the stale .part is gone
     sae, meta = formats.load(tmp_path / "out")
     assert meta["hook"] == "blocks.1.hook_resid_post"
+
+
+def test_the_test_server_is_quiet_when_a_client_hangs_up(capfd):
+    """The fake hub of these tests must not print a traceback of its own when minisae
+    hangs up on a bad answer (it would land in the stderr the tests read)."""
+    import urllib.request
+
+    written = threading.Event()
+
+    class Endless(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            try:
+                for _ in range(10_000):  # far more than the socket buffers hold
+                    self.wfile.write(b"x" * 4096)
+            finally:
+                written.set()
+
+    with serving(Endless) as url:
+        with urllib.request.urlopen(url + "/f", timeout=5) as r:
+            r.read(10)
+            r.fp.raw._sock.shutdown(socket.SHUT_RDWR)  # hang up mid-answer
+        assert written.wait(10)
+        time.sleep(0.2)
+    assert "Traceback" not in capfd.readouterr().err
