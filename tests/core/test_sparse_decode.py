@@ -190,3 +190,46 @@ def test_bf16_autocast_runs_and_stays_close_to_fp32():
     assert abs(low.item() - ref.item()) < 0.05 * ref.item()
     g = grads(sae, low)
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in g.values())
+
+
+@fast
+@given(dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.float16]),
+       B=st.integers(1, 40), F=st.sampled_from([64, 65, 128, 512, 2304]), k=st.integers(1, 40),
+       shift=st.floats(0, 4), seed=st.integers(0, 2**16))
+def test_topk_by_bits_keeps_what_float_topk_keeps(dtype, B, F, k, shift, seed):
+    """TopK's selection on the bit patterns: where it is used (64 k <= F), the same indices
+    in the same order as the float topk for rows with k or more positive entries (equal
+    values, common in bf16, may come in the other order), and the same ReLU'd values in
+    every place of every row (rows with fewer: shift > 0)."""
+    from minisae.variants import topk_by_bits
+    k = min(k, F)
+    pre = (randn(B, F, seed=seed) - shift).to(dtype)  # (B, F)
+    got, want = topk_by_bits(pre, k), pre.topk(k, dim=-1, sorted=False).indices  # (B, K) each
+    kept = pre.gather(-1, want)  # (B, K)
+    full = (pre > 0).sum(-1) >= k  # (B,)
+    top = pre.double().sort(-1, descending=True).values[:, :k + 1]  # (B, K+1)
+    untied = (top.diff(dim=-1) < 0).all(-1)  # (B,) the k kept distinct, the k-th above the rest
+    assert torch.equal(got[full & untied], want[full & untied])
+    assert torch.equal(torch.relu(pre.gather(-1, got)), torch.relu(kept))
+
+
+@pytest.mark.parametrize("variant,k,F", [("topk", 5, 512), ("topk", 12, 512), ("batchtopk", 5, 512)])
+def test_training_on_the_bits_is_bit_for_bit_the_float_selection(monkeypatch, variant, k, F):
+    """Whole training runs, the bits path against the float comparisons it replaces
+    (bits_of as the identity): the same weights bit for bit, with many samples whose
+    code has fewer than k positive entries (b_enc pushed down) and AuxK at work."""
+    from minisae import variants
+    from minisae.train import TrainConfig, train
+
+    def run():
+        sae = make_sae(variant, 16, F, k=k, seed=0, dead_after=2_000)
+        with torch.no_grad():
+            sae.b_enc -= 1.5  # most rows have fewer than k positive pre-activations at first
+        batches = iter([randn(256, 16, seed=s).float() for s in range(60)])
+        train(sae, batches, TrainConfig(n_samples=60 * 256, batch_size=256, lr=3e-3), log=False)
+        return sae.state_dict()
+
+    fast_run = run()
+    monkeypatch.setattr(variants, "bits_of", lambda t: t)
+    float_run = run()
+    assert all(torch.equal(fast_run[n], float_run[n]) for n in fast_run)
