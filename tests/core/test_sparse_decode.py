@@ -219,17 +219,39 @@ def test_training_on_the_bits_is_bit_for_bit_the_float_selection(monkeypatch, va
     (bits_of as the identity): the same weights bit for bit, with many samples whose
     code has fewer than k positive entries (b_enc pushed down) and AuxK at work."""
     from minisae import variants
-    from minisae.train import TrainConfig, train
+    from minisae.train import TrainConfig
+
+    from minisae import sparse_decode as sd
+    from minisae.train import Trainer
+    dead_seen = []
 
     def run():
-        sae = make_sae(variant, 16, F, k=k, seed=0, dead_after=2_000)
+        sae = make_sae(variant, 16, F, k=k, seed=0, dead_after=512)
         with torch.no_grad():
             sae.b_enc -= 1.5  # most rows have fewer than k positive pre-activations at first
-        batches = iter([randn(256, 16, seed=s).float() for s in range(60)])
-        train(sae, batches, TrainConfig(n_samples=60 * 256, batch_size=256, lr=3e-3), log=False)
+            sae.b_enc[:F // 2] -= 3.0  # and half the latents die
+        trainer = Trainer(sae, TrainConfig(n_samples=60 * 256, batch_size=256, lr=3e-3), log=False)
+        for s in range(60):
+            trainer.step(randn(256, 16, seed=s).float())
+            dead_seen.append(int((sae.samples_since_fired >= 512).sum()))
         return sae.state_dict()
 
     fast_run = run()
     monkeypatch.setattr(variants, "bits_of", lambda t: t)
+    monkeypatch.setattr(sd, "ordered_bits", lambda t: t)
     float_run = run()
+    assert max(dead_seen) > 0  # AuxK was at work
     assert all(torch.equal(fast_run[n], float_run[n]) for n in fast_run)
+
+
+@fast
+@given(dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.float16]),
+       n=st.integers(1, 300), seed=st.integers(0, 2**16))
+def test_ordered_bits_order_like_the_values(dtype, n, seed):
+    """Every pair of values compares as their ordered_bits do (signs, zeros, infinities)."""
+    from minisae.variants import ordered_bits
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-30, -1e-30], dtype=torch.float64)
+    v = torch.cat([randn(n, seed=seed) * 10 ** (4 * randn(n, seed=seed + 1)), special]).to(dtype)  # (n+6,)
+    b = ordered_bits(v)
+    same_value = v[:, None] == v[None, :]
+    assert torch.equal((v[:, None] > v[None, :])[~same_value], (b[:, None] > b[None, :])[~same_value])
