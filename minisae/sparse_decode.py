@@ -73,7 +73,9 @@ def worth_it(k: int, n_latents: int) -> bool:
 
 def loss_function(sae, sparse: bool = True):
     """The loss the training loop calls, chosen once per SAE (as sparsify picks its decoder
-    once): (x, coef_scale) -> (total, parts), with parts["code"] a DenseCode or SparseCode.
+    once): (x, coef_scale, target=None) -> (total, parts), with parts["code"] a DenseCode
+    or SparseCode; target (B, D): what x_hat should match, x itself by default (a
+    transcoder's output site, as for SAE.loss).
 
         TopK, BatchTopK with k/F below the crossover      sparse_loss
         ReLU, Gated, JumpReLU on the CPU                   penalty_loss each step, the
@@ -95,20 +97,20 @@ def reference_loss(sae, x, coef_scale: float = 1.0, pre=None, target=None):
     return loss, {**parts, "code": DenseCode(parts["f"])}
 
 
-def sparse_coded_loss(sae, x, coef_scale: float = 1.0):
+def sparse_coded_loss(sae, x, coef_scale: float = 1.0, target=None):
     """sparse_loss, its SparseCode answering for itself."""
-    loss, parts = sparse_loss(sae, x, coef_scale)
+    loss, parts = sparse_loss(sae, x, coef_scale, target)
     return loss, {**parts, "code": parts["f"]}
 
 
-def penalty_or_reference_loss(sae, x, coef_scale: float = 1.0):
+def penalty_or_reference_loss(sae, x, coef_scale: float = 1.0, target=None):
     """penalty_loss where its entries are few enough this step, else the reference (with
     the pre-activations already computed)."""
     sae.check_input(x, finite=False)
     pre = sae.pre_activation(x)  # (B, F)
-    out = penalty_loss(sae, x, pre, coef_scale)
+    out = penalty_loss(sae, x, pre, coef_scale, target=target)
     if out is None:
-        return reference_loss(sae, x, coef_scale, pre=pre)
+        return reference_loss(sae, x, coef_scale, pre=pre, target=target)
     loss, parts = out
     return loss, {**parts, "code": parts["f"]}
 
@@ -267,9 +269,10 @@ class PrefixErrors(torch.autograd.Function):
         return R, -R[0]
 
 
-def auxk_loss_sparse(x, pre, x_hat, sae, k_aux: int, aux_coef: float, dead_after: int):
+def auxk_loss_sparse(x, pre, x_hat, sae, k_aux: int, aux_coef: float, dead_after: int, target=None):
     """minisae.variants.auxk_loss on the dead latents' columns only: their top-k_aux
-    per sample, ReLU, decoded without b_dec, against the detached residual."""
+    per sample, ReLU, decoded without b_dec, against the detached residual target - x_hat
+    (target: x itself by default)."""
     dead = (sae.samples_since_fired >= dead_after).nonzero().squeeze(-1)  # (n_dead,)
     if dead.numel() == 0:
         return pre.new_zeros(())
@@ -282,15 +285,17 @@ def auxk_loss_sparse(x, pre, x_hat, sae, k_aux: int, aux_coef: float, dead_after
     cols = dead[idx].flatten()  # (N,)
     bags = LatentBags.of(rows, cols, sae.n_latents)
     vals = F.relu(selected_pre(pre, rows, cols, x, sae, bags))  # (N,)
-    e = (x - x_hat).detach()  # (B, D)
+    e = ((x if target is None else target) - x_hat).detach()  # (B, D)
     e_hat = decode_rows(vals, rows, cols, sae.W_dec, B, bags)  # (B, D), no b_dec
     return aux_coef * (e - e_hat).pow(2).sum(-1).mean()
 
 
-def sparse_loss(sae, x, coef_scale: float = 1.0):
+def sparse_loss(sae, x, coef_scale: float = 1.0, target=None):
     """SAE.loss for an activation with `select` (TopK, BatchTopK, Matryoshka BatchTopK), on
-    the sparse path: the same total and parts, with the code as a SparseCode."""
+    the sparse path: the same total and parts, with the code as a SparseCode. target:
+    as SAE.loss's (x itself by default); the code is always read off x."""
     sae.check_input(x, finite=False)
+    t = x if target is None else target  # (B, D) what x_hat should match
     part = sae.activation
     with torch.no_grad():  # the one dense product; addmm adds b_enc inside it, not in a pass of its own
         pre = torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc.T)  # (B, F) = SAE.pre_activation(x)
@@ -300,23 +305,24 @@ def sparse_loss(sae, x, coef_scale: float = 1.0):
     extra = {}
     if hasattr(part, "prefixes"):  # Matryoshka: every prefix's error, the last one is recon
         P = decode_prefixes(vals, rows, cols, sae.W_dec, x.shape[0], part.prefixes, bags)  # (G, B, D)
-        errors, R = PrefixErrors.apply(P, x - sae.b_dec)  # (G,), (G, B, D) residuals
-        x_hat, recon, extra["prefixes"] = x - R[-1], errors[-1], errors[:-1].sum()  # x_hat (B, D)
+        errors, R = PrefixErrors.apply(P, t - sae.b_dec)  # (G,), (G, B, D) residuals
+        x_hat, recon, extra["prefixes"] = t - R[-1], errors[-1], errors[:-1].sum()  # x_hat (B, D)
     else:
         x_hat = decode_rows(vals, rows, cols, sae.W_dec, x.shape[0], bags) + sae.b_dec  # (B, D)
-        recon = (x_hat - x).pow(2).sum(-1).mean()
+        recon = (x_hat - t).pow(2).sum(-1).mean()
     k_aux = part.k_aux or max(1, sae.d // 2)  # as variants.auxk_terms
-    extra["auxk"] = auxk_loss_sparse(x, pre, x_hat, sae, k_aux, part.aux_coef, part.dead_after)
+    extra["auxk"] = auxk_loss_sparse(x, pre, x_hat, sae, k_aux, part.aux_coef, part.dead_after, target)
     f = SparseCode(rows, cols, vals.detach(), tuple(pre.shape))
     return recon + sum(extra.values()), {"recon": recon, **extra, "f": f, "x_hat": x_hat}
 
 
-def penalty_loss(sae, x, pre, coef_scale: float = 1.0, max_frac=None):
+def penalty_loss(sae, x, pre, coef_scale: float = 1.0, max_frac=None, target=None):
     """SAE.loss for ReLU, Gated and JumpReLU on the sparse path (the entries of the module
     docstring), given pre = SAE.pre_activation(x) (B, F); or None where the reference is
     as fast: on an accelerator, or when the entries are max_frac of the code or more
-    (default: the crossover above for pre's dtype)."""
+    (default: the crossover above for pre's dtype). target: as SAE.loss's."""
     part, (B, n_latents) = sae.activation, (x.shape[0], sae.n_latents)
+    t = x if target is None else target  # (B, D) what x_hat should match
     if x.device.type != "cpu" or not isinstance(part, (ReLU, Gated, JumpReLU)):
         return None
     with torch.no_grad():
@@ -341,12 +347,12 @@ def penalty_loss(sae, x, pre, coef_scale: float = 1.0, max_frac=None):
         vals = F.relu(mag)  # (N,)
         x_hat_frozen = decode_rows(pre_sel, rows, cols, sae.W_dec.detach(), B, bags) + sae.b_dec.detach()  # (B, D)
         extra = {"l1": coef_scale * part.sparsity_coef * pre_sel.sum() / B,
-                 "aux": (x - x_hat_frozen).pow(2).sum(-1).mean()}
+                 "aux": (t - x_hat_frozen).pow(2).sum(-1).mean()}
     else:
         z, theta = F.relu(pre_sel), part.theta[cols]  # (N,) each
         vals = _JumpReLUFn.apply(z, theta, part.bandwidth)  # (N,), 0 in the window below theta
         extra = {"l0": coef_scale * part.sparsity_coef * _StepFn.apply(z, theta, part.bandwidth).sum() / B}
     x_hat = decode_rows(vals, rows, cols, sae.W_dec, B, bags) + sae.b_dec  # (B, D)
-    recon = (x_hat - x).pow(2).sum(-1).mean()
+    recon = (x_hat - t).pow(2).sum(-1).mean()
     f = SparseCode(rows, cols, vals.detach(), (B, n_latents))
     return recon + sum(extra.values()), {"recon": recon, **extra, "f": f, "x_hat": x_hat}

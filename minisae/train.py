@@ -104,8 +104,6 @@ class Trainer:
             raise ValueError("a transcoder trains in one process, without resampling (its dead latents would "
                              "get input directions as outputs): set resample_every=0 (TopK and BatchTopK "
                              "revive dead latents with AuxK)")
-        # the fast paths reconstruct x itself: a transcoder takes the reference loss
-        loss_fn = self.loss_fn if target is None else partial(reference_loss, sae, target=target)
         if x.shape[0] * self.world != cfg.batch_size:
             raise ValueError(f"data gave a batch of {x.shape[0]} on each of {self.world} process(es), "
                              f"config says {cfg.batch_size} in all")
@@ -115,7 +113,7 @@ class Trainer:
         coef_scale = min(1.0, (step + 1) / self.coef_warm)
         # forward and loss
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss, parts = self.ddp(x, coef_scale) if self.ddp else loss_fn(x, coef_scale)
+            loss, parts = self.ddp(x, coef_scale) if self.ddp else self.loss_fn(x, coef_scale, target=target)
         self.losses[step - first] = loss.detach()
         self.finite[step - first] = all_finite(x) & (target is None or all_finite(target))
         # backward, decoder constraint, step
@@ -178,7 +176,7 @@ class Trainer:
 
 
 def step_loss(sae, cfg: TrainConfig):
-    """The loss a step calls, (x, coef_scale) -> (total, parts): the fast path of
+    """The loss a step calls, (x, coef_scale, target=None) -> (total, parts): the fast path of
     minisae/sparse_decode.py, or with cfg.compile the reference compiled by torch.compile
     (forward and backward fused into a few kernels: it helps where launches, not
     arithmetic, take the time, on a GPU; its first steps pay for the compilation)."""
@@ -186,7 +184,7 @@ def step_loss(sae, cfg: TrainConfig):
         return loss_function(sae)
     compiled = torch.compile(partial(reference_loss, sae))
     # coef_scale as a tensor: a Python float that changes every warmup step would recompile
-    return lambda x, coef_scale: compiled(x, torch.tensor(coef_scale, device=x.device))
+    return lambda x, coef_scale, target=None: compiled(x, torch.tensor(coef_scale, device=x.device), target=target)
 
 
 def all_finite(x):

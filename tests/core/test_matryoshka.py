@@ -169,22 +169,24 @@ def test_permuting_latents_inside_groups_keeps_code_and_loss(case, training):
 # -- the sparse path (minisae/sparse_decode.py) -------------------------------------------
 
 @fast
-@given(case=cases, k_aux=st.integers(1, 8), dead_bits=st.integers(0, 2**10 - 1), estimated=st.booleans())
-def test_sparse_path_equals_the_dense_reference(case, k_aux, dead_bits, estimated):
+@given(case=cases, k_aux=st.integers(1, 8), dead_bits=st.integers(0, 2**10 - 1), estimated=st.booleans(),
+       transcoder=st.booleans())
+def test_sparse_path_equals_the_dense_reference(case, k_aux, dead_bits, estimated, transcoder):
     """Per-group partial decodes summed prefix by prefix (decode_prefixes, PrefixErrors):
     the same loss, parts, code, x_hat, threshold and gradients for every parameter as
-    SAE.loss, AuxK at work on random dead latents."""
+    SAE.loss, AuxK at work on random dead latents; transcoder: another target than x."""
     B, D, n_lat, k_frac, bits, seed = case
     k, prefixes = max(1, round(k_frac * n_lat)), ladders(n_lat, bits)
     dead = torch.tensor([(dead_bits >> i) & 1 for i in range(n_lat)], dtype=torch.bool)
     x = randn(B, D, seed=seed)
+    target = randn(B, D, seed=seed + 1) if transcoder else None
     runs = []
     for sparse in (False, True):
         sae = random_sae(D, n_lat, seed=seed, k=k, prefixes=prefixes, k_aux=k_aux, dead_after=10).train()
         sae.samples_since_fired.copy_(torch.where(dead, 10, 9))
         if not estimated:
             sae.activation.threshold.fill_(-1.0)
-        total, parts = sparse_decode.sparse_loss(sae, x) if sparse else sae.loss(x)
+        total, parts = sparse_decode.sparse_loss(sae, x, target=target) if sparse else sae.loss(x, target=target)
         runs.append((sae, total, parts, grads(sae, total)))
     (ref, t_ref, p_ref, g_ref), (sp, t_sp, p_sp, g_sp) = runs
     assert isinstance(p_sp["f"], SparseCode) and set(p_sp) == set(p_ref)

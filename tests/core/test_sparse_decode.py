@@ -40,18 +40,21 @@ def test_stable_order_is_torchs_stable_sort(n, n_lat, seed):
 @fast
 @given(variant=st.sampled_from(["topk", "batchtopk"]), B=st.integers(1, 6), D=st.integers(1, 6),
        n_lat=st.integers(1, 10), k_frac=st.floats(0, 1), k_aux=st.integers(1, 8), dead_bits=st.integers(0, 2**10 - 1),
-       seed=st.integers(0, 2**16))
-def test_sparse_loss_equals_dense_reference(random_sae, variant, B, D, n_lat, k_frac, k_aux, dead_bits, seed):
+       transcoder=st.booleans(), seed=st.integers(0, 2**16))
+def test_sparse_loss_equals_dense_reference(random_sae, variant, B, D, n_lat, k_frac, k_aux, dead_bits, transcoder,
+                                            seed):
+    """transcoder: x_hat matches another target than x (SAE.loss's target)."""
     k = max(1, round(k_frac * n_lat))
     dead = torch.tensor([(dead_bits >> i) & 1 for i in range(n_lat)], dtype=torch.bool)
     x = randn(B, D, seed=seed)
+    target = randn(B, D, seed=seed + 1) if transcoder else None
     runs = []
     for sparse in (False, True):
         sae = random_sae(variant, D, n_lat, seed=seed, k=k, k_aux=k_aux, dead_after=10).train()
         sae.samples_since_fired.copy_(torch.where(dead, 10, 9))
         if variant == "batchtopk":
             sae.activation.threshold.fill_(-1.0 if seed % 2 else 0.3)  # not yet estimated / running
-        total, parts = sparse_loss(sae, x) if sparse else sae.loss(x)
+        total, parts = sparse_loss(sae, x, target=target) if sparse else sae.loss(x, target=target)
         runs.append((sae, total, parts, grads(sae, total)))
     (ref, t_ref, p_ref, g_ref), (sp, t_sp, p_sp, g_sp) = runs
     assert isinstance(p_sp["f"], SparseCode) and not isinstance(p_ref["f"], SparseCode)
@@ -73,18 +76,22 @@ def test_sparse_loss_equals_dense_reference(random_sae, variant, B, D, n_lat, k_
 @fast
 @given(variant=st.sampled_from(["relu", "gated", "jumprelu"]), B=st.integers(1, 6), D=st.integers(1, 6),
        n_lat=st.integers(1, 10), shift=st.floats(-2, 2), bandwidth=st.floats(0.01, 1.0), coef_scale=st.floats(0, 1),
-       seed=st.integers(0, 2**16))
-def test_penalty_loss_equals_dense_reference(random_sae, variant, B, D, n_lat, shift, bandwidth, coef_scale, seed):
+       transcoder=st.booleans(), seed=st.integers(0, 2**16))
+def test_penalty_loss_equals_dense_reference(random_sae, variant, B, D, n_lat, shift, bandwidth, coef_scale,
+                                             transcoder, seed):
     """shift moves b_enc, so the entries the sparse path keeps range from none to all;
-    JumpReLU's thresholds are partly below bandwidth/2, where zeros sit in the window."""
+    JumpReLU's thresholds are partly below bandwidth/2, where zeros sit in the window.
+    transcoder: x_hat matches another target than x."""
     x = randn(B, D, seed=seed)
+    target = randn(B, D, seed=seed + 1) if transcoder else None
     runs = []
     for sparse in (False, True):
         settings = {"bandwidth": bandwidth} if variant == "jumprelu" else {}
         sae = random_sae(variant, D, n_lat, seed=seed, **settings).train()
         with torch.no_grad():
             sae.b_enc += shift
-        total, parts = penalty_loss(sae, x, sae.pre_activation(x), coef_scale, max_frac=1.01) if sparse else sae.loss(x, coef_scale)
+        total, parts = (penalty_loss(sae, x, sae.pre_activation(x), coef_scale, max_frac=1.01, target=target)
+                        if sparse else sae.loss(x, coef_scale, target=target))
         runs.append((total, parts, grads(sae, total)))
     (t_ref, p_ref, g_ref), (t_sp, p_sp, g_sp) = runs
     assert isinstance(p_sp["f"], SparseCode)

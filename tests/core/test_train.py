@@ -86,7 +86,7 @@ def test_train_applies_the_lr_and_sparsity_schedules(monkeypatch, spy_loss):
         return step(self, *a, **kw)
 
     monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
-    spy_loss(lambda loss: lambda x, coef_scale=1.0: (coefs.append(coef_scale), loss(x, coef_scale))[1])
+    spy_loss(lambda loss: lambda x, coef_scale=1.0, **kw: (coefs.append(coef_scale), loss(x, coef_scale, **kw))[1])
     train(sae, iter([randn(8, 4, seed=s) for s in range(40)]), cfg, log=False)
     assert lrs == [lr_at(s, 40, cfg) for s in range(40)]
     assert coefs == pytest.approx([(s + 1) / 8 for s in range(8)] + [1.0] * 32)
@@ -117,7 +117,8 @@ def test_samples_since_fired_counts_per_latent(spy_loss):
         sae.W_enc[0] = 0.0
         sae.b_enc[0] = -1e6
     codes = []
-    spy_loss(lambda loss: lambda x, coef_scale=1.0: (lambda out: (codes.append(out[1]["code"].to_dense()), out)[1])(loss(x, coef_scale)))
+    spy_loss(lambda loss: lambda x, coef_scale=1.0, **kw: (lambda out: (codes.append(out[1]["code"].to_dense()), out)[1])(
+        loss(x, coef_scale, **kw)))
     train(sae, iter([randn(8, 4, seed=s) for s in range(5)]), TrainConfig(n_samples=5 * 8, batch_size=8), log=False)
     # reference: walk back from the last batch to the last one in which each latent fired
     for i in range(6):
@@ -143,9 +144,9 @@ def test_nan_loss_mid_run_raises_floating_point_error(spy_loss):
     calls = []
 
     def loss_then_nan(loss):
-        def spy(x, coef_scale=1.0):
+        def spy(x, coef_scale=1.0, **kw):
             calls.append(1)
-            total, parts = loss(x, coef_scale)
+            total, parts = loss(x, coef_scale, **kw)
             return (total * float("nan") if len(calls) == 3 else total), parts
         return spy
 
@@ -206,9 +207,9 @@ def test_nonfinite_loss_is_caught_before_a_resampling(spy_loss):
     calls = []
 
     def loss_then_nan(loss):
-        def spy(x, coef_scale=1.0):
+        def spy(x, coef_scale=1.0, **kw):
             calls.append(1)
-            total, parts = loss(x, coef_scale)
+            total, parts = loss(x, coef_scale, **kw)
             return (total * float("nan") if len(calls) >= 2 else total), parts
         return spy
 
