@@ -21,7 +21,7 @@ turn is filled in with every line followed by a placeholder answer (" unknown"),
 forward pass reads the yes/no log-probabilities at each line's answer slot.
 
 OpenAIChat (minisae/autointerp/endpoint.py) speaks the chat-completions protocol (POST {endpoint}/chat/completions) of
-llama.cpp's server, Ollama, vLLM or a hosted model, with urllib only (minisae.models.hub's
+llama.cpp's server, Ollama, vLLM or a hosted model, with urllib only (minisae.models.http's
 stream): a total deadline per request (`timeout` seconds, every retry and back-off
 included), retries with exponential back-off on refused connections, bodies cut short,
 429 and 5xx, a cap on the answer's size, and a one-line EndpointError ('<URL>: <what>')

@@ -3,7 +3,7 @@ API): the same small interface as minisae/autointerp/chat.py's LocalChat, over H
 urllib, a total deadline per request (retries included) and every answer checked before
 it is read: an unreachable server or an answer we cannot read is one EndpointError,
 '<URL>: <what was wrong>'. The deadline holds to a fraction of a second whatever the server
-does (minisae/models/hub.py's stream: each read waits at most what is left of it, and a timer
+does (minisae/models/http.py's stream: each read waits at most what is left of it, and a timer
 shuts a connection that drips its headers or body past it).
 """
 
@@ -17,7 +17,7 @@ import urllib.request
 import torch
 
 from minisae.autointerp.chat import binary_prob
-from minisae.models.hub import Deadline, HTTPFailure, stream
+from minisae.models.http import Deadline, HTTPFailure, stream
 
 
 class EndpointError(ValueError):

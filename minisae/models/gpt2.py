@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from minisae.models.bpe import BPETokenizer
 from minisae.models.hooks import SITES, StopForward, all_hook_names, check_hook_names, hook_name, run_hook
-from minisae.models.hub import HF, HTTPFailure, cached_path
+from minisae.models.http import HTTPFailure
+from minisae.models.hub import HF, cached_path
 from minisae.models.safetensors import load_safetensors, read_header
 
 

@@ -17,7 +17,8 @@ import torch
 
 from minisae import formats
 from minisae.cli import entry
-from minisae.models.hub import Deadline, HTTPFailure, hub_url, stream
+from minisae.models.http import Deadline, HTTPFailure, stream
+from minisae.models.hub import hub_url
 
 DEADLINE, MARGIN, DRIP = 1.5, 0.5, 0.1
 BODY = b'{"d_in": 8, "d_sae": 16, "architecture": "standard"}'

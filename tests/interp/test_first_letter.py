@@ -1,4 +1,5 @@
-"""The first-letter probe, k-sparse probing and absorption (minisae/interp/first_letter.py):
+"""The first-letter probe, k-sparse probing and absorption (minisae/interp/probe.py and
+minisae/interp/first_letter.py):
 the logistic regression against Newton's method in float64, the statistics against loops,
 the cached word activations against the plain forward, and a synthetic SAE built so that
 exactly which words are absorbed is known; chapter 10's tables against the results file."""
@@ -13,6 +14,8 @@ import torch
 
 from minisae import configs as C
 from minisae.interp import first_letter as fl
+from minisae.interp.probe import (f1_scores, fit_logistic, main_latents, mean_difference, one_hot, probe_report,
+                                  probe_scores, train_probe)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,7 +45,7 @@ def test_fit_logistic_matches_newton_in_float64():
     X = torch.randn(300, 6, generator=g, dtype=torch.float64)
     truth = torch.randn(3, 6, generator=g, dtype=torch.float64)
     T = (X @ truth.T + 0.5 * torch.randn(300, 3, generator=g, dtype=torch.float64)).T > 0.8  # imbalanced
-    W, c = fl.fit_logistic(X, T, l2=1e-2, steps=100)
+    W, c = fit_logistic(X, T, l2=1e-2, steps=100)
     for l in range(3):
         w_ref, c_ref = newton_reference(X, T[l], 1e-2)
         assert torch.allclose(W[l], w_ref, atol=1e-7) and abs(c[l] - c_ref) < 1e-7
@@ -52,9 +55,9 @@ def test_fit_logistic_one_design_per_problem_equals_each_alone():
     g = torch.Generator().manual_seed(1)
     X = torch.randn(3, 200, 2, generator=g, dtype=torch.float64)  # (C, N, K)
     T = X.sum(2) + 0.3 * torch.randn(3, 200, generator=g, dtype=torch.float64) > 0
-    W, c = fl.fit_logistic(X, T, l2=1e-3)
+    W, c = fit_logistic(X, T, l2=1e-3)
     for l in range(3):
-        w1, c1 = fl.fit_logistic(X[l], T[l:l + 1], l2=1e-3)
+        w1, c1 = fit_logistic(X[l], T[l:l + 1], l2=1e-3)
         assert torch.allclose(W[l], w1[0], atol=1e-6) and torch.allclose(c[l], c1[0], atol=1e-6)
 
 
@@ -64,15 +67,15 @@ def test_mean_difference_and_f1_against_loops():
     g = torch.Generator().manual_seed(2)
     f = torch.relu(torch.randn(60, 7, generator=g, dtype=torch.float64))
     y = torch.randint(0, 4, (60,), generator=g)
-    delta = fl.mean_difference(f, y, C=4)
+    delta = mean_difference(f, y, C=4)
     for l in range(4):
         for i in range(7):
             on = [f[n, i].item() for n in range(60) if y[n] == l]
             off = [f[n, i].item() for n in range(60) if y[n] != l]
             assert math.isclose(delta[l, i].item(), sum(on) / len(on) - sum(off) / len(off), abs_tol=1e-12)
     pred = torch.rand(4, 60, generator=g) > 0.5
-    truth = fl.one_hot(y, 4)
-    f1 = fl.f1_scores(pred, truth)
+    truth = one_hot(y, 4)
+    f1 = f1_scores(pred, truth)
     for l in range(4):
         tp = sum(bool(pred[l, n] and truth[l, n]) for n in range(60))
         prec, rec = tp / max(1, int(pred[l].sum())), tp / max(1, int(truth[l].sum()))
@@ -83,7 +86,7 @@ def test_main_latents_grow_while_the_f1_jumps():
     latents = torch.tensor([[5, 6, 7, 8], [1, 2, 3, 4]])
     f1 = [torch.tensor([0.50, 0.90]), torch.tensor([0.60, 0.92]), torch.tensor([0.70, 0.99]),
           torch.tensor([0.71, 0.999])]  # letter 0: +0.10, +0.10, +0.01; letter 1: +0.02
-    assert fl.main_latents(latents, f1, jump=0.03) == [[5, 6, 7], [1]]
+    assert main_latents(latents, f1, jump=0.03) == [[5, 6, 7], [1]]
 
 
 def test_split_words_is_seeded_disjoint_and_capped():
@@ -146,9 +149,9 @@ def absorbing_setup(n=100, n_absorbed=20, D=64, seed=0):
 def test_a_built_absorber_gives_the_exact_rate():
     (x_tr, y_tr), (x_te, y_te), hsae = absorbing_setup()
     cfg = C.FirstLetterConfig()
-    probe = fl.train_probe(x_tr, y_tr, cfg.probe_l2, cfg.probe_steps)
-    scores = fl.probe_scores(probe, x_te)
-    assert fl.probe_report(scores, y_te)["accuracy"] == 1.0
+    probe = train_probe(x_tr, y_tr, len(fl.LETTERS), cfg.probe_l2, cfg.probe_steps)
+    scores = probe_scores(probe, x_te)
+    assert probe_report(scores, y_te, fl.LETTERS)["accuracy"] == 1.0
     words = [f"w{n}" for n in range(len(y_te))]
     row = fl.measure_sae(hsae, x_tr, y_tr, x_te, y_te, probe, scores.argmax(0) == y_te, cfg, words)
     a = row["per_letter"]["a"]
@@ -161,7 +164,7 @@ def test_a_built_absorber_gives_the_exact_rate():
         r = row["per_letter"][L]
         assert (r["measured"], r["absorbed"], r["fraction_sum"], r["main_latents"], r["f1"]["1"]) == (100, 0, 0, [l], 1)
     assert math.isclose(a["f1"]["1"], 2 * 0.8 / 1.8, abs_tol=1e-12)  # L_a alone: precision 1, recall 0.8
-    s = fl.summarise(row, fl.probe_report(scores, y_te)["per_letter"], cfg)
+    s = fl.summarise(row, probe_report(scores, y_te, fl.LETTERS)["per_class"], cfg)
     assert s["letters"] == fl.LETTERS and s["tokens_measured"] == 2600
     assert math.isclose(s["absorption_rate"], 0.2 / 26) and math.isclose(s["absorption_pooled"], 20 / 2600)
     assert math.isclose(s["absorption_fraction"], 0.2 / 26) and math.isclose(s["main_silent_rate"], 20 / 2600)
