@@ -35,7 +35,7 @@ LAYERS = {
                "minisae.models.llama_gguf", "minisae.models.kv_cache", "minisae.models"],
     "formats": ["minisae.formats.common", "minisae.formats.releases", "minisae.formats.saelens", "minisae.formats.sparsify",
                 "minisae.formats.legacy", "minisae.formats.npz", "minisae.formats.foreign_pt", "minisae.formats"],
-    "pipeline": ["minisae.pipeline", "minisae.pipeline.data", "minisae.pipeline.activations",
+    "pipeline": ["minisae.pipeline", "minisae.pipeline.rate", "minisae.pipeline.data", "minisae.pipeline.activations",
                  "minisae.pipeline.batches", "minisae.pipeline.hooked_sae", "minisae.pipeline.evaluate",
                  "minisae.pipeline.sweep", "minisae.pipeline.lm", "minisae.pipeline.layers",
                  "minisae.pipeline.norms", "minisae.pipeline.transcoder"],
