@@ -31,8 +31,8 @@ What a CPU with several cores can use instead is the independence of the SAEs: w
 `threads=T` each batch's steps are handed out to T threads, each running whole SAE
 steps with one intra-op thread. A small SAE's products are too small to split well over
 the cores (the threads of one product wait for each other); T SAEs at a time can keep
-the cores busy without that wait, where the cores are free (the toy sweep 2.06x one at
-a time on an idle 2-core CPU; nothing gained under other jobs: docs/09_gpus.md). Every operation still runs on one thread, as in `train`
+the cores busy without that wait, where the cores are free (the toy sweep 2.06-2.13x one
+at a time on an idle 2-core CPU; nothing gained under other jobs: docs/09_gpus.md). Every operation still runs on one thread, as in `train`
 with torch.set_num_threads(1), so each SAE ends bit for bit as trained alone on one
 thread (tests/core/test_multi_train.py); torch releases Python's lock inside its
 operations, so the threads overlap except for the steps' Python.

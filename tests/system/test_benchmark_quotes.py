@@ -1,0 +1,38 @@
+"""Speed numbers chapter 9 quotes come from the benchmark outputs kept in
+benchmarks/results/: each quote below must be in the chapter, and its source line in the
+results file (a re-run that changes the file makes this test name the stale quote)."""
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CHAPTER = ROOT / "docs" / "09_gpus.md"
+RESULTS = ROOT / "benchmarks" / "results"
+
+# (what the chapter says, the results file, what that file says)
+QUOTES = [
+    ("1.64x and 1.54x sparsify's speed", "cpu_train_calls.txt", "topk speed / sparsify's: 1.64x"),
+    ("1.64x and 1.54x sparsify's speed", "cpu_train_calls.txt", "topk speed / sparsify's: 1.54x"),
+    ("(363,708 and 373,994 samples/s", "cpu_train_calls.txt", "topk              363,708 samples/s"),
+    ("(363,708 and 373,994 samples/s", "cpu_train_calls.txt", "topk              373,994 samples/s"),
+    ("against 221,242 and 243,230)", "cpu_train_calls.txt", "sparsify topk     221,242 samples/s"),
+    ("against 221,242 and 243,230)", "cpu_train_calls.txt", "sparsify topk     243,230 samples/s"),
+    ("1.58x on two\nthreads", "cpu_train_calls.txt", "topk speed / sparsify's: 1.58x"),
+    ("gave 1.43x in the same sitting", "cpu_train_calls.txt", "topk speed / sparsify's: 1.43x"),
+    ("1.03-1.09x TopK's time", "cpu_train_calls.txt", "batchtopk / topk time per sample: 1.03x"),
+    ("1.03-1.09x TopK's time", "cpu_train_calls.txt", "batchtopk / topk time per sample: 1.09x"),
+    ("(1.19x on two\nthreads)", "cpu_train_calls.txt", "batchtopk / topk time per sample: 1.19x"),
+    ("and 0.99x at 768 x 6,144", "cpu_train_calls.txt", "batchtopk / topk time per sample: 0.99x"),
+    ("takes 54.7 ms instead of\n187.8 ms, 3.4x", "cpu_transcoder_step.txt", "fast path / reference: 3.43x faster"),
+    ("takes 54.7 ms instead of\n187.8 ms, 3.4x", "cpu_transcoder_step.txt", "fast          54.7 ms"),
+    ("takes 54.7 ms instead of\n187.8 ms, 3.4x", "cpu_transcoder_step.txt", "reference    187.8 ms"),
+    ("4.1, 3.2, 3.1 and 1.9 s, so 2.13x", "cpu_multi_train.txt", "one pass, 2 SAEs at a time   CPU    3.5 s (1.17x)   wall    1.9 s (2.13x"),
+    ("4.1, 3.2, 3.1 and 1.9 s, so 2.13x", "cpu_multi_train.txt", "one at a time, 2 threads     CPU    6.4 s (0.64x)   wall    3.2 s (1.28x"),
+]
+
+
+@pytest.mark.parametrize("doc,results,line", QUOTES, ids=[f"{r}:{l[:40]}" for _, r, l in QUOTES])
+def test_chapter_9_quotes_the_kept_benchmark_outputs(doc, results, line):
+    assert doc in CHAPTER.read_text(encoding="utf-8"), f"chapter 9 no longer says {doc!r}"
+    assert line in (RESULTS / results).read_text(encoding="utf-8"), f"{results} does not say {line!r}"
