@@ -209,7 +209,7 @@ class BatchTopK(nn.Module):
         cand = (flat > guess_cut(flat, n)).nonzero().squeeze(1)  # (C,) ascending: row-major
         if cand.numel() >= n:
             vals = flat[cand]  # (C,), all > t >= 0: their bits order like their values (bits_of)
-            pick = bits_of(vals).topk(n, sorted=False).indices  # (K*B,), as vals.topk's
+            pick = (bits_of(vals) if vals.device.type == "cpu" else vals).topk(n, sorted=False).indices  # (K*B,)
             vals, idx = vals[pick], cand[pick.sort().values]  # (K*B,) each; idx ascending
         else:
             vals, idx = F.relu(flat).topk(n, sorted=False)  # (K*B,), zeros too where few are positive
