@@ -220,8 +220,8 @@ def part_collect(args, sz, device, record):
 
 def wall(device) -> float:
     """perf_counter once the device's queued work is done (wall time: collection also writes files)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    from minisae.pipeline.rate import sync
+    sync(device)
     return time.perf_counter()
 
 
