@@ -192,6 +192,10 @@ def lm_cmd_flags(p):
     g.add_argument("--one-pass", action="store_true",
                    help="train all SAEs of the sweep together, reading each batch once (the same SAEs as one "
                         "at a time; all of them in memory at once)")
+    g.add_argument("--stack", default=default(C.SweepConfig, "stack"), choices=("auto", "on", "off"),
+                   help="with --one-pass: SAEs of one variant and shape train as one, their weights stacked "
+                        "(one batched product for all; the same SAEs up to the order of float additions); "
+                        "auto: on accelerators, where it saves kernel launches")
 
 
 def lm_run(args):

@@ -125,10 +125,14 @@ class SweepConfig(LMConfig):
     variants: tuple = ("relu", "gated", "topk")  # the variants to sweep, in this order
     sweep: tuple = ()  # VARIANT:KNOB=V1,V2,... overriding the default values (minisae.pipeline.sweep.SWEEPS)
     one_pass: bool = False  # train the sweep's SAEs together, each batch read once (minisae/multi_train.py)
+    stack: str = "auto"  # in one pass, SAEs of one variant and shape stacked (minisae/stacked.py): on, off,
+    #                      auto (on accelerators only)
 
     def check(self):
         super().check()
         check_site(self.site, self.layer)
+        if self.stack not in ("auto", "on", "off"):
+            raise ValueError(f"--stack must be auto, on or off, got {self.stack!r}")
         if not self.variants:
             raise ValueError("--variants names no variant; give e.g. relu,gated,topk")
         return self

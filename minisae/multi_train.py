@@ -15,17 +15,19 @@ saves is the reading or making of the batches: N streams become one. The SAEs ma
 for different numbers of samples (a frontier sweep's short runs beside its main runs):
 a shorter run's batches are the first ones of the longer run's stream, and it stops there.
 
-Stacking the SAEs' weights would go one step further: where N SAEs share a shape,
+Stacking the SAEs' weights goes one step further (`stack=True`, minisae/stacked.py):
+where N SAEs share a variant, a shape and a schedule,
 
     W_enc (N, F, D), b_enc (N, 1, F), b_dec (N, 1, D)
     pre   = bmm(x - b_dec, W_enc^T) + b_enc          (N, B, F), one product for N SAEs
     x_hat = bmm(f, W_dec) + b_dec                    (N, B, D)
 
 which turns N launch sequences into one: the win on a GPU, where a small SAE's step
-waits on kernel launches. On a CPU the products already run at the matrix-multiply rate
-and each SAE's sparse path (minisae/sparse_decode.py) skips most of them, so the steps
-here stay per SAE (benchmarks/multi_train.py measures the pass against one at a time,
-and the stacked product against the N products it would replace).
+waits on kernel launches, and the default there. On a CPU the products already run at
+the matrix-multiply rate and each SAE's sparse path (minisae/sparse_decode.py) skips most
+of them, so the steps here stay per SAE unless asked (benchmarks/multi_train.py --stack
+measures both). Stacked SAEs equal the SAEs trained alone up to the order of float
+additions (tests/core/test_stacked.py), the others bit for bit.
 
 What a CPU with several cores can use instead is the independence of the SAEs: with
 `threads=T` each batch's steps are handed out to T threads, each running whole SAE
@@ -44,11 +46,12 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from minisae.configs import TrainConfig
+from minisae.stacked import Stack, stack_trainers
 from minisae.train import Trainer, next_batch
 from minisae.utils import Progress
 
 
-def multi_train(saes, batches, cfgs, log=True, group=None, threads: int = 1) -> list:
+def multi_train(saes, batches, cfgs, log=True, group=None, threads: int = 1, stack=None) -> list:
     """Train the SAEs in place on one iterator of batches (B, D); returns each one's
     history, as `train` returns it. cfgs: one TrainConfig per SAE, or one for all; they
     must agree on batch_size, and may differ in everything else (n_samples, lr,
@@ -58,7 +61,11 @@ def multi_train(saes, batches, cfgs, log=True, group=None, threads: int = 1) -> 
     Each result's train_seconds is the time of that SAE's own steps plus its share of the
     batch reading (a batch's reading split over the SAEs that used it); "joint_seconds"
     is the whole pass's wall time. threads: how many SAE steps run at once (module
-    docstring; one process only); 1 runs them in this thread with torch's own threading."""
+    docstring; one process only); 1 runs them in this thread with torch's own threading.
+    stack: train the SAEs that can share a stack (minisae/stacked.py: same variant, shape
+    and schedule) as one, their weights stacked; None: on accelerators only, where it
+    saves kernel launches (on a CPU each SAE's sparse path is faster). Stacked SAEs equal
+    those trained alone up to the order of float additions, not bit for bit."""
     cfgs = [cfgs] * len(saes) if isinstance(cfgs, TrainConfig) else list(cfgs)
     if not saes or len(cfgs) != len(saes):
         raise ValueError(f"need one TrainConfig per SAE (or one for all), got {len(cfgs)} for {len(saes)} SAEs")
@@ -72,13 +79,19 @@ def multi_train(saes, batches, cfgs, log=True, group=None, threads: int = 1) -> 
                          f"{sorted({c.batch_size for c in cfgs})}")
     trainers = [Trainer(sae, cfg, log=False, group=group) for sae, cfg in zip(saes, cfgs)]
     n_steps = max(t.n_steps for t in trainers)
-    seconds = [0.0] * len(trainers)
+    if stack is None:
+        stack = saes[0].W_enc.device.type != "cpu"
+    stacks, singles = stack_trainers(trainers) if stack and group is None else ([], trainers)
+    units = stacks + singles  # what steps: a Stack of several SAEs, or one SAE's Trainer
+    members = [[trainers.index(t) for t in u.trainers] if isinstance(u, Stack) else [trainers.index(u)]
+               for u in units]  # the SAEs of each unit
+    seconds = [0.0] * len(units)
     main = log and (group is None or group.main)
     bar = Progress(f"  training {len(saes)} SAEs", total=n_steps * batch_size, unit="samples") if main else None
 
-    def step(i, x):  # SAE i's own step, exactly as `train` runs it
+    def step(i, x):  # unit i's step: SAE i's own, exactly as `train` runs it, or a stack's
         t0 = time.perf_counter()
-        trainers[i].step(x)
+        units[i].step(x)
         return time.perf_counter() - t0
 
     n_main = torch.get_num_threads()
@@ -88,15 +101,15 @@ def multi_train(saes, batches, cfgs, log=True, group=None, threads: int = 1) -> 
         for step_i in range(n_steps):
             t0 = time.perf_counter()
             x = next_batch(batches, step_i, n_steps)  # (B / world, D): read once
-            active = [i for i, t in enumerate(trainers) if step_i < t.n_steps]
-            read = (time.perf_counter() - t0) / len(active)
+            active = [i for i, u in enumerate(units) if step_i < u.n_steps]
+            read = (time.perf_counter() - t0) / sum(len(members[i]) for i in active)  # per SAE
             if pool:  # the slowest steps first, so that no thread is left with a long one at the end
                 active.sort(key=lambda i: -seconds[i])
                 took = pool.map(step, active, [x] * len(active))
             else:
                 took = (step(i, x) for i in active)
             for i, s in zip(active, took):
-                seconds[i] += read + s
+                seconds[i] += len(members[i]) * read + s
             if bar:
                 bar.update((step_i + 1) * batch_size, extra=f" | {len(active)} training")
     finally:
@@ -106,4 +119,8 @@ def multi_train(saes, batches, cfgs, log=True, group=None, threads: int = 1) -> 
     if bar:
         bar.close(n_steps * batch_size)
     joint = time.perf_counter() - t_start
-    return [{**t.finish(), "train_seconds": s, "joint_seconds": joint} for t, s in zip(trainers, seconds)]
+    results = [None] * len(trainers)
+    for u, own, s in zip(units, members, seconds):  # a stack's time split evenly over its SAEs
+        for i, out in zip(own, u.finish() if isinstance(u, Stack) else [u.finish()]):
+            results[i] = {**out, "train_seconds": s / len(own), "joint_seconds": joint}
+    return results

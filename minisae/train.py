@@ -98,7 +98,27 @@ class Trainer:
 
     def step(self, x):
         """One training step on the batch x (B / world, D), or (x, target) for a transcoder."""
-        sae, cfg, group, opt, step, first = self.sae, self.cfg, self.group, self.opt, self.steps_done, self.first
+        sae, cfg, opt, step = self.sae, self.cfg, self.opt, self.steps_done
+        x, target = self.check_batch(x)
+        # learning rate and sparsity coefficient for this step
+        for param_group in opt.param_groups:
+            param_group["lr"] = lr_at(step, self.n_steps, cfg)
+        coef_scale = min(1.0, (step + 1) / self.coef_warm)
+        # forward and loss
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss, parts = self.ddp(x, coef_scale) if self.ddp else self.loss_fn(x, coef_scale, target=target)
+        # backward, decoder constraint, step
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_parallel_grad_()
+        opt.step()
+        sae.unit_norm_decoder_()
+        # dead latents, resampling, checks, the progress line
+        self.end(x, target, loss.detach(), parts["code"], parts)
+
+    def check_batch(self, x):
+        """(x, target) of a batch x or (x, target), target None but for a transcoder."""
+        cfg, group = self.cfg, self.group
         x, target = x if isinstance(x, tuple) else (x, None)  # a transcoder reads x, reconstructs target
         if target is not None and (group or cfg.resample_every):
             raise ValueError("a transcoder trains in one process, without resampling (its dead latents would "
@@ -107,24 +127,18 @@ class Trainer:
         if x.shape[0] * self.world != cfg.batch_size:
             raise ValueError(f"data gave a batch of {x.shape[0]} on each of {self.world} process(es), "
                              f"config says {cfg.batch_size} in all")
-        # learning rate and sparsity coefficient for this step
-        for param_group in opt.param_groups:
-            param_group["lr"] = lr_at(step, self.n_steps, cfg)
-        coef_scale = min(1.0, (step + 1) / self.coef_warm)
-        # forward and loss
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss, parts = self.ddp(x, coef_scale) if self.ddp else self.loss_fn(x, coef_scale, target=target)
-        self.losses[step - first] = loss.detach()
-        self.finite[step - first] = all_finite(x) & (target is None or all_finite(target))
-        # backward, decoder constraint, step
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sae.remove_parallel_grad_()
-        opt.step()
-        sae.unit_norm_decoder_()
+        return x, target
+
+    def end(self, x, target, loss, code, parts, finite=None):
+        """The step's bookkeeping after the update: dead-latent counters from the code,
+        the window of losses, resampling, checks and the progress line. loss: () detached;
+        parts: the loss's scalar parts (logged); finite: all_finite of x and target, if known."""
+        sae, cfg, group, opt, step, first = self.sae, self.cfg, self.group, self.opt, self.steps_done, self.first
+        self.losses[step - first] = loss
+        self.finite[step - first] = (all_finite(x) & (target is None or all_finite(target))) if finite is None else finite
         # dead latents: which latents fired in this batch
         with torch.no_grad():
-            fired = parts["code"].fired()  # (F,)
+            fired = code.fired()  # (F,)
             if group:
                 fired = distributed.fired_anywhere(fired)  # [dist] fired on any rank's share
                 if hasattr(sae.activation, "threshold"):
@@ -153,7 +167,7 @@ class Trainer:
             row = {"step": step + 1, "samples": self.seen, "seconds": time.time() - self.t0,
                    "loss": window.mean().item(),
                    **{k: v.item() for k, v in parts.items() if torch.is_tensor(v) and v.ndim == 0},
-                   "l0": parts["code"].l0()}
+                   "l0": code.l0()}
             self.history.append(row)
             self.terms = " | " + " ".join(f"{k} {v:.4g}" for k, v in row.items()
                                           if k not in ("step", "samples", "seconds"))

@@ -100,7 +100,7 @@ def train_in_one_pass(cfg, model, acts, meta, heldout, base, keys, names, group=
     if group is None or group.main:
         print(f"{len(keys)} SAEs in one pass: " + ", ".join(f"{v} {k}={x}" for v, k, x in keys), file=sys.stderr)
     results = multi_train(list(saes), activation_batches(acts, cfg.batch_size, cfg.seed, device, group),
-                          list(tcfgs), group=group)
+                          list(tcfgs), group=group, stack={"auto": None, "on": True, "off": False}[cfg.stack])
     if group is not None and not group.main:
         return [None] * len(keys)
     return [evaluate_and_save(cfg, model, meta, heldout, base, sae, result, *key, name)
@@ -141,7 +141,8 @@ def evaluate_and_save(cfg, model, meta, heldout, base, sae, result, variant, kno
 # Fields of a run's config that do not change what one SAE of it is: where the run is
 # written, and which other SAEs it trains.
 NOT_PER_SAE = ("out", "variants", "sweep", "layers", "variant", "setting", "max_disk_gb", "keep_acts",
-               "device", "distribute", "one_pass", "compile")  # compile: the same SAE up to the order of additions
+               "device", "distribute", "one_pass", "compile", "stack")  # compile, stack: the same SAE up to
+#                                                                          the order of float additions
 
 
 def same_sae_settings(cfg_a: dict, cfg_b: dict) -> bool:
