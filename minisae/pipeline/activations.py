@@ -29,11 +29,10 @@ Why these steps:
   look like a sample of the whole corpus. Row j of the run goes to row perm[j] of the file.
 - One pass, many SAEs: a sweep reads the same file (np.load(..., mmap_mode='r')).
 
-Next to `acts.npy` a sidecar `acts.json` records model, hook, n_tokens (kept rows), d,
-scale, max_norm (raw units) and how many sink rows were dropped, the compute dtype, the mean raw activation (for mean-ablation in minisae.pipeline.evaluate) and the
-corpus. Both files are written under temporary names and renamed when complete.
+The file, its sidecar `acts.json` (what made the rows, their scale) and how they are read
+back and reused: minisae.pipeline.store.
 
-It also says how fast the collection ran (printed as one line; minisae.pipeline.rate):
+The sidecar also says how fast the collection ran (printed as one line; minisae.pipeline.rate):
 batch_size (contexts per forward), tokens_per_s (n_contexts x T over the whole wait),
 forward_flop_per_token (torch's count, first batch, up to the stop layer),
 achieved_flop_per_s (their product), matmul_flop_per_s (the device's, measured in the
@@ -55,7 +54,8 @@ import numpy as np
 import torch
 
 from minisae.pipeline import rate
-from minisae.utils import Progress, atomic_write, crash_point, model_device, remove_stale
+from minisae.pipeline.store import sidecar_path
+from minisae.utils import Progress, atomic_write, crash_point, model_device
 
 MAX_NORM_MULTIPLE = 10.0  # positions above this x the median norm are attention sinks
 
@@ -136,10 +136,6 @@ def scatter_rows_(out, where, rows, pool=None, threads: int = 1):
         return
     cuts = np.linspace(0, len(rows), threads + 1).astype(int)
     list(pool.map(lambda a, b: out.__setitem__(where[a:b], rows[a:b]), cuts[:-1], cuts[1:]))
-
-
-def sidecar_path(path) -> Path:
-    return Path(path).with_suffix(".json")
 
 
 def collect_activations(model, contexts, hook: str, path, model_name: str = "", corpus=None,
@@ -300,56 +296,3 @@ def collect_many(model, contexts, hooks: list, paths: list, model_name: str = ""
     if verbose:
         print(f"activations at {label}: {rate.rate_line(speed)}", file=sys.stderr)
     return metas
-
-
-def load_activations(path, model_name=None, hook=None):
-    """(acts, meta): the stored activations as a read-only memmap (N, D) float32, scaled
-    (divide by meta['scale'] for raw units), and the sidecar. Checks that the two agree,
-    that the file holds every row it claims (a killed copy may be short), and the model
-    and hook if given; ValueError naming the file otherwise."""
-    path = Path(path)
-    side = sidecar_path(path)
-    if not path.exists():
-        raise ValueError(f"no activation file at {path}")
-    if not side.exists():
-        raise ValueError(f"{path} has no sidecar {side.name}; it is incomplete or not ours")
-    try:
-        with open(side, encoding="utf-8") as f:
-            meta = json.load(f)
-        n, d = int(meta["n_tokens"]), int(meta["d"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"sidecar {side} is damaged or not ours: {e}") from None
-    try:
-        acts = np.load(path, mmap_mode="r")  # (N, D)
-    except (OSError, ValueError) as e:  # e.g. "mmap length is greater than file size": a short file
-        raise ValueError(f"activation file {path} is damaged or truncated: {e}") from None
-    if acts.dtype != np.float32 or acts.shape != (n, d):
-        raise ValueError(f"sidecar {side.name} says ({n}, {d}) float32 "
-                         f"but {path.name} holds {acts.shape} {acts.dtype}: mismatched files")
-    for key, want in (("model", model_name), ("hook", hook)):
-        if want is not None and meta.get(key) != want:
-            raise ValueError(f"{path.name} holds {key} {meta.get(key)!r}, not {want!r}")
-    return acts, meta
-
-
-def reusable(path, want: dict):
-    """(meta, None) if the activation file at `path` loads and its sidecar agrees with every
-    key of `want` (what produced it: model, weights, hook, dtype, corpus, context length,
-    normalisation); else (None, the reason it cannot be reused)."""
-    if not Path(path).exists():
-        return None, "none stored yet"
-    try:
-        _, meta = load_activations(path)
-    except ValueError as e:
-        return None, str(e)
-    diff = [k for k in want if meta.get(k) != want[k]]
-    if diff:
-        return None, "made with other settings: " + ", ".join(f"{k} {meta.get(k)!r} (now {want[k]!r})" for k in diff)
-    return meta, None
-
-
-def remove_stale_temporaries(folder) -> list:
-    """Delete the temporary files (".NAME.PID.tmp", ".NAME.PID.final.tmp") that a killed
-    process left in `folder`: a real collection's can be several GB. Files of processes
-    still running are kept. Returns the removed paths."""
-    return remove_stale(folder, ".*.tmp")

@@ -39,7 +39,7 @@ from minisae import plots
 from minisae.formats.common import tidy
 from minisae.models import known_d_model, load_model, weights_identity
 from minisae.models.hooks import hook_name
-from minisae.pipeline import activations, data, evaluate
+from minisae.pipeline import activations, data, evaluate, store
 from minisae.pipeline.sweep import (LAYERS_SETTING, SWEEPS, check_sae_settings, config_dict, parse_sweep,
                                     train_and_evaluate)
 from minisae.utils import atomic_write_text, resolve_device
@@ -91,7 +91,7 @@ def run(cfg) -> list:
     model.to(device).eval()
     layers = parse_layers(cfg.layers, model.n_layer)
     check_sae_settings({variant: (knob, [value])}, cfg, model.d_model)  # before the activation pass
-    for p in activations.remove_stale_temporaries(out):
+    for p in store.remove_stale_temporaries(out):
         print(f"removed {p}, left by a killed run", file=sys.stderr)
     tidy(out / "saes")  # SAE writes a kill interrupted: the old SAE back, their temporaries gone
     hooks = {L: hook_name(L, cfg.site, model.n_layer) for L in layers}
@@ -115,7 +115,7 @@ def run(cfg) -> list:
                                  corpus=corpus, bf16=cfg.bf16, seed=cfg.seed,
                                  producer={"weights": weights_identity(cfg.model, cfg.weights)})
         for L, path in zip(chunk, paths):
-            acts, meta = activations.load_activations(path, model_name=cfg.model, hook=hooks[L])
+            acts, meta = store.load_activations(path, model_name=cfg.model, hook=hooks[L])
             print(f"layer {L} ({hooks[L]}), scale {meta['scale']:.4g}, {meta['n_sinks_dropped']:,} sink "
                   f"positions dropped", file=sys.stderr)
             base = evaluate.baselines(model, heldout, hooks[L], meta["mean"], bf16=cfg.bf16, max_norm=meta["max_norm"],
@@ -133,6 +133,6 @@ def run(cfg) -> list:
         if not cfg.keep_acts:
             for path in paths:
                 path.unlink()
-                activations.sidecar_path(path).unlink()
+                store.sidecar_path(path).unlink()
     plots.layer_figures(results, out)
     return rows

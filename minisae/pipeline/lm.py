@@ -23,7 +23,7 @@ from minisae import distributed, plots, utils
 from minisae.formats.common import tidy
 from minisae.models import known_d_model, load_model, weights_identity
 from minisae.models.hooks import hook_name
-from minisae.pipeline import activations, data, evaluate
+from minisae.pipeline import activations, data, evaluate, store
 from minisae.pipeline.activations import MAX_NORM_MULTIPLE
 from minisae.pipeline.sweep import (SWEEPS, check_sae_settings, config_dict, finished_rows, parse_sweep,
                                     train_and_evaluate, train_in_one_pass)
@@ -43,11 +43,11 @@ def producer(cfg, hook: str) -> dict:
 def collect(model, tokenizer, cfg, want: dict, path):
     """Collect (or reuse, if made exactly as `want` says) the activation file of the
     training split; return its metadata."""
-    meta, why_not = activations.reusable(path, want)
+    meta, why_not = store.reusable(path, want)
     if meta is not None:
         print(f"reusing {path} ({meta['n_tokens']:,} tokens)", file=sys.stderr)
         return meta
-    if path.exists() or activations.sidecar_path(path).exists():
+    if path.exists() or store.sidecar_path(path).exists():
         print(f"not reusing {path}: {why_not}; collecting again", file=sys.stderr)
     contexts = data.load_contexts(tokenizer, name=cfg.model, split="train", ctx_len=cfg.ctx_len,
                                   max_tokens=want["corpus"]["max_tokens"], text_paths=cfg.text)
@@ -86,12 +86,12 @@ def run(cfg) -> list:
     check_sae_settings(sweeps, cfg, model.d_model)  # a bad k or setting fails before the activation pass
     acts_path = out / f"acts-{cfg.model}-{hook}.npy"
     if main:  # one process collects; the others wait for its file
-        for p in activations.remove_stale_temporaries(out):
+        for p in store.remove_stale_temporaries(out):
             print(f"removed {p}, left by a killed run", file=sys.stderr)
         tidy(out / "saes")  # SAE writes a kill interrupted: the old SAE back, their temporaries gone
         collect(model, tokenizer, cfg, producer(cfg, hook), acts_path)
     distributed.barrier(group)
-    acts, meta = activations.load_activations(acts_path, model_name=cfg.model, hook=hook)
+    acts, meta = store.load_activations(acts_path, model_name=cfg.model, hook=hook)
     heldout = data.load_contexts(tokenizer, name=cfg.model, split="heldout", ctx_len=cfg.ctx_len,
                                  max_tokens=cfg.eval_tokens, text_paths=cfg.text, verbose=main)
     if main:

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from minisae.pipeline import activations as A
 from minisae.pipeline import batches as B
+from minisae.pipeline.store import load_activations
 from minisae.models.hooks import StopForward, all_hook_names, check_hook_names, run_hook
 
 
@@ -78,7 +79,7 @@ def test_round_trip_holds_every_non_bos_row_once(setup):
     model, contexts, raw, tmp = setup
     meta = A.collect_activations(model, contexts, HOOK, tmp / "acts.npy", model_name="tiny",
                                  corpus={"split": "train"}, batch_size=7, normalize=False, verbose=False)
-    acts, loaded = A.load_activations(tmp / "acts.npy", model_name="tiny", hook=HOOK)
+    acts, loaded = load_activations(tmp / "acts.npy", model_name="tiny", hook=HOOK)
     assert loaded == meta and acts.dtype == np.float32 and acts.shape == (40 * 11, 16)
     assert meta["scale"] == 1.0 and meta["corpus"] == {"split": "train"} and meta["bos_dropped"]
     perm = np.random.default_rng(0).permutation(len(raw))  # documented: run row j -> file row perm[j]
@@ -92,7 +93,7 @@ def test_shuffle_is_seeded(setup):
     model, contexts, _, tmp = setup
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         A.collect_activations(model, contexts, HOOK, tmp / f"{name}.npy", seed=seed, verbose=False)
-    a, b, c = (A.load_activations(tmp / f"{n}.npy")[0] for n in "abc")
+    a, b, c = (load_activations(tmp / f"{n}.npy")[0] for n in "abc")
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     np.testing.assert_array_equal(sorted_rows(a), sorted_rows(c))
@@ -101,7 +102,7 @@ def test_shuffle_is_seeded(setup):
 def test_scale_gives_mean_norm_sqrt_d_and_is_undone(setup):
     model, contexts, raw, tmp = setup
     meta = A.collect_activations(model, contexts, HOOK, tmp / "acts.npy", verbose=False)
-    acts, _ = A.load_activations(tmp / "acts.npy")
+    acts, _ = load_activations(tmp / "acts.npy")
     # 40 contexts <= the 64 used for the estimate, so the estimate used all of them
     mean_norm = np.linalg.norm(acts.astype(np.float64), axis=1).mean()
     assert math.isclose(mean_norm, math.sqrt(16), rel_tol=1e-6)
@@ -114,7 +115,7 @@ def test_bf16_autocast_is_recorded_and_close(setup):
     model, contexts, raw, tmp = setup
     meta = A.collect_activations(model, contexts, HOOK, tmp / "acts.npy", normalize=False,
                                  bf16=True, verbose=False)
-    acts, _ = A.load_activations(tmp / "acts.npy")
+    acts, _ = load_activations(tmp / "acts.npy")
     assert meta["compute_dtype"] == "bfloat16"
     perm = np.random.default_rng(0).permutation(len(raw))
     err = np.abs(acts[perm] - raw.numpy()).max() / raw.abs().max().item()
@@ -126,7 +127,7 @@ def test_bf16_autocast_is_recorded_and_close(setup):
 def test_batches_cover_one_epoch_exactly_once(setup):
     model, contexts, _, tmp = setup
     A.collect_activations(model, contexts, HOOK, tmp / "acts.npy", verbose=False)
-    acts, _ = A.load_activations(tmp / "acts.npy")
+    acts, _ = load_activations(tmp / "acts.npy")
     batches = list(B.iter_batches(acts, 32, seed=3, block_batches=4))
     assert all(b.dtype == torch.float32 and b.shape[1] == 16 for b in batches)
     assert [len(b) for b in batches].count(32) == len(batches) - 1  # one short batch: 440 % 32
@@ -151,16 +152,16 @@ def test_mismatched_or_missing_sidecar_raises(setup):
     model, contexts, _, tmp = setup
     A.collect_activations(model, contexts, HOOK, tmp / "acts.npy", model_name="tiny", verbose=False)
     with pytest.raises(ValueError, match="hook"):
-        A.load_activations(tmp / "acts.npy", hook="blocks.0.hook_resid_pre")
+        load_activations(tmp / "acts.npy", hook="blocks.0.hook_resid_pre")
     with pytest.raises(ValueError, match="model"):
-        A.load_activations(tmp / "acts.npy", model_name="gpt2")
+        load_activations(tmp / "acts.npy", model_name="gpt2")
     side = json.loads((tmp / "acts.json").read_text())
     (tmp / "acts.json").write_text(json.dumps(dict(side, n_tokens=side["n_tokens"] + 1)))
     with pytest.raises(ValueError, match="mismatched"):
-        A.load_activations(tmp / "acts.npy")
+        load_activations(tmp / "acts.npy")
     (tmp / "acts.json").unlink()
     with pytest.raises(ValueError, match="sidecar"):
-        A.load_activations(tmp / "acts.npy")
+        load_activations(tmp / "acts.npy")
 
 
 def test_bad_inputs_raise(setup):
@@ -199,7 +200,7 @@ def test_attention_sinks_are_dropped_and_the_rest_kept_in_shuffled_order(setup):
     sink = norms > max_norm
     assert 0 < sink.sum() < 0.2 * len(raw)
     meta = A.collect_activations(model, contexts, HOOK, tmp / "acts.npy", verbose=False)
-    acts, _ = A.load_activations(tmp / "acts.npy")
+    acts, _ = load_activations(tmp / "acts.npy")
     assert math.isclose(meta["max_norm"], max_norm, rel_tol=1e-12)
     assert meta["n_sinks_dropped"] == sink.sum() and meta["n_tokens"] == len(raw) - sink.sum()
     kept = raw[~sink]

@@ -16,6 +16,7 @@ import torch
 from minisae.models.gpt2 import CONFIGS, GPT2, GPT2Config
 from minisae.pipeline import activations as A
 from minisae.pipeline import rate
+from minisae.pipeline.store import load_activations
 
 
 def gpt2_random():
@@ -29,7 +30,7 @@ def contexts(n=30, T=24, vocab=50257, seed=1):
 def test_rate_keys_are_in_the_sidecar_and_sane(tmp_path):
     model, ctx = gpt2_random(), contexts()
     meta = A.collect_activations(model, ctx, "blocks.2.hook_resid_pre", tmp_path / "acts.npy", verbose=False)
-    _, side = A.load_activations(tmp_path / "acts.npy")
+    _, side = load_activations(tmp_path / "acts.npy")
     assert side == meta and set(rate.RATE_KEYS) <= set(meta)
     assert all(isinstance(meta[k], float) and meta[k] > 0 for k in rate.RATE_KEYS if k != "copy_s")
     assert meta["copy_s"] >= 0 and 0 < meta["of_roofline"] < 2
@@ -156,7 +157,7 @@ def test_the_chapter_quotes_its_cpu_run():
 def test_a_cuda_collection_stores_the_devices_own_rows(tmp_path):
     model, ctx, hook = gpt2_random().cuda(), contexts(n=300, T=24), "blocks.2.hook_resid_pre"
     meta = A.collect_activations(model, ctx, hook, tmp_path / "acts.npy", normalize=False, verbose=False)
-    acts, _ = A.load_activations(tmp_path / "acts.npy")
+    acts, _ = load_activations(tmp_path / "acts.npy")
     B = meta["batch_size"]
     assert B > 8 and meta["n_sinks_dropped"] == 0 and 0 < meta["of_roofline"] < 2
     raw = torch.cat([A.hook_acts(model, ctx[i:i + B], hook) for i in range(0, len(ctx), B)])  # same batches

@@ -260,7 +260,7 @@ TOKENIZER_DIR = os.environ.get("MINISAE_GPT2_TOKENIZER_DIR")
 def test_pipeline_on_gpt2_random(tmp_path, monkeypatch):
     from pydoc_data.topics import topics
 
-    from minisae.pipeline import activations, data
+    from minisae.pipeline import activations, data, store
     from minisae.models.gpt2 import load_gpt2
 
     monkeypatch.setenv("MINISAE_CACHE", str(tmp_path / "cache"))
@@ -274,7 +274,7 @@ def test_pipeline_on_gpt2_random(tmp_path, monkeypatch):
     hook = "blocks.2.hook_resid_pre"
     meta = activations.collect_activations(model, train, hook, tmp_path / "acts.npy", model_name="gpt2-random",
                                            verbose=False)
-    acts, meta = activations.load_activations(tmp_path / "acts.npy", "gpt2-random", hook)
+    acts, meta = store.load_activations(tmp_path / "acts.npy", "gpt2-random", hook)
     assert acts.shape == (48 * 31, 64)
     assert math.isclose(np.linalg.norm(acts.astype(np.float64), axis=1).mean(), 8.0, rel_tol=1e-6)
     r = E.evaluate_spliced(model, hooked(Identity(), meta["mean"], meta["scale"], hook=hook), held, verbose=False)

@@ -36,7 +36,8 @@ def test_parse_layers():
 
 
 def test_collect_layers_matches_one_collection_per_hook(tmp_path):
-    from minisae.pipeline.activations import collect_activations, load_activations
+    from minisae.pipeline.activations import collect_activations
+    from minisae.pipeline.store import load_activations
     from minisae.pipeline.rate import RATE_KEYS
     from minisae.models.gpt2 import GPT2, GPT2Config
     torch.manual_seed(0)
@@ -81,7 +82,7 @@ needs_vocab = pytest.mark.skipif(
 @needs_vocab
 @pytest.mark.slow
 def test_layers_gpt2_random(tmp_path):
-    from minisae.pipeline.activations import sidecar_path
+    from minisae.pipeline.store import sidecar_path
     # 16 contexts * 127 tokens * 64 dims * 4 bytes = 0.52 MB per layer: chunks of 2 layers
     main(["layers", "--model", "gpt2-random", "--site", "resid_post", "--variant", "topk", "--setting", "k=8",
           "--tokens", "2048", "--eval-tokens", "256", "--expansion", "2", "--batch-size", "512",

@@ -8,8 +8,9 @@ import torch
 from minisae.configs import SweepConfig
 from minisae.models.gpt2 import GPT2, GPT2Config
 from minisae.pipeline import evaluate
-from minisae.pipeline.activations import collect_activations, load_activations
+from minisae.pipeline.activations import collect_activations
 from minisae.pipeline.hooked_sae import HookedSAE
+from minisae.pipeline.store import load_activations
 from minisae.pipeline.sweep import train_and_evaluate, train_in_one_pass
 
 pytestmark = pytest.mark.usefixtures("one_thread")
