@@ -89,8 +89,10 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.n_steps = cfg.n_samples // cfg.batch_size
         self.coef_warm = max(1, int(cfg.coef_warmup_frac * self.n_steps))
-        self.losses = torch.zeros(cfg.log_every, dtype=torch.float64)  # this window's losses, checked and logged in bulk
-        self.finite = torch.ones(cfg.log_every, dtype=torch.bool)  # and whether each batch was finite
+        # this window's losses, checked and logged in bulk, and whether each batch was finite: on
+        # the SAE's device, so that keeping them does not wait for the step (a copy to the host would)
+        self.losses = torch.zeros(cfg.log_every, dtype=torch.float64, device=sae.W_enc.device)
+        self.finite = torch.ones(cfg.log_every, dtype=torch.bool, device=sae.W_enc.device)
         self.pool = collections.deque(maxlen=cfg.resample_pool)  # recent batches, for resampling
         self.bar = Progress("  training", total=self.n_steps * cfg.batch_size, unit="samples") if self.log else None
         self.history, self.t0, self.seen, self.first, self.terms, self.start_loss = [], time.time(), 0, 0, "", None
@@ -214,7 +216,7 @@ def check_finite_(losses, finite, first: int, lr: float, all_ranks: bool = False
     process raises if any does (a lone rank's error would leave the others waiting)."""
     if all_ranks:
         import torch.distributed as dist
-        bad = torch.tensor([int(not finite.all() or not torch.isfinite(losses).all())])
+        bad = torch.tensor([int(not finite.all() or not torch.isfinite(losses).all())], device=losses.device)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item() and finite.all() and torch.isfinite(losses).all():
             raise FloatingPointError(f"another process saw NaN or Inf data or loss in the steps from {first}")
