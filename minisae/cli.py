@@ -189,10 +189,13 @@ def lm_cmd_flags(p):
     g.add_argument("--distribute", default=default(C.SweepConfig, "distribute"), choices=("data", "sweep"),
                    help="under torchrun: data (each SAE trained by all ranks, each on its share of every "
                         "batch, DistributedDataParallel) or sweep (different SAEs on different ranks)")
-    g.add_argument("--one-pass", action="store_true",
-                   help="train all SAEs of the sweep together, reading each batch once (the same SAEs as one "
-                        "at a time; all of them in memory at once)")
-    g.add_argument("--stack", default=default(C.SweepConfig, "stack"), choices=("auto", "on", "off"),
+    one_pass_flags(g, C.SweepConfig, "train all SAEs of the sweep together, reading each batch once (the same "
+                   "SAEs as one at a time; all of them in memory at once)")
+
+
+def one_pass_flags(g, cls, what: str):
+    g.add_argument("--one-pass", action="store_true", help=what)
+    g.add_argument("--stack", default=default(cls, "stack"), choices=("auto", "on", "off"),
                    help="with --one-pass: SAEs of one variant and shape train as one, their weights stacked "
                         "(one batched product for all; the same SAEs up to the order of float additions); "
                         "auto: on accelerators, where it saves kernel launches")
@@ -218,6 +221,8 @@ def layers_cmd_flags(p):
                    help="activation files on disk at once; layers are collected in chunks that fit")
     g.add_argument("--keep-acts", action="store_true",
                    help="keep the activation files (default: delete each chunk's after its SAEs are trained)")
+    one_pass_flags(g, C.LayersConfig, "train each chunk's SAEs together, each on its own layer's batches (the "
+                   "same SAEs as one at a time; a chunk's SAEs in memory at once)")
 
 
 def layers_run(args):

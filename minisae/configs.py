@@ -119,6 +119,11 @@ class LMConfig:
         return self
 
 
+def check_stack(stack: str):
+    if stack not in ("auto", "on", "off"):
+        raise ValueError(f"--stack must be auto, on or off, got {stack!r}")
+
+
 @dataclass
 class SweepConfig(LMConfig):
     layer: int = 6  # the hook point is blocks.{layer}.hook_{site}
@@ -131,8 +136,7 @@ class SweepConfig(LMConfig):
     def check(self):
         super().check()
         check_site(self.site, self.layer)
-        if self.stack not in ("auto", "on", "off"):
-            raise ValueError(f"--stack must be auto, on or off, got {self.stack!r}")
+        check_stack(self.stack)
         if not self.variants:
             raise ValueError("--variants names no variant; give e.g. relu,gated,topk")
         return self
@@ -150,9 +154,12 @@ class LayersConfig(LMConfig):
     setting: Optional[str] = None  # KNOB=VALUE; None: minisae.pipeline.sweep.LAYERS_SETTING for the variant
     max_disk_gb: float = 8.0  # activation files on disk at once: layers are collected in chunks that fit
     keep_acts: bool = False  # keep each chunk's activation files after its SAEs are trained
+    one_pass: bool = False  # train a chunk's SAEs together, each on its layer's batches (minisae/multi_train.py)
+    stack: str = "auto"  # in one pass, the SAEs stacked (minisae/stacked.py): on, off, auto (accelerators only)
 
     def check(self):
         super().check()
+        check_stack(self.stack)
         if not self.max_disk_gb > 0:
             raise ValueError(f"--max-disk-gb must be positive, got {self.max_disk_gb}")
         if self.layers is not None and not LAYERS.fullmatch(self.layers.replace(" ", "")):

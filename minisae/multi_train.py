@@ -51,7 +51,8 @@ from minisae.train import Trainer, next_batch
 from minisae.utils import Progress
 
 
-def multi_train(saes, batches, cfgs, log=True, group=None, threads: int = 1, stack=None) -> list:
+def multi_train(saes, batches, cfgs, log=True, group=None, threads: int = 1, stack=None,
+                own_batches: bool = False) -> list:
     """Train the SAEs in place on one iterator of batches (B, D); returns each one's
     history, as `train` returns it. cfgs: one TrainConfig per SAE, or one for all; they
     must agree on batch_size, and may differ in everything else (n_samples, lr,
@@ -65,7 +66,10 @@ def multi_train(saes, batches, cfgs, log=True, group=None, threads: int = 1, sta
     stack: train the SAEs that can share a stack (minisae/stacked.py: same variant, shape
     and schedule) as one, their weights stacked; None: on accelerators only, where it
     saves kernel launches (on a CPU each SAE's sparse path is faster). Stacked SAEs equal
-    those trained alone up to the order of float additions, not bit for bit."""
+    those trained alone up to the order of float additions, not bit for bit.
+    own_batches: each item of `batches` is a list of N batches, SAE i's is item i (SAEs at
+    different sites, e.g. a model's layers, trained together: nothing read is shared, but
+    stacks still serve SAEs of one shape)."""
     cfgs = [cfgs] * len(saes) if isinstance(cfgs, TrainConfig) else list(cfgs)
     if not saes or len(cfgs) != len(saes):
         raise ValueError(f"need one TrainConfig per SAE (or one for all), got {len(cfgs)} for {len(saes)} SAEs")
@@ -101,13 +105,18 @@ def multi_train(saes, batches, cfgs, log=True, group=None, threads: int = 1, sta
         for step_i in range(n_steps):
             t0 = time.perf_counter()
             x = next_batch(batches, step_i, n_steps)  # (B / world, D): read once
+            if own_batches and len(x) != len(saes):
+                raise ValueError(f"own_batches: each item must hold one batch per SAE, {len(saes)}; got {len(x)}")
             active = [i for i, u in enumerate(units) if step_i < u.n_steps]
+            inputs = [[x[j] for j in members[i]] if isinstance(units[i], Stack) else x[members[i][0]]
+                      for i in active] if own_batches else [x] * len(active)  # each unit's batch(es)
             read = (time.perf_counter() - t0) / sum(len(members[i]) for i in active)  # per SAE
             if pool:  # the slowest steps first, so that no thread is left with a long one at the end
-                active.sort(key=lambda i: -seconds[i])
-                took = pool.map(step, active, [x] * len(active))
+                order = sorted(range(len(active)), key=lambda j: -seconds[active[j]])
+                active, inputs = [active[j] for j in order], [inputs[j] for j in order]
+                took = pool.map(step, active, inputs)
             else:
-                took = (step(i, x) for i in active)
+                took = (step(i, xi) for i, xi in zip(active, inputs))
             for i, s in zip(active, took):
                 seconds[i] += len(members[i]) * read + s
             if bar:

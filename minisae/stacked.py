@@ -88,10 +88,14 @@ class Stack:
         self.loss = compiled(partial(stacked_loss, self)) if cfg.compile else partial(stacked_loss, self)
 
     def step(self, x):
-        """One step of every SAE on the batch x (B, D), or (x, target): Trainer.step's
-        loop, each line batched over the SAEs."""
+        """One step of every SAE on the batch x (B, D), or (x, target), or on a list of
+        their own batches, one per SAE (stacked (N, B, D)): Trainer.step's loop, each
+        line batched over the SAEs."""
         P, trainers, first = self.params, self.trainers, self.trainers[0]
-        x, target = [t.check_batch(x) for t in trainers][0]  # the same checks as alone
+        own = isinstance(x, list)
+        xs = [t.check_batch(x[i] if own else x) for i, t in enumerate(trainers)]  # the same checks as alone
+        x, target = (torch.stack([a for a, _ in xs]), None if xs[0][1] is None else torch.stack([b for _, b in xs])) \
+            if own else xs[0]  # (N, B, D) or (B, D)
         # learning rate and sparsity coefficient for this step: one schedule for all
         for param_group in self.opt.param_groups:  # every SAE's SliceOfAdam reads these
             param_group["lr"] = lr_at(first.steps_done, first.n_steps, first.cfg)
@@ -106,10 +110,10 @@ class Stack:
             self.opt.step()
             P["W_dec"] /= P["W_dec"].norm(dim=-1, keepdim=True)
             fired = f.amax(1) > 0  # (N, F): DenseCode.fired of every SAE
-        finite = all_finite(x) & (target is None or all_finite(target))  # read once for all
-        losses = losses.detach().to("cpu", torch.float64)  # (N,): one copy for all
-        for i, t in enumerate(trainers):
-            t.end(x, target, losses[i], StackedCode(fired[i], f[i]), {k: v[i] for k, v in parts.items()}, finite)
+        finite = None if own else all_finite(x) & (target is None or all_finite(target))  # read once for all
+        losses = losses.detach()  # (N,)
+        for i, (t, (x_i, target_i)) in enumerate(zip(trainers, xs)):
+            t.end(x_i, target_i, losses[i], StackedCode(fired[i], f[i]), {k: v[i] for k, v in parts.items()}, finite)
 
     def finish(self) -> list:
         """Each SAE's tensors its own again (clones of its slices); each one's history."""
@@ -142,8 +146,9 @@ def compiled(loss):
 
 
 def stacked_loss(stack, x, coef_scale, target=None):
-    """Each SAE's SAE.loss, batched: total (N,), the parts {name: (N,)}, the code (N, B, F)."""
-    P, part, B = stack.params, stack.part, x.shape[0]
+    """Each SAE's SAE.loss, batched: total (N,), the parts {name: (N,)}, the code (N, B, F).
+    x (B, D), the same batch for all, or (N, B, D), each SAE's own; target likewise."""
+    P, part, B = stack.params, stack.part, x.shape[-2]
     t = x if target is None else target  # (B, D)
     pre = torch.baddbmm(P["b_enc"][:, None], x - P["b_dec"][:, None], P["W_enc"].transpose(1, 2))  # (N, B, F)
     coef = None if stack.coef is None else coef_scale * stack.coef  # (N,)

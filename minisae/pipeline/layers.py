@@ -40,8 +40,10 @@ from minisae.formats.common import tidy
 from minisae.models import known_d_model, load_model, weights_identity
 from minisae.models.hooks import hook_name
 from minisae.pipeline import activations, data, evaluate, store
-from minisae.pipeline.sweep import (LAYERS_SETTING, SWEEPS, check_sae_settings, config_dict, parse_sweep,
-                                    train_and_evaluate)
+from minisae.multi_train import multi_train
+from minisae.pipeline.batches import activation_batches
+from minisae.pipeline.sweep import (LAYERS_SETTING, STACK, SWEEPS, check_sae_settings, config_dict,
+                                    evaluate_and_save, parse_sweep, sae_and_config, train_and_evaluate)
 from minisae.utils import atomic_write_text, resolve_device
 
 
@@ -114,14 +116,18 @@ def run(cfg) -> list:
         activations.collect_many(model, contexts, [hooks[L] for L in chunk], paths, model_name=cfg.model,
                                  corpus=corpus, bf16=cfg.bf16, seed=cfg.seed,
                                  producer={"weights": weights_identity(cfg.model, cfg.weights)})
-        for L, path in zip(chunk, paths):
-            acts, meta = store.load_activations(path, model_name=cfg.model, hook=hooks[L])
+        loaded = [store.load_activations(path, model_name=cfg.model, hook=hooks[L]) for L, path in zip(chunk, paths)]
+        trained = train_in_one_pass(cfg, loaded, variant, knob, value, chunk, device) if cfg.one_pass else None
+        for j, (L, path) in enumerate(zip(chunk, paths)):
+            acts, meta = loaded[j]
             print(f"layer {L} ({hooks[L]}), scale {meta['scale']:.4g}, {meta['n_sinks_dropped']:,} sink "
                   f"positions dropped", file=sys.stderr)
             base = evaluate.baselines(model, heldout, hooks[L], meta["mean"], bf16=cfg.bf16, max_norm=meta["max_norm"],
                                       with_sinks=True)
-            row = train_and_evaluate(cfg, model, acts, meta, heldout, base, variant, knob, value,
-                                     name=f"{hooks[L]}-{variant}-{knob}{value}", seed=cfg.seed + L)
+            name = f"{hooks[L]}-{variant}-{knob}{value}"
+            row = train_and_evaluate(cfg, model, acts, meta, heldout, base, variant, knob, value, name=name,
+                                     seed=cfg.seed + L) if trained is None else \
+                evaluate_and_save(cfg, model, meta, heldout, base, *trained[j], variant, knob, value, name)
             rows.append({"layer": L, "hook": hooks[L], "scale": meta["scale"], "max_norm": meta["max_norm"],
                          "n_sinks_dropped": meta["n_sinks_dropped"], **row})
             results = {"model": cfg.model, "site": cfg.site, "variant": variant, "knob": knob, "value": value,
@@ -129,10 +135,26 @@ def run(cfg) -> list:
                        "lr": cfg.lr, "batch_size": cfg.batch_size, "expansion": cfg.expansion,
                        "config": config_dict(cfg), "rows": rows}
             atomic_write_text(out / "layers_results.json", json.dumps(results, indent=1))  # after every layer
-            del acts  # the memmap, before its file is removed
+        del acts, loaded, trained  # the memmaps, before their files are removed
         if not cfg.keep_acts:
             for path in paths:
                 path.unlink()
                 store.sidecar_path(path).unlink()
     plots.layer_figures(results, out)
     return rows
+
+
+def train_in_one_pass(cfg, loaded, variant, knob, value, layers, device) -> list:
+    """The SAEs of `layers` trained together (`--one-pass`), each on its own layer's
+    activations `loaded` [(acts, meta)] with the seed and batches `train_and_evaluate`
+    gives it alone (minisae/multi_train.py, own_batches: step i feeds each SAE its own
+    layer's batch i; same-shape SAEs stacked with --stack); [(sae, result)] per layer."""
+    jobs = [sae_and_config(cfg, acts, meta, variant, knob, value, cfg.seed + L, device)
+            for L, (acts, meta) in zip(layers, loaded)]
+    streams = [activation_batches(acts, cfg.batch_size, cfg.seed + L, device) for L, (acts, _) in zip(layers, loaded)]
+    print(f"{len(layers)} SAEs in one pass ({variant} {knob}={value}), layers {', '.join(map(str, layers))}",
+          file=sys.stderr)
+    saes = [sae for sae, _ in jobs]
+    results = multi_train(saes, (list(xs) for xs in zip(*streams)), [c for _, c in jobs], own_batches=True,
+                          stack=STACK[cfg.stack])
+    return list(zip(saes, results))

@@ -100,11 +100,14 @@ def train_in_one_pass(cfg, model, acts, meta, heldout, base, keys, names, group=
     if group is None or group.main:
         print(f"{len(keys)} SAEs in one pass: " + ", ".join(f"{v} {k}={x}" for v, k, x in keys), file=sys.stderr)
     results = multi_train(list(saes), activation_batches(acts, cfg.batch_size, cfg.seed, device, group),
-                          list(tcfgs), group=group, stack={"auto": None, "on": True, "off": False}[cfg.stack])
+                          list(tcfgs), group=group, stack=STACK[cfg.stack])
     if group is not None and not group.main:
         return [None] * len(keys)
     return [evaluate_and_save(cfg, model, meta, heldout, base, sae, result, *key, name)
             for sae, result, key, name in zip(saes, results, keys, names)]
+
+
+STACK = {"auto": None, "on": True, "off": False}  # --stack as multi_train's stack=
 
 
 def sae_and_config(cfg, acts, meta, variant, knob, value, seed, device):

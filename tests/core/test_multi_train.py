@@ -85,6 +85,30 @@ def test_a_pass_in_two_threads_equals_the_saes_trained_alone(monkeypatch):
     assert n_resampled > 0 and torch.get_num_threads() == 1  # the caller's setting is back
 
 
+def own_streams(seeds):
+    """Each SAE's own stream, zipped: the batches of `multi_train(own_batches=True)`."""
+    return (list(xs) for xs in zip(*[sample_stream(DATA, B, seed=s) for s in seeds]))
+
+
+def test_a_pass_over_own_batches_equals_each_sae_alone_on_its_stream():
+    """own_batches: SAE i reads item i of each step's list (a model's layers, each its own
+    activations); every variant, each bit for bit as trained alone on its own stream."""
+    jobs = [(v, i, n) for i, (v, n) in enumerate(zip(VARIANTS, [12, 25, 7, 25, 19, 25]))]
+    seeds = [20 + i for i in range(len(jobs))]
+    together = [sae_and_config(*job) for job in jobs]
+    outs = multi_train([s for s, _ in together], own_streams(seeds), [c for _, c in together], log=False,
+                       own_batches=True)
+    for (sae, _), out, job, seed in zip(together, outs, jobs, seeds):
+        alone, cfg = sae_and_config(*job)
+        ref = train(alone, sample_stream(DATA, B, seed=seed), cfg, log=False)
+        for name, value in alone.state_dict().items():
+            assert torch.equal(sae.state_dict()[name], value), (job, name)
+        assert without_times(out["history"]) == without_times(ref["history"]), job
+    with pytest.raises(ValueError, match="one batch per SAE, 6; got 2"):
+        multi_train([s for s, _ in together], own_streams(seeds[:2]), [c for _, c in together], log=False,
+                    own_batches=True)
+
+
 def test_seconds_split_the_pass():
     """train_seconds: each SAE's own steps and its share of the reading; together the
     SAEs' seconds are the pass's time, less the loop's own bookkeeping."""

@@ -148,6 +148,22 @@ def test_a_stack_equals_the_saes_alone_for_a_transcoder_target(monkeypatch):
             torch.testing.assert_close(sae.state_dict()[name], value, **TOL)
 
 
+@pytest.mark.parametrize("variant", ["gated", "batchtopk"])
+def test_a_stack_over_own_batches_equals_each_sae_alone_on_its_stream(variant):
+    """own_batches: each SAE of the stack reads its own batch (stacked (N, B, D)), as the
+    SAEs of a model's layers do; each equals the SAE trained alone on its own stream."""
+    seeds = [30, 31, 32]
+    streams = [(x.double() for x in sample_stream(DATA, B, seed=s)) for s in seeds]
+    jobs = [sae_and_config(variant, i) for i in range(3)]
+    multi_train([s for s, _ in jobs], (list(xs) for xs in zip(*streams)), [c for _, c in jobs], log=False,
+                stack=True, own_batches=True)
+    for i, (sae, _) in enumerate(jobs):
+        alone, cfg = sae_and_config(variant, i)
+        train(alone, (x.double() for x in sample_stream(DATA, B, seed=seeds[i])), cfg, log=False)
+        for name, value in alone.state_dict().items():
+            torch.testing.assert_close(sae.state_dict()[name], value, **TOL, msg=lambda m: f"{i} {name}: {m}")
+
+
 def test_stacking_is_off_on_the_cpu_unless_asked(monkeypatch):
     made = []
     monkeypatch.setattr(Stack, "__init__", lambda self, trainers: made.append(len(trainers)) or 1 / 0)

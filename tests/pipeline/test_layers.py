@@ -112,3 +112,26 @@ def test_layers_deletes_activations_by_default(tmp_path):
     res = json.loads((tmp_path / "layers_results.json").read_text())
     assert [r["layer"] for r in res["rows"]] == [1, 3] and res["site"] == "resid_post"
     assert not list(tmp_path.glob("acts-*")) and len(list((tmp_path / "saes").glob("*/cfg.json"))) == 2
+
+
+@needs_vocab
+@pytest.mark.slow
+def test_layers_in_one_pass_equals_layer_by_layer(tmp_path, capsys):
+    """--one-pass: a chunk's SAEs trained together, each on its own layer's batches
+    (multi_train own_batches): the same rows (timings aside) and the same weights, bit for
+    bit, as layer by layer; with --stack on (the two layers' SAEs stacked), TopK's L0 is
+    still exactly k and every row is there."""
+    from minisae.pipeline.hooked_sae import HookedSAE
+    common = ["layers", "--model", "gpt2-random", "--layers", "1,3", "--setting", "k=4", "--tokens", "1024",
+              "--eval-tokens", "256", "--expansion", "2", "--batch-size", "256"]
+    runs = {}
+    for name, flags in (("alone", []), ("one", ["--one-pass"]), ("stacked", ["--one-pass", "--stack", "on"])):
+        main([*common, *flags, "--out", str(tmp_path / name)])
+        assert ("2 SAEs in one pass" in capsys.readouterr().err) == bool(flags)
+        runs[name] = json.loads((tmp_path / name / "layers_results.json").read_text())["rows"]
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("train_seconds", "eval_seconds")}  # noqa: E731
+    assert [strip(r) for r in runs["one"]] == [strip(r) for r in runs["alone"]]
+    for a, b in zip(runs["one"], runs["alone"]):
+        sa, sb = (HookedSAE.load(tmp_path / which / r["sae"]).sae.state_dict() for which, r in (("one", a), ("alone", b)))
+        assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert [r["layer"] for r in runs["stacked"]] == [1, 3] and all(r["l0"] == 4.0 for r in runs["stacked"])
