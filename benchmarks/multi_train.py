@@ -15,6 +15,14 @@ eager step (the CPU's fast path), after a first call that compiles.
 for the 20 SAEs as 20 `addmm` against one `baddbmm` over weights stacked (20, F, D): what
 stacking the SAEs would save on this machine, and whether it gives the same numbers.
 
+--stacked trains the sweep in one pass twice, each SAE stepped on its own (the CPU's
+default, its sparse paths) and with the SAEs that share a variant, shape and schedule
+stacked (multi_train stack=True, minisae/stacked.py: the dense products batched); CPU
+seconds of the whole calls on one thread, the stacks formed, and the largest weight
+difference between the two (they agree up to the order of float additions); then both
+again with every SAE stepped on its own on the dense reference (SAE.loss, what the
+stack batches, and what a GPU runs), and whether the two are bit for bit the same.
+
 --cores trains the sweep four ways, each --repeats times, interleaved: one at a time
 and in one pass, on one thread, and with two cores: one at a time with torch on two
 threads, and one pass with two SAEs' steps at a time (multi_train threads=2, each step
@@ -26,19 +34,25 @@ twice in this run: each SAE trained alone in its own worker task, as before
 `minisae.toy.run.passes`, and one pass per variant; wall seconds, and whether every
 number of toy_results.json but the timings is the same.
 
-    python benchmarks/multi_train.py [--frac 0.2] [--dim 256] [--compile] [--stack] [--cores] [--toy-job]
+    python benchmarks/multi_train.py [--frac 0.2] [--dim 256] [--compile] [--stack] [--stacked] [--cores]
+        [--toy-job]
 """
 
 import argparse
 import dataclasses
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
+import minisae.train
+
 from minisae.configs import ToyConfig
 from minisae.multi_train import multi_train
+from minisae.sparse_decode import loss_function
+from minisae.stacked import stack_trainers
 from minisae.toy import run as toy
 from minisae.toy.run import SETTINGS, SWEEP, VARIANTS, data_stream, make_data, make_variant
 from minisae.train import Trainer, train
@@ -67,11 +81,11 @@ def one_at_a_time(jobs, data, scale, cfg, intra: int = 1):
     return t, w, saes
 
 
-def one_pass(jobs, data, scale, cfg, threads: int = 1):
+def one_pass(jobs, data, scale, cfg, threads: int = 1, stack: bool = False):
     """(CPU seconds, wall seconds, SAEs): one pass, its steps in `threads` threads."""
     saes, tcfgs = build(jobs, data, scale, cfg)
     t0, w0 = time.process_time(), time.perf_counter()
-    multi_train(list(saes), data_stream(data, cfg), list(tcfgs), log=False, threads=threads)
+    multi_train(list(saes), data_stream(data, cfg), list(tcfgs), log=False, threads=threads, stack=stack)
     return time.process_time() - t0, time.perf_counter() - w0, saes
 
 
@@ -177,6 +191,7 @@ def main():
     ap.add_argument("--dim", type=int, default=256, help="the data's dimension (the toy's --dim)")
     ap.add_argument("--compile", action="store_true", help="also time the compiled step against the eager one")
     ap.add_argument("--stack", action="store_true", help="also time the encoder product, N addmm against one baddbmm")
+    ap.add_argument("--stacked", action="store_true", help="also the one pass with same-shape SAEs stacked")
     ap.add_argument("--cores", action="store_true", help="the sweep four ways, one and two threads, "
                     "interleaved: CPU and wall seconds")
     ap.add_argument("--repeats", type=int, default=3, help="calls per way with --cores")
@@ -212,6 +227,22 @@ def main():
                       f"{n} {t * 1e3:.1f}" + (f" ({base / t:.2f}x, largest difference {diffs[n]:.1e})" if n in diffs else "")
                       for n, t in times.items()))
         torch.set_num_threads(1)
+    if args.stacked:
+        saes, tcfgs = build(jobs, data, scale, cfg)
+        stacks, _ = stack_trainers([Trainer(s, c, log=False) for s, c in zip(saes, tcfgs)])
+        sizes = [f"{type(s.part).__name__} x{len(s.trainers)}" for s in stacks]
+        t_stack, _, stacked = one_pass(jobs, data, scale, cfg, stack=True)
+        diff = max((a.state_dict()[k] - b.state_dict()[k]).abs().max().item()
+                   for a, b in zip(together, stacked) for k in a.state_dict() if a.state_dict()[k].is_floating_point())
+        print(f"one pass, each SAE on its own: {t_pass:.1f} s   stacked ({', '.join(sizes)}; the rest on their "
+              f"own): {t_stack:.1f} s   stacked / own {t_stack / t_pass:.2f}   largest weight difference {diff:.1e}")
+        minisae.train.loss_function = partial(loss_function, sparse=False)  # each SAE on the dense reference
+        t_dense, _, dense = one_pass(jobs, data, scale, cfg)
+        t_dense_stack, _, dense_stacked = one_pass(jobs, data, scale, cfg, stack=True)
+        minisae.train.loss_function = loss_function
+        print(f"on the dense reference (SAE.loss, as on a GPU), one pass: each SAE on its own {t_dense:.1f} s, "
+              f"stacked {t_dense_stack:.1f} s, own / stacked {t_dense / t_dense_stack:.2f}x; every SAE bit for bit "
+              f"the same: {same(dense, dense_stacked)}")
     if args.toy_job:
         t_alone, r_alone = toy_job(alone=True)
         t_pass, r_pass = toy_job(alone=False)

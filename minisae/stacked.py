@@ -14,9 +14,10 @@ and a step of all N is the step of one, with every product batched over that axi
     loss    = sum_n loss_n                            each SAE's gradient is its own slice's
 
 One Adam over the stacked tensors is N Adams (its update is elementwise), and the
-decoder constraint is row-wise, so each slice moves exactly as its SAE would alone: the
-SAEs end as trained one at a time, up to the order of float additions in the batched
-products (tests/core/test_stacked.py, every variant it serves, with resampling and AuxK).
+decoder constraint is row-wise, so each slice moves exactly as its SAE would alone: on
+a CPU in float32 the SAEs end bit for bit as each trained alone on the dense reference
+(SAE.loss), and as trained on the sparse paths up to the order of float additions
+(tests/core/test_stacked.py, every variant it serves, with resampling and AuxK).
 What the stack saves is launches: a step of N SAEs is one sequence of kernels instead
 of N, which is what a GPU waits on when each SAE's products are small (docs/09_gpus.md).
 On a CPU it saves nothing (the products already run at the matrix-multiply rate) and it
@@ -76,10 +77,11 @@ class Stack:
             self.part, BatchTopK)
         self.buffers = {name: stack_([getattr(o, name) for o in own], owners=own, name=name) for name, own in owners}
         # the settings that may differ per SAE
-        per_sae = lambda name: torch.tensor([float(getattr(s.activation, name)) for s in saes],
-                                            dtype=saes[0].W_enc.dtype, device=device)  # (N,)
-        self.coef = per_sae("sparsity_coef") if hasattr(self.part, "sparsity_coef") else None
-        self.aux_coef = per_sae("aux_coef") if hasattr(self.part, "aux_coef") else None
+        per_sae = lambda name, dtype: torch.tensor([float(getattr(s.activation, name)) for s in saes], dtype=dtype,
+                                                   device=device)  # (N,)
+        # the sparsity coefficient in float64, as Python multiplies it by the warmup's scale
+        self.coef = per_sae("sparsity_coef", torch.float64) if hasattr(self.part, "sparsity_coef") else None
+        self.aux_coef = per_sae("aux_coef", saes[0].W_enc.dtype) if hasattr(self.part, "aux_coef") else None
         self.k = [s.activation.k for s in saes] if hasattr(self.part, "k") else None
         self.opt = torch.optim.Adam(self.params.values(), lr=trainers[0].cfg.lr, fused=True)  # N Adams in one
         for i, t in enumerate(trainers):  # its lr for error messages, its moments for resampling
@@ -151,7 +153,7 @@ def stacked_loss(stack, x, coef_scale, target=None):
     P, part, B = stack.params, stack.part, x.shape[-2]
     t = x if target is None else target  # (B, D)
     pre = torch.baddbmm(P["b_enc"][:, None], x - P["b_dec"][:, None], P["W_enc"].transpose(1, 2))  # (N, B, F)
-    coef = None if stack.coef is None else coef_scale * stack.coef  # (N,)
+    coef = None if stack.coef is None else (coef_scale * stack.coef).to(P["W_enc"].dtype)  # (N,)
     extra = {}
     if isinstance(part, ReLU):
         f = F.relu(pre)
@@ -160,7 +162,7 @@ def stacked_loss(stack, x, coef_scale, target=None):
         mag = torch.exp(P["r_mag"])[:, None] * (pre - P["b_enc"][:, None]) + P["b_mag"][:, None]  # (N, B, F)
         f = (pre > 0).to(pre.dtype) * F.relu(mag)
         gate = F.relu(pre)
-        x_hat_frozen = torch.baddbmm(P["b_dec"].detach()[:, None], gate, P["W_dec"].detach())  # (N, B, D)
+        x_hat_frozen = torch.bmm(gate, P["W_dec"].detach()) + P["b_dec"].detach()[:, None]  # (N, B, D)
         extra["l1"] = coef * gate.sum(-1).mean(-1)
         extra["aux"] = (t - x_hat_frozen).pow(2).sum(-1).mean(-1)
     elif isinstance(part, JumpReLU):

@@ -1,9 +1,11 @@
 """SAEs trained in one stack (minisae/stacked.py: weights stacked, one batched product for
 all) against their reference, each SAE trained alone with `train`: the same weights,
 buffers and history for every variant a stack serves, with resampling and AuxK at work.
+Against the dense reference alone, bit for bit in float32; against the CPU's default, the
+sparse paths, to float64's tolerance.
 
-In float64: the stack's batched products add in another order than the SAE's own (and
-alone, on a CPU, the sparse paths run), so the two agree to the order of float additions,
+There the stack's dense products add in another order than the sparse paths (and in
+float64 its batched products than the SAE's own), so the two agree to the order of float additions,
 about 1e-16 of a gradient's terms. Adam magnifies that where a gradient is near its eps
 (1e-8): the update lr g / (|g| + eps) changes by up to lr / (4 eps) = 2.5e5 times a change
 in g there, so a weight may move 1e-11..1e-9 differently in a step (TopK's weights do:
@@ -14,6 +16,7 @@ import pytest
 import torch
 
 import minisae.train
+from minisae import sparse_decode
 from minisae.multi_train import multi_train
 from minisae.sae import make_sae, revives_dead
 from minisae.stacked import PARTS, Stack, stack_key, stack_trainers, stacked_loss
@@ -32,10 +35,10 @@ DATA = SparseFeatures(SparseFeaturesConfig(n_features=40, d=D, mean_active=3, se
 TOL = dict(rtol=1e-7, atol=1e-7)
 
 
-def sae_and_config(variant, i, n_steps=30, **cfg):
-    """The i-th SAE of a sweep, in float64: its own setting and seed, a shared schedule."""
-    sae = make_sae(variant, D, F, seed=i, **SETTINGS[variant][i % 3]).double()
-    sae.init_b_dec_(DATA.sample(256, torch.Generator().manual_seed(99))[0].double())
+def sae_and_config(variant, i, n_steps=30, dtype=torch.float64, **cfg):
+    """The i-th SAE of a sweep (float64 unless told): its own setting and seed, a shared schedule."""
+    sae = make_sae(variant, D, F, seed=i, **SETTINGS[variant][i % 3]).to(dtype)
+    sae.init_b_dec_(DATA.sample(256, torch.Generator().manual_seed(99))[0].to(dtype))
     with torch.no_grad():
         sae.b_enc[:6] = -10.0  # six latents start dead: resampling and AuxK have work from the start
     cfg = TrainConfig(**{"n_samples": n_steps * B, "batch_size": B, "lr": 1e-2, "seed": 10 + i, "log_every": 7,
@@ -44,8 +47,12 @@ def sae_and_config(variant, i, n_steps=30, **cfg):
     return sae, cfg
 
 
-def stream():
-    return (x.double() for x in sample_stream(DATA, B, seed=5))
+def stream(dtype=torch.float64):
+    return (x.to(dtype) for x in sample_stream(DATA, B, seed=5))
+
+
+def without_times(history):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
 
 
 def assert_close_training(jobs, monkeypatch):
@@ -109,6 +116,26 @@ def test_the_stacked_loss_is_each_saes_loss(variant):
         torch.testing.assert_close(threshold, stack.buffers["threshold"], **TOL)
     if variant in ("topk", "batchtopk"):  # AuxK was at work in SAEs 0 and 2, not in 1
         assert parts["auxk"][0] > 0 and parts["auxk"][1] == 0 and parts["auxk"][2] > 0
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_stack_is_the_dense_reference_bit_for_bit(variant, monkeypatch, dtype=torch.float32):
+    """Against each SAE trained alone on the dense reference (SAE.loss, as on a GPU; on a
+    CPU the sparse paths run unless told not to), the stack does the same arithmetic in
+    float32: its batched products are the SAE's own products one slice at a time, so the
+    SAEs end bit for bit equal (weights, buffers, history), resampling and AuxK included.
+    (In float64 one step's encoder gradient already differs in its last bits on this CPU,
+    every other gradient and the loss bit for bit: the tolerance tests below.)"""
+    dense = lambda sae: sparse_decode.loss_function(sae, sparse=False)  # noqa: E731
+    together = [sae_and_config(variant, i, dtype=dtype) for i in range(3)]
+    outs = multi_train([s for s, _ in together], stream(dtype), [c for _, c in together], log=False, stack=True)
+    monkeypatch.setattr(minisae.train, "loss_function", dense)
+    for i, ((sae, _), out) in enumerate(zip(together, outs)):
+        alone, cfg = sae_and_config(variant, i, dtype=dtype)
+        ref = train(alone, stream(dtype), cfg, log=False)
+        for name, value in alone.state_dict().items():
+            assert torch.equal(sae.state_dict()[name], value), (i, name)
+        assert without_times(out["history"]) == without_times(ref["history"]), i
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
