@@ -82,12 +82,14 @@ class Stack:
         # the sparsity coefficient in float64, as Python multiplies it by the warmup's scale
         self.coef = per_sae("sparsity_coef", torch.float64) if hasattr(self.part, "sparsity_coef") else None
         self.aux_coef = per_sae("aux_coef", saes[0].W_enc.dtype) if hasattr(self.part, "aux_coef") else None
-        self.k = [s.activation.k for s in saes] if hasattr(self.part, "k") else None
+        if hasattr(self.part, "k"):  # each SAE's k (N,), on the device once: no copy from the host per step
+            self.k = torch.tensor([s.activation.k for s in saes], device=device)
+            self.k_max = max(s.activation.k for s in saes)
         self.opt = torch.optim.Adam(self.params.values(), lr=trainers[0].cfg.lr, fused=True)  # N Adams in one
         for i, t in enumerate(trainers):  # its lr for error messages, its moments for resampling
             t.opt = SliceOfAdam(self.opt, self.params, t.sae, i)
         cfg = trainers[0].cfg
-        self.loss = compiled(partial(stacked_loss, self)) if cfg.compile else partial(stacked_loss, self)
+        self.loss = compiled(partial(stacked_loss, self), device) if cfg.compile else partial(stacked_loss, self)
 
     def step(self, x):
         """One step of every SAE on the batch x (B, D), or (x, target), or on a list of
@@ -140,11 +142,12 @@ def stack_(tensors, make=lambda t: t, owners=None, name=None):
     return stacked
 
 
-def compiled(loss):
+def compiled(loss, device):
     """stacked_loss under torch.compile (TrainConfig.compile), coef_scale passed as a tensor
-    so that its warmup does not recompile."""
-    fn = torch.compile(loss)
-    return lambda x, coef_scale, target=None: fn(x, torch.tensor(coef_scale, device=x.device), target)
+    so that its warmup does not recompile: one float64 scalar on the device, filled each
+    step (a new tensor would be a copy from the host, and wait for it)."""
+    fn, scale = torch.compile(loss), torch.zeros((), dtype=torch.float64, device=device)
+    return lambda x, coef_scale, target=None: fn(x, scale.fill_(coef_scale), target)
 
 
 def stacked_loss(stack, x, coef_scale, target=None):
@@ -170,9 +173,9 @@ def stacked_loss(stack, x, coef_scale, target=None):
         f = _JumpReLUFn.apply(z, theta, part.bandwidth)
         extra["l0"] = coef * _StepFn.apply(z, theta, part.bandwidth).sum(-1).mean(-1)
     elif isinstance(part, TopK):
-        f = top_k(pre, stack.k, -1)
+        f = top_k(pre, stack.k, stack.k_max)
     else:  # BatchTopK: the k B largest of each SAE's whole batch
-        f = top_k(F.relu(pre).flatten(1), [k * B for k in stack.k], -1, stack.buffers["threshold"],
+        f = top_k(F.relu(pre).flatten(1), stack.k * B, stack.k_max * B, stack.buffers["threshold"],
                   part.threshold_momentum).view_as(pre)
     x_hat = torch.baddbmm(P["b_dec"][:, None], f, P["W_dec"])  # (N, B, D)
     recon = (x_hat - t).pow(2).sum(-1).mean(-1)  # (N,)
@@ -181,20 +184,20 @@ def stacked_loss(stack, x, coef_scale, target=None):
     return recon + sum(extra.values()), {"recon": recon, **extra}, f.detach()
 
 
-def top_k(pre, ks, dim, threshold=None, momentum=None):
-    """ReLU of each SAE's k_n largest entries along dim, the rest 0: (N, ...) like pre.
-    One topk of the largest k; each SAE keeps the first k_n of it (sorted). threshold (N,):
-    BatchTopK's running threshold, updated with each SAE's smallest positive kept value."""
-    kmax = max(ks)
-    vals, idx = pre.topk(kmax, dim=dim)  # (N, ..., kmax), largest first
-    keep = torch.arange(kmax, device=pre.device) < torch.tensor(ks, device=pre.device).view(-1, *[1] * (pre.ndim - 1))
+def top_k(pre, k, k_max: int, threshold=None, momentum=None):
+    """ReLU of each SAE's k_n largest entries along the last axis, the rest 0: (N, ..., F)
+    like pre; k (N,) on pre's device. One topk of the largest, k_max; each SAE keeps the
+    first k_n of it (sorted). threshold (N,): BatchTopK's running threshold, updated with
+    each SAE's smallest positive kept value."""
+    vals, idx = pre.topk(k_max, dim=-1)  # (N, ..., k_max), largest first
+    keep = torch.arange(k_max, device=pre.device) < k.view(-1, *[1] * (pre.ndim - 1))  # (N, ..., k_max)
     vals = F.relu(vals) * keep
     if threshold is not None:  # BatchTopK.update_threshold_, for every SAE at once
         with torch.no_grad():
             m = torch.where(vals > 0, vals, float("inf")).amin(-1)  # (N,)
             new = torch.where(threshold < 0, m, (1 - momentum) * threshold + momentum * m)
             threshold.copy_(torch.where(torch.isfinite(m), new, threshold))
-    return torch.zeros_like(pre).scatter(dim, idx, vals)
+    return torch.zeros_like(pre).scatter(-1, idx, vals)
 
 
 def stacked_auxk(stack, pre, t, x_hat):

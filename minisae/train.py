@@ -199,8 +199,10 @@ def step_loss(sae, cfg: TrainConfig):
     if not cfg.compile:
         return loss_function(sae)
     compiled = torch.compile(partial(reference_loss, sae))
-    # coef_scale as a tensor: a Python float that changes every warmup step would recompile
-    return lambda x, coef_scale, target=None: compiled(x, torch.tensor(coef_scale, device=x.device), target=target)
+    # coef_scale as a tensor: a Python float that changes every warmup step would recompile; one
+    # scalar on the device, filled each step (a new tensor would be a copy from the host, and wait)
+    scale = torch.zeros((), device=sae.W_enc.device)
+    return lambda x, coef_scale, target=None: compiled(x, scale.fill_(coef_scale), target=target)
 
 
 def all_finite(x):
