@@ -20,12 +20,14 @@ Scope. Each part runs in a process of its own under its own time limit (--limits
 that fails or runs out of time is recorded with what it measured so far, and the next
 part runs. `--parts` picks some of them.
 1. step: `benchmarks/sae_train.py`'s step (its functions, imported) at 768 x 6144, batch
-   4096, ReLU and TopK (k=32), fp32 and bf16 autocast, eager and with TrainConfig.compile;
-   the fastest of 20 steps after 5 (the compiled step compiles in its first steps; that
-   extra time is reported as compile_s). Roofline as there: one (B, D) x (D, F) matmul of
-   the same dtype timed in this run, 12 D F FLOP per sample for ReLU, 6 D F for TopK.
-   Targets: bf16 ReLU >= 50% of the bf16 roofline, bf16 TopK >= 30% (best of eager and
-   compiled; each mode's number is kept).
+   4096, ReLU and TopK (k=32), fp32 and bf16 autocast, eager, TopK also eager on the dense
+   reference (mode "dense": SAE.loss instead of its sparse path, which the eager step
+   picks on every device; which is faster on a GPU is not yet known), and with
+   TrainConfig.compile; the fastest of 20 steps after 5 (the compiled step compiles in its
+   first steps; that extra time is reported as compile_s). Roofline as there: one (B, D) x
+   (D, F) matmul of the same dtype timed in this run, 12 D F FLOP per sample for ReLU, 6 D F
+   for TopK. Targets: bf16 ReLU >= 50% of the bf16 roofline, bf16 TopK >= 30% (best of the
+   modes; each mode's number is kept).
 2. collect: `minisae.pipeline.activations.collect_activations` at layer 15's resid_post,
    bf16, 2,048 contexts of 128 tokens, at its default batch size (what `lm` uses; the
    target's), at 8 contexts (the batch of the H200's 43k tokens/s) and at 64; and the
@@ -59,7 +61,7 @@ the sparse paths' cost a little). The JSON says which ("weights").
 
 Estimate of the whole call on one H100, from the H200's numbers (docs/09_gpus.md; the
 H100's matmul rate is about the H200's, its memory ~30% slower, so ~1.0-1.2x the time):
-step: 4 eager runs of 26 steps at <= 7 ms and the matmul timings, ~5 s, and 4
+step: 6 eager runs of 26 steps at <= 7 ms and the matmul timings, ~5 s, and 4
 compilations of ~20-40 s each (not yet timed on a GPU), ~2 min: limit 190 s. collect:
 3 x 260k tokens at >= 43k tokens/s <= 20 s, the forwards alone and the sidecar's matmul
 timing a few more: limit 75 s. sweep at 0.2: 0.52M positions at 43k/s ~12 s, 19 x 0.8M
@@ -182,25 +184,31 @@ def part_step(args, sz, device, record):
     rate = {d: sae_train.matmul_flops(D, F, B, dtype) for d, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     record(shape=dict(D=D, F=F, B=B, k=k), matmul_flops=rate, steps=sz["steps"], warmup=sz["warmup"], rows=[])
     print(f"matmul {rate['fp32'] / 1e9:,.0f} GFLOP/s fp32, {rate['bf16'] / 1e9:,.0f} bf16 at ({B}, {D}) x ({D}, {F})")
-    for mode in ("eager", "compiled"):  # eager first: its rows come back even if compiling runs out of time
-        for variant, dtype in ((v, d) for v in ("relu", "topk") for d in ("fp32", "bf16")):
-            saved = sae_train.TrainConfig  # minisae_step builds its TrainConfig from this name
-            if mode == "compiled":
-                sae_train.TrainConfig = functools.partial(TrainConfig, compile=True)
-            t0 = time.perf_counter()
-            try:
-                step = sae_train.minisae_step(variant, D, F, B, k, sz["steps"], sz["warmup"], bf16=dtype == "bf16")
-            finally:
-                sae_train.TrainConfig = saved
-            took = time.perf_counter() - t0
-            flop = (6 if variant in sae_train.SPARSE else 12) * D * F
-            row = dict(variant=variant, dtype=dtype, mode=mode, step_s=step, samples_per_s=B / step,
-                       of_roofline=B / step / (rate[dtype] / flop),
-                       compile_s=max(took - (sz["steps"] + sz["warmup"] + 1) * step, 0.0))  # first steps' extra time
-            record(rows=record.data["rows"] + [row])
-            print(f"{variant:<5} {dtype} {mode:<8} {step * 1e3:8.3f} ms/step {B / step:>12,.0f} samples/s "
-                  f"{row['of_roofline']:6.1%} of roofline" +
-                  (f", compile ~{row['compile_s']:.1f} s" if mode == "compiled" else ""))
+    import minisae.train
+    from minisae.sparse_decode import loss_function
+    cases = [("eager", v, d) for v in ("relu", "topk") for d in ("fp32", "bf16")] + \
+        [("dense", "topk", d) for d in ("fp32", "bf16")] + \
+        [("compiled", v, d) for v in ("relu", "topk") for d in ("fp32", "bf16")]  # compiling last: the slowest
+    for mode, variant, dtype in cases:
+        saved = sae_train.TrainConfig  # minisae_step builds its TrainConfig from this name
+        if mode == "compiled":
+            sae_train.TrainConfig = functools.partial(TrainConfig, compile=True)
+        if mode == "dense":  # TopK eager on the dense reference (SAE.loss), not its sparse path
+            minisae.train.loss_function = functools.partial(loss_function, sparse=False)
+        t0 = time.perf_counter()
+        try:
+            step = sae_train.minisae_step(variant, D, F, B, k, sz["steps"], sz["warmup"], bf16=dtype == "bf16")
+        finally:
+            sae_train.TrainConfig, minisae.train.loss_function = saved, loss_function
+        took = time.perf_counter() - t0
+        flop = (6 if variant in sae_train.SPARSE else 12) * D * F
+        row = dict(variant=variant, dtype=dtype, mode=mode, step_s=step, samples_per_s=B / step,
+                   of_roofline=B / step / (rate[dtype] / flop),
+                   compile_s=max(took - (sz["steps"] + sz["warmup"] + 1) * step, 0.0))  # first steps' extra time
+        record(rows=record.data["rows"] + [row])
+        print(f"{variant:<5} {dtype} {mode:<8} {step * 1e3:8.3f} ms/step {B / step:>12,.0f} samples/s "
+              f"{row['of_roofline']:6.1%} of roofline" +
+              (f", compile ~{row['compile_s']:.1f} s" if mode == "compiled" else ""))
 
 
 # ------------------------------------------------------------------ 2. activation collection

@@ -154,7 +154,7 @@ def stacked_loss(stack, x, coef_scale, target=None):
     """Each SAE's SAE.loss, batched: total (N,), the parts {name: (N,)}, the code (N, B, F).
     x (B, D), the same batch for all, or (N, B, D), each SAE's own; target likewise."""
     P, part, B = stack.params, stack.part, x.shape[-2]
-    t = x if target is None else target  # (B, D)
+    t = x if target is None else target  # (B, D) or (N, B, D)
     pre = torch.baddbmm(P["b_enc"][:, None], x - P["b_dec"][:, None], P["W_enc"].transpose(1, 2))  # (N, B, F)
     coef = None if stack.coef is None else (coef_scale * stack.coef).to(P["W_enc"].dtype)  # (N,)
     extra = {}

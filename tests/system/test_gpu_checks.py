@@ -38,7 +38,8 @@ def test_quick_cpu_run_reports_every_number(tmp_path):
     step = report["parts"]["step"]["results"]
     assert all(positive(v) for v in step["matmul_flops"].values()) and set(step["matmul_flops"]) == {"fp32", "bf16"}
     got = {(r["variant"], r["dtype"], r["mode"]) for r in step["rows"]}
-    assert got == {(v, d, m) for v in ("relu", "topk") for d in ("fp32", "bf16") for m in ("eager", "compiled")}
+    assert got == {(v, d, m) for v in ("relu", "topk") for d in ("fp32", "bf16") for m in ("eager", "compiled")} | \
+        {("topk", d, "dense") for d in ("fp32", "bf16")}
     for r in step["rows"]:
         assert all(positive(r[k]) for k in ("step_s", "samples_per_s", "of_roofline")), r
         assert r["compile_s"] >= 0
