@@ -29,8 +29,7 @@ checks and progress line, `Trainer.end`, run on it as before) and its own `Train
 that bookkeeping. A stack needs the SAEs to agree on what the batched code cannot vary
 per SAE (`stack_key`): the variant and its shape-like settings, dtype, device, and the
 schedule (one Adam, one learning rate per step). Per SAE: the sparsity coefficient, k,
-AuxK's coefficient, the seed. Matryoshka BatchTopK's nested prefixes are not batched:
-its SAEs train one by one.
+AuxK's coefficient, the seed.
 """
 
 from functools import partial
@@ -39,15 +38,17 @@ import torch
 import torch.nn.functional as F
 
 from minisae.codes import DenseCode
+from minisae.matryoshka import MatryoshkaBatchTopK
 from minisae.sae import ReLU
 from minisae.train import all_finite, lr_at
 from minisae.variants import BatchTopK, Gated, JumpReLU, TopK, _JumpReLUFn, _StepFn
 
-PARTS = (ReLU, Gated, JumpReLU, TopK, BatchTopK)  # the parts a stack batches
+PARTS = (ReLU, Gated, JumpReLU, TopK, BatchTopK, MatryoshkaBatchTopK)  # the parts a stack batches
 SCHEDULE = ("n_samples", "batch_size", "lr", "lr_warmup_frac", "lr_decay_frac", "coef_warmup_frac",
             "resample_every", "resample_until_frac", "resample_pool", "resample_dead_after", "bf16", "compile")
 SHARED = {Gated: (), ReLU: (), JumpReLU: ("bandwidth",), TopK: ("k_aux", "dead_after"),
-          BatchTopK: ("k_aux", "dead_after", "threshold_momentum")}  # settings one stack shares
+          BatchTopK: ("k_aux", "dead_after", "threshold_momentum"),
+          MatryoshkaBatchTopK: ("k_aux", "dead_after", "threshold_momentum", "prefixes")}  # settings one stack shares
 
 
 def stack_key(sae, cfg):
@@ -174,13 +175,20 @@ def stacked_loss(stack, x, coef_scale, target=None):
         extra["l0"] = coef * _StepFn.apply(z, theta, part.bandwidth).sum(-1).mean(-1)
     elif isinstance(part, TopK):
         f = top_k(pre, stack.k, stack.k_max)
-    else:  # BatchTopK: the k B largest of each SAE's whole batch
+    else:  # BatchTopK (and Matryoshka's): the k B largest of each SAE's whole batch
         f = top_k(F.relu(pre).flatten(1), stack.k * B, stack.k_max * B, stack.buffers["threshold"],
                   part.threshold_momentum).view_as(pre)
     x_hat = torch.baddbmm(P["b_dec"][:, None], f, P["W_dec"])  # (N, B, D)
     recon = (x_hat - t).pow(2).sum(-1).mean(-1)  # (N,)
     if isinstance(part, (TopK, BatchTopK)):
         extra["auxk"] = stacked_auxk(stack, pre, t, x_hat)
+    if isinstance(part, MatryoshkaBatchTopK):  # every inner prefix m decodes alone: f[:, :m] W_dec[:m] + b_dec
+        inner, x_hat_m, a = [], P["b_dec"][:, None], 0  # x_hat_0 = b_dec
+        for m in part.prefixes[:-1]:
+            x_hat_m = x_hat_m + torch.bmm(f[..., a:m], P["W_dec"][:, a:m])  # (N, B, D), a running sum
+            inner.append((t - x_hat_m).pow(2).sum(-1).mean(-1))  # (N,)
+            a = m
+        extra["prefixes"] = torch.stack(inner, -1).sum(-1) if inner else recon.new_zeros(recon.shape)  # (N,)
     return recon + sum(extra.values()), {"recon": recon, **extra}, f.detach()
 
 

@@ -18,7 +18,7 @@ import torch
 import minisae.train
 from minisae import sparse_decode
 from minisae.multi_train import multi_train
-from minisae.sae import make_sae, revives_dead
+from minisae.sae import ReLU, make_sae, revives_dead
 from minisae.stacked import PARTS, Stack, stack_key, stack_trainers, stacked_loss
 from minisae.train import TrainConfig, Trainer, sample_stream, train
 from toy_models.sparse_features import SparseFeatures, SparseFeaturesConfig
@@ -29,7 +29,8 @@ SETTINGS = {"relu": [{"sparsity_coef": c} for c in (0.05, 0.3, 2.0)],
             "gated": [{"sparsity_coef": c} for c in (0.05, 0.3, 2.0)],
             "jumprelu": [{"sparsity_coef": c, "bandwidth": 0.05, "theta_init": 0.05} for c in (0.005, 0.02, 0.2)],
             "topk": [{"k": k, "dead_after": 3 * B, "aux_coef": a} for k, a in ((1, 0.1), (2, 1 / 32), (4, 0.5))],
-            "batchtopk": [{"k": k, "dead_after": 3 * B} for k in (1, 2, 4)]}
+            "batchtopk": [{"k": k, "dead_after": 3 * B} for k in (1, 2, 4)],
+            "matryoshka_batchtopk": [{"k": k, "dead_after": 3 * B, "prefixes": (6, 24)} for k in (1, 2, 4)]}
 VARIANTS = list(SETTINGS)
 DATA = SparseFeatures(SparseFeaturesConfig(n_features=40, d=D, mean_active=3, seed=0))
 TOL = dict(rtol=1e-7, atol=1e-7)
@@ -114,14 +115,14 @@ def test_the_stacked_loss_is_each_saes_loss(variant):
                                        msg=lambda m: f"gradient of {name}, SAE {i}: {m}")
     if threshold is not None:
         torch.testing.assert_close(threshold, stack.buffers["threshold"], **TOL)
-    if variant in ("topk", "batchtopk"):  # AuxK was at work in SAEs 0 and 2, not in 1
+    if revives_dead(variant):  # AuxK was at work in SAEs 0 and 2, not in 1
         assert parts["auxk"][0] > 0 and parts["auxk"][1] == 0 and parts["auxk"][2] > 0
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_a_stack_is_the_dense_reference_bit_for_bit(variant, monkeypatch, dtype=torch.float32):
-    """Against each SAE trained alone on the dense reference (SAE.loss, as on a GPU; on a
-    CPU the sparse paths run unless told not to), the stack does the same arithmetic in
+    """Against each SAE trained alone on the dense reference (SAE.loss, as the penalty
+    variants run on a GPU; on a CPU the sparse paths run unless told not to), the stack does the same arithmetic in
     float32: its batched products are the SAE's own products one slice at a time, so the
     SAEs end bit for bit equal (weights, buffers, history), resampling and AuxK included.
     (In float64 one step's encoder gradient already differs in its last bits on this CPU,
@@ -148,15 +149,18 @@ def test_each_sae_of_a_stack_equals_the_sae_trained_alone(variant, monkeypatch):
 
 
 def test_a_pass_stacks_what_shares_a_key_and_steps_the_rest_alone(monkeypatch):
-    """Two stacks (relu, topk), a Matryoshka SAE and a shorter relu run one by one."""
+    """Two stacks (relu, topk); a lone Matryoshka SAE, a shorter relu run, and an SAE whose
+    part is not one a stack knows step one by one."""
     jobs = [("relu", 0), ("topk", 0), ("relu", 1), ("topk", 1)]
     assert_close_training(jobs, monkeypatch)
-    pairs = [sae_and_config(*j) for j in jobs] + [sae_and_config("relu", 2, n_steps=12)]
-    m = make_sae("matryoshka_batchtopk", D, F, k=2).double()
-    pairs.append((m, pairs[0][1]))
+    pairs = [sae_and_config(*j) for j in jobs] + [sae_and_config("relu", 2, n_steps=12),
+                                                  sae_and_config("matryoshka_batchtopk", 0)]
+    odd = make_sae("relu", D, F).double()
+    odd.activation = type("ScaledReLU", (ReLU,), {})()  # a part of its own: its math is not the stack's
+    pairs.append((odd, pairs[0][1]))
     stacks, singles = stack_trainers([Trainer(s, c, log=False) for s, c in pairs])
-    assert [len(s.trainers) for s in stacks] == [2, 2] and len(singles) == 2
-    assert stack_key(m, pairs[0][1]) is None and type(m.activation) not in PARTS
+    assert [len(s.trainers) for s in stacks] == [2, 2] and len(singles) == 3
+    assert stack_key(odd, pairs[0][1]) is None and type(odd.activation) not in PARTS
 
 
 def test_a_stack_equals_the_saes_alone_for_a_transcoder_target(monkeypatch):
