@@ -192,7 +192,7 @@ class DecodeRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, vals, rows, cols, W_dec, n_rows: int, bags):
-        counts = torch.bincount(rows, minlength=n_rows)  # (B,) entries per row
+        counts = row_counts(rows, n_rows)  # (B,) entries per row
         offsets = counts.cumsum(0) - counts  # (B,) start of each row (rows sorted); a searchsorted of
         #                                      every row is 6x slower on a CPU at Matryoshka's G*B rows
         ctx.save_for_backward(vals, cols, W_dec, offsets, *bags)
@@ -209,6 +209,15 @@ class DecodeRows(torch.autograd.Function):
             grad_vals, = torch.autograd.grad(out, v, g)  # (N,)
         grad_W_dec = sum_by_latent(g, vals, LatentBags(*bags)) if ctx.needs_input_grad[3] else None  # (F, D)
         return grad_vals, None, None, grad_W_dec, None, None
+
+
+def row_counts(rows, n_rows: int, device_safe=None):
+    """(n_rows,) how many entries each row has: bincount on a CPU; elsewhere an index_add,
+    since CUDA's bincount reads the largest index back to the host first (a sync per
+    step). device_safe: force the index_add (for tests on a CPU)."""
+    if not (device_safe if device_safe is not None else rows.device.type != "cpu"):
+        return torch.bincount(rows, minlength=n_rows)
+    return torch.zeros(n_rows, dtype=torch.long, device=rows.device).index_add_(0, rows, torch.ones_like(rows))
 
 
 def decode_rows(vals, rows, cols, W_dec, n_rows: int, bags=None):

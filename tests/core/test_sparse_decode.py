@@ -27,6 +27,16 @@ def grads(sae, loss):
     return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in sae.named_parameters()}
 
 
+@settings(max_examples=40, deadline=None)
+@given(n_rows=st.integers(1, 50), n=st.integers(0, 200), seed=st.integers(0, 2**16))
+def test_row_counts_both_ways_equal_bincount(n_rows, n, seed):
+    """The count an accelerator takes (index_add, no read-back) equals bincount's."""
+    rows = torch.randint(0, n_rows, (n,), generator=torch.Generator().manual_seed(seed)).sort().values
+    ref = torch.bincount(rows, minlength=n_rows)
+    for device_safe in (False, True):
+        assert torch.equal(sparse_decode.row_counts(rows, n_rows, device_safe=device_safe), ref)
+
+
 @fast
 @given(n=st.integers(0, 3000), n_lat=st.sampled_from([1, 3, 512, 2**16, 2**16 + 1]), seed=st.integers(0, 99))
 def test_stable_order_is_torchs_stable_sort(n, n_lat, seed):
