@@ -121,6 +121,10 @@ def multi_train(saes, batches, cfgs, log=True, group=None, threads: int = 1, sta
                 seconds[i] += len(members[i]) * read + s
             if bar:
                 bar.update((step_i + 1) * batch_size, extra=f" | {len(active)} training")
+    except BaseException:
+        for s in stacks:  # each SAE its own tensors again, as far as it got
+            s.release()
+        raise
     finally:
         if pool:
             pool.shutdown()

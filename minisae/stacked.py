@@ -120,14 +120,20 @@ class Stack:
         for i, (t, (x_i, target_i)) in enumerate(zip(trainers, xs)):
             t.end(x_i, target_i, losses[i], StackedCode(fired[i], f[i]), {k: v[i] for k, v in parts.items()}, finite)
 
-    def finish(self) -> list:
-        """Each SAE's tensors its own again (clones of its slices); each one's history."""
+    def release(self):
+        """Each SAE's tensors its own again (clones of its slices), as after training alone
+        (also where training stopped with an error: the SAE can still be saved)."""
         for t in self.trainers:
             for p in t.sae.parameters():
                 p.data = p.data.clone()
             for owner, name in [(t.sae, "samples_since_fired"), (t.sae.activation, "threshold")]:
                 if name in owner._buffers:
                     setattr(owner, name, getattr(owner, name).clone())
+        self.params, self.buffers = {}, {}
+
+    def finish(self) -> list:
+        """release(); each SAE's history."""
+        self.release()
         return [t.finish() for t in self.trainers]
 
 

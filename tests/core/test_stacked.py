@@ -214,6 +214,9 @@ def test_a_bad_batch_in_a_stack_names_its_step():
             yield x.fill_(float("nan")) if step == 4 else x
     with pytest.raises(ValueError, match="batch of step 4 contains NaN"):
         multi_train([s for s, _ in jobs], bad(), [c for _, c in jobs], log=False, stack=True)
+    for sae, _ in jobs:  # each holds tensors of its own again: it can be saved as it is
+        for t in [*sae.parameters(), *sae.buffers()]:
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 @pytest.mark.slow
