@@ -25,9 +25,10 @@ where N SAEs share a variant, a shape and a schedule,
 which turns N launch sequences into one: the win on a GPU, where a small SAE's step
 waits on kernel launches, and the default there. On a CPU the products already run at
 the matrix-multiply rate and each SAE's sparse path (minisae/sparse_decode.py) skips most
-of them, so the steps here stay per SAE unless asked (benchmarks/multi_train.py --stack
-measures both). Stacked SAEs equal the SAEs trained alone up to the order of float
-additions (tests/core/test_stacked.py), the others bit for bit.
+of them, so the steps here stay per SAE unless asked (benchmarks/multi_train.py --stacked
+measures both). A stacked SAE ends as trained alone on the dense reference (bit for bit in
+float32 on a CPU), and as on the sparse paths up to the order of float additions
+(tests/core/test_stacked.py); an SAE stepped on its own, bit for bit as alone.
 
 What a CPU with several cores can use instead is the independence of the SAEs: with
 `threads=T` each batch's steps are handed out to T threads, each running whole SAE
@@ -65,8 +66,8 @@ def multi_train(saes, batches, cfgs, log=True, group=None, threads: int = 1, sta
     docstring; one process only); 1 runs them in this thread with torch's own threading.
     stack: train the SAEs that can share a stack (minisae/stacked.py: same variant, shape
     and schedule) as one, their weights stacked; None: on accelerators only, where it
-    saves kernel launches (on a CPU each SAE's sparse path is faster). Stacked SAEs equal
-    those trained alone up to the order of float additions, not bit for bit.
+    saves kernel launches (on a CPU each SAE's sparse path is faster). A stacked SAE does
+    the dense reference's arithmetic (module docstring).
     own_batches: each item of `batches` is a list of N batches, SAE i's is item i (SAEs at
     different sites, e.g. a model's layers, trained together: nothing read is shared, but
     stacks still serve SAEs of one shape)."""
