@@ -43,7 +43,7 @@ On an accelerator the reference runs: its products are cheap there, and counting
 entries would make the host wait for the device every step.
 """
 
-from functools import partial
+from functools import lru_cache, partial
 from typing import NamedTuple
 
 import numpy as np
@@ -226,13 +226,20 @@ def decode_rows(vals, rows, cols, W_dec, n_rows: int, bags=None):
     return DecodeRows.apply(vals.to(W_dec.dtype), rows, cols, W_dec, n_rows, bags)
 
 
+@lru_cache(maxsize=64)
+def prefix_bounds(prefixes: tuple, device: torch.device):
+    """The prefixes (G,) as a tensor on the device, made once: a tensor made from Python
+    values each step would be a copy from the host, which on a GPU waits for the queue."""
+    return torch.tensor(prefixes, device=device)
+
+
 def decode_prefixes(vals, rows, cols, W_dec, n_rows: int, prefixes, bags=None):
     """P (G, B, D): P[g, b] = sum_{j: rows_j = b, m_{g-1} <= cols_j < m_g} vals_j W_dec[cols_j],
     each group's partial decode, as one decode_rows with a bag per (group, sample).
     bags: the entries' LatentBags if made already; reused for the reordered entries instead
     of sorting them by latent again."""
     G = len(prefixes)
-    group = torch.bucketize(cols, torch.tensor(prefixes, device=cols.device), right=True)  # (N,) in 0..G-1
+    group = torch.bucketize(cols, prefix_bounds(tuple(prefixes), cols.device), right=True)  # (N,) in 0..G-1
     key, perm = (group * n_rows + rows).sort()  # (N,) by group, then sample
     if bags is not None:  # entry j moved to position at[j]: the same bags, indexed into the new order
         at = torch.empty_like(perm).index_copy_(0, perm, torch.arange(perm.numel(), device=perm.device))  # (N,)
