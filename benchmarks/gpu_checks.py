@@ -184,8 +184,6 @@ def part_step(args, sz, device, record):
     rate = {d: sae_train.matmul_flops(D, F, B, dtype) for d, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     record(shape=dict(D=D, F=F, B=B, k=k), matmul_flops=rate, steps=sz["steps"], warmup=sz["warmup"], rows=[])
     print(f"matmul {rate['fp32'] / 1e9:,.0f} GFLOP/s fp32, {rate['bf16'] / 1e9:,.0f} bf16 at ({B}, {D}) x ({D}, {F})")
-    import minisae.train
-    from minisae.sparse_decode import loss_function
     cases = [("eager", v, d) for v in ("relu", "topk") for d in ("fp32", "bf16")] + \
         [("dense", "topk", d) for d in ("fp32", "bf16")] + \
         [("compiled", v, d) for v in ("relu", "topk") for d in ("fp32", "bf16")]  # compiling last: the slowest
@@ -193,13 +191,12 @@ def part_step(args, sz, device, record):
         saved = sae_train.TrainConfig  # minisae_step builds its TrainConfig from this name
         if mode == "compiled":
             sae_train.TrainConfig = functools.partial(TrainConfig, compile=True)
-        if mode == "dense":  # TopK eager on the dense reference (SAE.loss), not its sparse path
-            minisae.train.loss_function = functools.partial(loss_function, sparse=False)
         t0 = time.perf_counter()
-        try:
-            step = sae_train.minisae_step(variant, D, F, B, k, sz["steps"], sz["warmup"], bf16=dtype == "bf16")
+        try:  # mode dense: TopK eager on the dense reference (SAE.loss), not its sparse path
+            step = sae_train.minisae_step(variant, D, F, B, k, sz["steps"], sz["warmup"], bf16=dtype == "bf16",
+                                          sparse=mode != "dense")
         finally:
-            sae_train.TrainConfig, minisae.train.loss_function = saved, loss_function
+            sae_train.TrainConfig = saved
         took = time.perf_counter() - t0
         flop = (6 if variant in sae_train.SPARSE else 12) * D * F
         row = dict(variant=variant, dtype=dtype, mode=mode, step_s=step, samples_per_s=B / step,

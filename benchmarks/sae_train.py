@@ -38,6 +38,7 @@ On a shared machine timings vary by 2x between runs: compare ratios within one r
 """
 
 import argparse
+import functools
 import importlib
 import importlib.util
 import itertools
@@ -46,6 +47,7 @@ import types
 
 import torch
 
+import minisae.train
 import timing  # benchmarks/timing.py
 from minisae.sae import make_sae
 from minisae.train import TrainConfig, train
@@ -103,12 +105,17 @@ def make(variant, D, F, k, dead=0, seed=0):
 
 
 def minisae_step(variant, D, F, B, k, steps, warmup, bf16=False, dead=0, sparse=True) -> float:
+    """Seconds per step of `train`; sparse=False: every step on the dense reference (SAE.loss)."""
     sae = make(variant, D, F, k, dead)
-    sae.sparse_decode = sparse
     data = TimedBatches(pool_of(D, B))
     cfg = TrainConfig(n_samples=(warmup + steps + 1) * B, batch_size=B, lr=1e-4, bf16=bf16, resample_every=0,
                       log_every=10**6, resample_dead_after=10**9)
-    train(sae, data, cfg, log=False)
+    chooser = minisae.train.loss_function  # the trainer asks it for the step's loss
+    minisae.train.loss_function = chooser if sparse else functools.partial(chooser, sparse=False)
+    try:
+        train(sae, data, cfg, log=False)
+    finally:
+        minisae.train.loss_function = chooser
     return data.step_time(warmup)
 
 
@@ -229,8 +236,6 @@ def penalty_crossover(D=576, F=2304, B=1024, steps=5, warmup=1):
             frac = (sae.pre_activation(x) > 0).float().mean().item()
             times = {}
             for sparse in (False, True):
-                sae.sparse_decode = False  # sae.loss: the dense reference
-
                 def step():
                     with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
                         loss = sparse_decode.penalty_loss(sae, x, sae.pre_activation(x), max_frac=1.01)[0] \
