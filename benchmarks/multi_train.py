@@ -42,20 +42,17 @@ import argparse
 import dataclasses
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
 
-import minisae.train
-
 from minisae.configs import ToyConfig
 from minisae.multi_train import multi_train
-from minisae.sparse_decode import loss_function
 from minisae.stacked import stack_trainers
 from minisae.toy import run as toy
 from minisae.toy.run import SETTINGS, SWEEP, VARIANTS, data_stream, make_data, make_variant
 from minisae.train import Trainer, train
+from sae_train import dense_reference  # benchmarks/sae_train.py
 
 
 def sweep_jobs(cfg: ToyConfig, frac: float):
@@ -236,10 +233,9 @@ def main():
                    for a, b in zip(together, stacked) for k in a.state_dict() if a.state_dict()[k].is_floating_point())
         print(f"one pass, each SAE on its own: {t_pass:.1f} s   stacked ({', '.join(sizes)}; the rest on their "
               f"own): {t_stack:.1f} s   stacked / own {t_stack / t_pass:.2f}   largest weight difference {diff:.1e}")
-        minisae.train.loss_function = partial(loss_function, sparse=False)  # each SAE on the dense reference
-        t_dense, _, dense = one_pass(jobs, data, scale, cfg)
-        t_dense_stack, _, dense_stacked = one_pass(jobs, data, scale, cfg, stack=True)
-        minisae.train.loss_function = loss_function
+        with dense_reference():  # each SAE stepped on its own takes the dense reference
+            t_dense, _, dense = one_pass(jobs, data, scale, cfg)
+            t_dense_stack, _, dense_stacked = one_pass(jobs, data, scale, cfg, stack=True)
         print(f"on the dense reference (SAE.loss, as on a GPU), one pass: each SAE on its own {t_dense:.1f} s, "
               f"stacked {t_dense_stack:.1f} s, own / stacked {t_dense / t_dense_stack:.2f}x; every SAE bit for bit "
               f"the same: {same(dense, dense_stacked)}")

@@ -38,6 +38,7 @@ On a shared machine timings vary by 2x between runs: compare ratios within one r
 """
 
 import argparse
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -110,13 +111,21 @@ def minisae_step(variant, D, F, B, k, steps, warmup, bf16=False, dead=0, sparse=
     data = TimedBatches(pool_of(D, B))
     cfg = TrainConfig(n_samples=(warmup + steps + 1) * B, batch_size=B, lr=1e-4, bf16=bf16, resample_every=0,
                       log_every=10**6, resample_dead_after=10**9)
-    chooser = minisae.train.loss_function  # the trainer asks it for the step's loss
-    minisae.train.loss_function = chooser if sparse else functools.partial(chooser, sparse=False)
-    try:
+    with contextlib.nullcontext() if sparse else dense_reference():
         train(sae, data, cfg, log=False)
+    return data.step_time(warmup)
+
+
+@contextlib.contextmanager
+def dense_reference():
+    """Every Trainer made inside takes the dense reference (SAE.loss) for its steps, not the
+    sparse path: the trainer asks minisae.train.loss_function for its loss."""
+    chooser = minisae.train.loss_function
+    minisae.train.loss_function = functools.partial(chooser, sparse=False)
+    try:
+        yield
     finally:
         minisae.train.loss_function = chooser
-    return data.step_time(warmup)
 
 
 def load_sparsify():

@@ -215,9 +215,11 @@ def row_counts(rows, n_rows: int, device_safe=None):
     """(n_rows,) how many entries each row has: bincount on a CPU; elsewhere an index_add,
     since CUDA's bincount reads the largest index back to the host first (a sync per
     step). device_safe: force the index_add (for tests on a CPU)."""
-    if not (device_safe if device_safe is not None else rows.device.type != "cpu"):
-        return torch.bincount(rows, minlength=n_rows)
-    return torch.zeros(n_rows, dtype=torch.long, device=rows.device).index_add_(0, rows, torch.ones_like(rows))
+    if device_safe is None:
+        device_safe = rows.device.type != "cpu"
+    if device_safe:
+        return torch.zeros(n_rows, dtype=torch.long, device=rows.device).index_add_(0, rows, torch.ones_like(rows))
+    return torch.bincount(rows, minlength=n_rows)
 
 
 def decode_rows(vals, rows, cols, W_dec, n_rows: int, bags=None):

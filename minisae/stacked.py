@@ -71,12 +71,23 @@ class Stack:
         self.n_steps = trainers[0].n_steps
         # name -> (N, ...) stacked parameter ("theta", "r_mag", ... for the part's); each
         # SAE's own parameter becomes a view of its slice
-        self.params = {name.split(".")[-1]: stack_([s.get_parameter(name) for s in saes], torch.nn.Parameter)
-                       for name, _ in saes[0].named_parameters()}
+        self.params = {}
+        for name, _ in saes[0].named_parameters():
+            own = [s.get_parameter(name) for s in saes]
+            stacked = torch.nn.Parameter(torch.stack([p.detach() for p in own]))
+            for p, view in zip(own, stacked.data):
+                p.data = view
+            self.params[name.split(".")[-1]] = stacked
         # the same for the buffers a step updates: (N, F) dead-latent counters, (N,) BatchTopK thresholds
-        owners = [("samples_since_fired", saes)] + [("threshold", [s.activation for s in saes])] * isinstance(
-            self.part, BatchTopK)
-        self.buffers = {name: stack_([getattr(o, name) for o in own], owners=own, name=name) for name, own in owners}
+        owners = {"samples_since_fired": saes}
+        if isinstance(self.part, BatchTopK):
+            owners["threshold"] = [s.activation for s in saes]
+        self.buffers = {}
+        for name, own in owners.items():
+            stacked = torch.stack([getattr(o, name) for o in own])
+            for o, view in zip(own, stacked):
+                setattr(o, name, view)
+            self.buffers[name] = stacked
         # the settings that may differ per SAE
         per_sae = lambda name, dtype: torch.tensor([float(getattr(s.activation, name)) for s in saes], dtype=dtype,
                                                    device=device)  # (N,)
@@ -97,10 +108,12 @@ class Stack:
         their own batches, one per SAE (stacked (N, B, D)): Trainer.step's loop, each
         line batched over the SAEs."""
         P, trainers, first = self.params, self.trainers, self.trainers[0]
-        own = isinstance(x, list)
+        own = isinstance(x, list)  # each SAE its own batch
         xs = [t.check_batch(x[i] if own else x) for i, t in enumerate(trainers)]  # the same checks as alone
-        x, target = (torch.stack([a for a, _ in xs]), None if xs[0][1] is None else torch.stack([b for _, b in xs])) \
-            if own else xs[0]  # (N, B, D) or (B, D)
+        x, target = xs[0]  # (B, D)
+        if own:
+            x = torch.stack([x_i for x_i, _ in xs])  # (N, B, D)
+            target = None if target is None else torch.stack([t_i for _, t_i in xs])  # (N, B, D)
         # learning rate and sparsity coefficient for this step: one schedule for all
         for param_group in self.opt.param_groups:  # every SAE's SliceOfAdam reads these
             param_group["lr"] = lr_at(first.steps_done, first.n_steps, first.cfg)
@@ -135,18 +148,6 @@ class Stack:
         """release(); each SAE's history."""
         self.release()
         return [t.finish() for t in self.trainers]
-
-
-def stack_(tensors, make=lambda t: t, owners=None, name=None):
-    """torch.stack of the tensors (N, ...), each then replaced by a view of its slice: a
-    parameter's data, or (owners, name) a module's buffer."""
-    stacked = make(torch.stack([t.detach() for t in tensors]))
-    for i, t in enumerate(tensors):
-        if owners is None:
-            t.data = stacked.data[i]
-        else:
-            setattr(owners[i], name, stacked[i])
-    return stacked
 
 
 def compiled(loss, device):

@@ -39,8 +39,8 @@ from minisae import plots
 from minisae.formats.common import tidy
 from minisae.models import known_d_model, load_model, weights_identity
 from minisae.models.hooks import hook_name
-from minisae.pipeline import activations, data, evaluate, store
 from minisae.multi_train import multi_train
+from minisae.pipeline import activations, data, evaluate, store
 from minisae.pipeline.batches import activation_batches
 from minisae.pipeline.sweep import (LAYERS_SETTING, STACK, SWEEPS, check_sae_settings, config_dict,
                                     evaluate_and_save, parse_sweep, sae_and_config, train_and_evaluate)
