@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from minisae.models.bpe import BPETokenizer
 from minisae.models.hooks import SITES, StopForward, all_hook_names, check_hook_names, hook_name, run_hook
 from minisae.models.http import HTTPFailure
+from minisae.models.linear import Linear, linear
 from minisae.models.hub import HF, cached_path
 from minisae.models.safetensors import load_safetensors, read_header
 
@@ -73,8 +74,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPT2Config):
         super().__init__()
         self.n_head = cfg.n_head
-        self.c_attn = nn.Linear(cfg.d_model, 3 * cfg.d_model)  # q, k, v for all heads at once
-        self.c_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.c_attn = Linear(cfg.d_model, 3 * cfg.d_model)  # q, k, v for all heads at once
+        self.c_proj = Linear(cfg.d_model, cfg.d_model)
 
     def forward(self, x):  # x (B, T, D)
         B, T, D = x.shape
@@ -87,8 +88,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GPT2Config):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.d_model, 4 * cfg.d_model)
-        self.c_proj = nn.Linear(4 * cfg.d_model, cfg.d_model)
+        self.c_fc = Linear(cfg.d_model, 4 * cfg.d_model)
+        self.c_proj = Linear(4 * cfg.d_model, cfg.d_model)
 
     def forward(self, x):  # x (B, T, D)
         # GPT-2 uses the tanh approximation of GELU (HF "gelu_new"), not the exact erf form
@@ -147,7 +148,7 @@ class GPT2(nn.Module):
         return self.lm_head(self.ln_f(resid))  # (B, T, V)
 
     def lm_head(self, x):  # x (B, T, D), already normalised
-        return F.linear(x, self.wte.weight)  # (B, T, V): tied to the token embedding
+        return linear(x, self.wte.weight)  # (B, T, V): tied to the token embedding
 
     def forward(self, idx, hooks=None, stop_at=None):
         """idx (B, T) token ids -> logits (B, T, V), or the activation at hook `stop_at` (B, T, D)."""

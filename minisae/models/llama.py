@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minisae.models.hooks import StopForward, all_hook_names, check_hook_names, hook_name, run_hook
+from minisae.models.linear import Linear, linear
 
 
 @dataclass
@@ -167,10 +168,10 @@ class LlamaAttention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        self.q_proj = Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
+        self.k_proj = Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.v_proj = Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.o_proj = Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
 
     def qkv(self, x, cos, sin):
         """Queries, keys and values of x (B, T, D), RoPE applied to q and k (cos, sin: (T, hd))."""
@@ -195,9 +196,9 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
-        self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=False)
+        self.gate_proj = Linear(cfg.d_model, cfg.d_mlp, bias=False)
+        self.up_proj = Linear(cfg.d_model, cfg.d_mlp, bias=False)
+        self.down_proj = Linear(cfg.d_mlp, cfg.d_model, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, M) -> (B, T, D)
@@ -226,7 +227,7 @@ class Llama(nn.Module):
 
     def unembed(self, resid):
         """Final RMSNorm, then the tied unembedding W_E^T: (B, T, D) -> (B, T, V)."""
-        return F.linear(self.norm(resid), self.embed_tokens.weight)
+        return linear(self.norm(resid), self.embed_tokens.weight)
 
     def forward(self, idx, hooks=None, stop_at=None):
         """idx (B, T) token ids -> logits (B, T, V); with stop_at, the activation there (B, T, D)."""

@@ -30,7 +30,7 @@ LAYERS = {
     "core": ["minisae", "minisae.utils", "minisae.configs", "minisae.metrics", "minisae.truth_metrics",
              "minisae.codes", "minisae.variants", "minisae.matryoshka", "minisae.sae", "minisae.sparse_decode",
              "minisae.distributed", "minisae.train", "minisae.stacked", "minisae.multi_train", "minisae.plots"],
-    "models": ["minisae.models.hooks", "minisae.models.safetensors", "minisae.models.gguf",
+    "models": ["minisae.models.hooks", "minisae.models.linear", "minisae.models.safetensors", "minisae.models.gguf",
                "minisae.models.bpe", "minisae.models.http", "minisae.models.hub", "minisae.models.gpt2", "minisae.models.llama",
                "minisae.models.llama_gguf", "minisae.models.kv_cache", "minisae.models"],
     "formats": ["minisae.formats.common", "minisae.formats.releases", "minisae.formats.saelens", "minisae.formats.sparsify",
