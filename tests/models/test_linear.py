@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minisae.models.linear import FEW_ROWS, Linear, linear
+from minisae.models.linear import Linear, linear, other_order
 
 
 def ref64(x, w, b):
@@ -17,20 +17,21 @@ def ref64(x, w, b):
 @pytest.mark.parametrize("shape", [(1, 16), (2, 16), (3, 16), (4, 16), (5, 16), (1, 3, 16), (3, 1, 16), (2, 2, 16),
                                    (8, 16), (2, 4, 16)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_equals_f_linear(shape, bias):
+@pytest.mark.parametrize("out", [40, 8])  # W widens (other order for 2-4 rows) or narrows (2 rows only)
+def test_equals_f_linear(shape, bias, out):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=gen)
-    w = torch.randn(40, 16, generator=gen)
-    b = torch.randn(40, generator=gen) if bias else None
+    w = torch.randn(out, 16, generator=gen)
+    b = torch.randn(out, generator=gen) if bias else None
     got, ref = linear(x, w, b), F.linear(x, w, b)
-    assert got.shape == ref.shape == (*shape[:-1], 40) and got.dtype == ref.dtype and got.is_contiguous()
+    assert got.shape == ref.shape == (*shape[:-1], out) and got.dtype == ref.dtype and got.is_contiguous()
     exact = ref64(x, w, b)
     # each within float32's rounding of a 16-term sum, and the two within twice that of each other
     tol = dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.double(), exact, **tol)
     torch.testing.assert_close(ref.double(), exact, **tol)
     torch.testing.assert_close(got, ref, rtol=2e-5, atol=2e-5)
-    if x.numel() // x.shape[-1] not in FEW_ROWS:  # F.linear itself: the same bits
+    if not other_order(x.numel() // x.shape[-1], *w.shape):  # F.linear itself: the same bits
         assert torch.equal(got, ref)
 
 
@@ -40,6 +41,13 @@ def test_float64_and_wide_shapes():
     x = torch.randn(3, 1, 576, dtype=torch.float64, generator=gen)
     w = torch.randn(4096, 576, dtype=torch.float64, generator=gen)
     torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=1e-12, atol=1e-12)
+
+
+def test_which_order():
+    """The other order for 2 rows, and for 3-4 where W does not narrow; F.linear otherwise."""
+    assert [other_order(r, 576, 576) for r in range(1, 7)] == [False, True, True, True, False, False]
+    assert [other_order(r, 576, 1536) for r in range(1, 7)] == [False, True, False, False, False, False]
+    assert other_order(3, 49152, 576) and not other_order(0, 576, 576)
 
 
 def test_gradients():
@@ -71,7 +79,7 @@ def test_falls_back_to_f_linear():
 def test_layer_is_nn_linear():
     """Linear keeps nn.Linear's parameters, state dict and isinstance."""
     torch.manual_seed(4)
-    layer, plain = Linear(16, 8), torch.nn.Linear(16, 8)
+    layer, plain = Linear(16, 24), torch.nn.Linear(16, 24)
     plain.load_state_dict(layer.state_dict())
     assert isinstance(layer, torch.nn.Linear) and list(layer.state_dict()) == list(plain.state_dict())
     x = torch.randn(2, 3, 16)  # six rows: F.linear, bit for bit
