@@ -49,6 +49,28 @@ QUOTES = [
 ]
 
 
+# chapter 6's numbers for `steer` and the models' product for a few rows
+CHAPTER_6 = ROOT / "docs" / "06_features.md"
+QUOTES_6 = [
+    ("13.3 s the first time and 6.0 s later, against 16.8 s", "cpu_steer.txt",
+     "before            16.8   29.0     6.2         5.8     10.34"),
+    ("13.3 s the first time and 6.0 s later, against 16.8 s", "cpu_steer.txt",
+     "after, first      13.3   20.5     7.0         1.4     42.86"),
+    ("13.3 s the first time and 6.0 s later, against 16.8 s", "cpu_steer.txt",
+     "after, kept        6.0    6.4     0.0         1.4     42.86"),
+    ("59 s the first time", "cpu_steer.txt", "after, first      58.9   36.6    37.3         5.2     11.54"),
+    ("27 s on later calls", "cpu_steer.txt", "after, kept       26.9   10.2     0.0         9.2      6.52"),
+    ("7 min 12 s for a scan", "cpu_steer.txt", "before           432.3  146.3   114.5       273.6      0.22"),
+    ("up to 7.6x", "cpu_few_rows_linear.txt", "SmolLM2 unembed 49152x576           1.00x      5.92x*     7.62x*"),
+]
+
+
+@pytest.mark.parametrize("doc,results,line", QUOTES_6, ids=[f"{r}:{l[:40]}" for _, r, l in QUOTES_6])
+def test_chapter_6_quotes_the_kept_benchmark_outputs(doc, results, line):
+    assert doc in " ".join(CHAPTER_6.read_text(encoding="utf-8").split()), f"chapter 6 no longer says {doc!r}"
+    assert line in (RESULTS / results).read_text(encoding="utf-8"), f"{results} does not say {line!r}"
+
+
 @pytest.mark.parametrize("doc,results,line", QUOTES, ids=[f"{r}:{l[:40]}" for _, r, l in QUOTES])
 def test_chapter_9_quotes_the_kept_benchmark_outputs(doc, results, line):
     assert doc in CHAPTER.read_text(encoding="utf-8"), f"chapter 9 no longer says {doc!r}"
