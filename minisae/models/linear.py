@@ -14,8 +14,9 @@ down-projection) on one thread, x W^T is as fast or faster. So:
                                                           R = 3..4 where out >= in
 
 The two orders of summation differ in the last bits (tests/models/test_linear.py: both
-against float64, to the same tolerance). Anything else (more rows, an accelerator,
-autocast, mixed dtypes) takes F.linear unchanged, so a forward over whole contexts gives
+against float64, to the same tolerance). This holds for float32, the models' dtype; in
+bfloat16 the other order is the slower one. Anything else (more rows, an accelerator,
+autocast, other dtypes) takes F.linear unchanged, so a forward over whole contexts gives
 the same bits as before.
 """
 
@@ -32,8 +33,8 @@ def other_order(rows: int, out: int, inp: int) -> bool:
 def linear(x, weight, bias=None):
     """F.linear(x, weight, bias): x (..., in), weight (out, in), bias (out,) -> (..., out)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (weight.ndim == 2 and other_order(rows, *weight.shape) and x.device.type == "cpu" and x.dtype == weight.dtype
-            and not torch.is_autocast_enabled("cpu")):
+    if (weight.ndim == 2 and other_order(rows, *weight.shape) and x.device.type == "cpu"
+            and x.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")):
         y = (weight @ x.reshape(rows, -1).T).T.contiguous()  # (R, out)
         y = y.reshape(*x.shape[:-1], weight.shape[0])  # (..., out)
         return y if bias is None else y + bias
