@@ -6,11 +6,13 @@ ffn_gate, attn_norm, ...); every tensor's name, shape and type is checked agains
 config the metadata states before anything is dequantized.
 """
 
+import contextlib
 import importlib.util
 import os
 import re
 
 import torch
+import torch.nn as nn
 
 from minisae.models.bpe import BPETokenizer
 from minisae.models.gguf import DEQUANTIZE, GGUFFile
@@ -82,13 +84,28 @@ def llama_state_dict_from_gguf(f, cfg: LlamaConfig) -> dict:
     return state
 
 
+@contextlib.contextmanager
+def without_init():
+    """Layers built inside draw no random weights (nn.Linear's and nn.Embedding's
+    reset_parameters do nothing), for a model whose every weight is set next. On the meta
+    device a draw costs nothing, but torch's first one imports its meta kernels: about 1 s
+    of every SmolLM2 load, for numbers thrown away. transformers' no_init_weights does the
+    same. Not for use from two threads at once."""
+    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
+
+
 def load_llama_gguf(f) -> Llama:
     """A Llama with the weights of a GGUF file (a path or a GGUFFile), dequantized to float32,
     frozen, in eval mode."""
     f = f if isinstance(f, GGUFFile) else GGUFFile(f)
     cfg = LlamaConfig.from_gguf(f.metadata, source=f"GGUF file {f.path}")
     state = llama_state_dict_from_gguf(f, cfg)  # checks every tensor's name and shape first
-    with torch.device("meta"):  # skip the random init: every weight comes from the file
+    with torch.device("meta"), without_init():  # no memory, no random init: every weight comes from the file
         model = Llama(cfg)
     model.load_state_dict(state, assign=True)
     return model.eval().requires_grad_(False)  # a frozen subject: gradients only flow *through* it

@@ -382,6 +382,31 @@ def test_tiny_llama_loads(tmp_path):
     assert tok.encode("ab ab a") == [3, 5, 4, 1] and tok.special_tokens == {"<|endoftext|>": 0}
 
 
+
+def test_load_draws_no_random_weights(tmp_path, monkeypatch):
+    """Loading builds the model without random init (no init function is called, not even on
+    the meta device), every parameter is the file's, and nn.Linear's and nn.Embedding's init
+    are theirs again after, also when building fails."""
+    import torch
+    import torch.nn as nn
+
+    from minisae.models.llama_gguf import load_llama_gguf, without_init
+    inits = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+    drawn = []
+    for name in ("kaiming_uniform_", "uniform_", "normal_"):
+        real = getattr(nn.init, name)
+        monkeypatch.setattr(nn.init, name, lambda *a, _real=real, _name=name, **k: drawn.append(_name) or _real(*a, **k))
+    model = load_llama_gguf(write(tmp_path, tiny_llama_gguf()[0]))
+    assert drawn == []
+    assert all(p.device.type == "cpu" and torch.isfinite(p).all() for p in model.parameters())
+    np.testing.assert_array_equal(model.embed_tokens.weight.numpy(), tiny_llama_tensors()["token_embd.weight"])
+    assert (nn.Linear.reset_parameters, nn.Embedding.reset_parameters) == inits
+    with pytest.raises(RuntimeError, match="boom"), without_init():
+        raise RuntimeError("boom")
+    assert (nn.Linear.reset_parameters, nn.Embedding.reset_parameters) == inits
+    nn.Linear(4, 4)  # outside: the usual init
+    assert drawn and drawn[0] == "kaiming_uniform_"
+
 BAD_LLAMA_FILES = [  # (metadata overrides, tensor overrides, message)
     ({"llama.block_count": (4, 1_000_000)}, {}, r"llama.block_count\) = 1000000: expected an integer in 1..1024"),
     ({"llama.block_count": (4, 3)}, {}, "llama.block_count = 3 but the file holds tensors for 2 blocks 0..1"),
