@@ -63,12 +63,12 @@ QUOTES = [
 # chapter 6's numbers for `steer` and the models' product for a few rows
 CHAPTER_6 = ROOT / "docs" / "06_features.md"
 QUOTES_6 = [
-    ("13.3 s the first time and 6.0 s later, against 16.8 s", "cpu_steer.txt",
-     "before            16.8   29.0     6.2         5.8     10.34"),
-    ("13.3 s the first time and 6.0 s later, against 16.8 s", "cpu_steer.txt",
-     "after, first      13.3   20.5     7.0         1.4     42.86"),
-    ("13.3 s the first time and 6.0 s later, against 16.8 s", "cpu_steer.txt",
-     "after, kept        6.0    6.4     0.0         1.4     42.86"),
+    ("11.6 s the first time and 5.0 s later, against 16.8 s", "cpu_steer.txt",
+     "before            16.8   28.8     6.2         5.6     10.71"),
+    ("11.6 s the first time and 5.0 s later, against 16.8 s", "cpu_steer.txt",
+     "after, first      11.6   18.6     6.7         1.4     42.86"),
+    ("11.6 s the first time and 5.0 s later, against 16.8 s", "cpu_steer.txt",
+     "after, kept        5.0    5.4     0.0         1.4     42.86"),
     ("59 s the first time", "cpu_steer.txt", "after, first      58.9   36.6    37.3         5.2     11.54"),
     ("27 s on later calls", "cpu_steer.txt", "after, kept       26.9   10.2     0.0         9.2      6.52"),
     ("7 min 12 s for a scan", "cpu_steer.txt", "before           432.3  146.3   114.5       273.6      0.22"),
