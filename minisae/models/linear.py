@@ -3,7 +3,7 @@ written the other way round on a CPU.
 
 Writing text one token at a time multiplies a few rows by every weight of the model:
 `steer` runs its unsteered, steered and control continuations as one batch of three.
-For 2 to 4 rows, torch's CPU product x W^T is up to 7x slower than the same numbers
+For 2 to 4 rows, torch's CPU product x W^T is up to 7.6x slower than the same numbers
 computed as (W x^T)^T, which reads W closer to the memory's rate (SmolLM2's and GPT-2's
 shapes, torch 2.13, one and two threads: benchmarks/few_rows_linear.py). One row is as
 fast either way; from five rows, and from three where W narrows (out < in, the MLP's
