@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from minisae.codes import DenseCode
 from minisae.matryoshka import MatryoshkaBatchTopK
 from minisae.sae import ReLU
-from minisae.train import all_finite, lr_at
+from minisae.train import all_finite, compiled_loss, lr_at
 from minisae.variants import BatchTopK, Gated, JumpReLU, TopK, _JumpReLUFn, _StepFn
 
 PARTS = (ReLU, Gated, JumpReLU, TopK, BatchTopK, MatryoshkaBatchTopK)  # the parts a stack batches
@@ -101,7 +101,8 @@ class Stack:
         for i, t in enumerate(trainers):  # its lr for error messages, its moments for resampling
             t.opt = SliceOfAdam(self.opt, self.params, t.sae, i)
         cfg = trainers[0].cfg
-        self.loss = compiled(partial(stacked_loss, self), device) if cfg.compile else partial(stacked_loss, self)
+        loss = partial(stacked_loss, self)  # the coefficient in float64, as Python rounds it: a float64 scale
+        self.loss = compiled_loss(loss, device, torch.float64) if cfg.compile else loss
 
     def step(self, x):
         """One step of every SAE on the batch x (B, D), or (x, target), or on a list of
@@ -148,14 +149,6 @@ class Stack:
         """release(); each SAE's history."""
         self.release()
         return [t.finish() for t in self.trainers]
-
-
-def compiled(loss, device):
-    """stacked_loss under torch.compile (TrainConfig.compile), coef_scale passed as a tensor
-    so that its warmup does not recompile: one float64 scalar on the device, filled each
-    step (a new tensor would be a copy from the host, and wait for it)."""
-    fn, scale = torch.compile(loss), torch.zeros((), dtype=torch.float64, device=device)
-    return lambda x, coef_scale, target=None: fn(x, scale.fill_(coef_scale), target)
 
 
 def stacked_loss(stack, x, coef_scale, target=None):

@@ -198,11 +198,15 @@ def step_loss(sae, cfg: TrainConfig):
     arithmetic, take the time, on a GPU; its first steps pay for the compilation)."""
     if not cfg.compile:
         return loss_function(sae)
-    compiled = torch.compile(partial(reference_loss, sae))
-    # coef_scale as a tensor: a Python float that changes every warmup step would recompile; one
-    # scalar on the device, filled each step (a new tensor would be a copy from the host, and wait)
-    scale = torch.zeros((), device=sae.W_enc.device)
-    return lambda x, coef_scale, target=None: compiled(x, scale.fill_(coef_scale), target=target)
+    return compiled_loss(partial(reference_loss, sae), sae.W_enc.device)
+
+
+def compiled_loss(loss, device, scale_dtype=torch.float32):
+    """loss (x, coef_scale, target=None) under torch.compile, coef_scale passed as a tensor:
+    a Python float that changes every warmup step would recompile. One scalar on the device,
+    filled each step (a new tensor would be a copy from the host, and wait for it)."""
+    fn, scale = torch.compile(loss), torch.zeros((), dtype=scale_dtype, device=device)
+    return lambda x, coef_scale, target=None: fn(x, scale.fill_(coef_scale), target=target)
 
 
 def all_finite(x):

@@ -1,5 +1,5 @@
-"""Speed numbers chapter 9 quotes come from the benchmark outputs kept in
-benchmarks/results/: each quote below must be in the chapter, and its source line in the
+"""Speed numbers chapters 6 and 9 quote come from the benchmark outputs kept in
+benchmarks/results/: each quote below must be in its chapter, and its source line in the
 results file (a re-run that changes the file makes this test name the stale quote)."""
 
 from pathlib import Path
@@ -76,14 +76,13 @@ QUOTES_6 = [
 ]
 
 
-@pytest.mark.parametrize("doc,results,line", QUOTES_6, ids=[f"{r}:{l[:40]}" for _, r, l in QUOTES_6])
-def test_chapter_6_quotes_the_kept_benchmark_outputs(doc, results, line):
-    assert doc in " ".join(CHAPTER_6.read_text(encoding="utf-8").split()), f"chapter 6 no longer says {doc!r}"
-    assert line in (RESULTS / results).read_text(encoding="utf-8"), f"{results} does not say {line!r}"
+CHAPTERS = {"chapter 6": CHAPTER_6, "chapter 9": CHAPTER}
+ALL_QUOTES = [("chapter 9", *q) for q in QUOTES] + [("chapter 6", *q) for q in QUOTES_6]
 
 
-@pytest.mark.parametrize("doc,results,line", QUOTES, ids=[f"{r}:{l[:40]}" for _, r, l in QUOTES])
-def test_chapter_9_quotes_the_kept_benchmark_outputs(doc, results, line):
-    text = CHAPTER.read_text(encoding="utf-8")
-    assert doc in text or " ".join(doc.split()) in " ".join(text.split()), f"chapter 9 no longer says {doc!r}"
+@pytest.mark.parametrize("chapter,doc,results,line", ALL_QUOTES,
+                         ids=[f"{c}:{r}:{l[:40]}" for c, _, r, l in ALL_QUOTES])
+def test_chapters_quote_the_kept_benchmark_outputs(chapter, doc, results, line):
+    text = CHAPTERS[chapter].read_text(encoding="utf-8")
+    assert doc in text or " ".join(doc.split()) in " ".join(text.split()), f"{chapter} no longer says {doc!r}"
     assert line in (RESULTS / results).read_text(encoding="utf-8"), f"{results} does not say {line!r}"
